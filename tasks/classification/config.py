@@ -1,0 +1,33 @@
+"""Typed settings of a classification task recipe (recipes/task/<name>.yaml)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transfer.errors import ConfigError
+
+METRICS = ("top1", "mean_per_class")
+
+
+@dataclass
+class ClassificationTaskConfig:
+    name: str
+    dataset: str  # a DATASETS registry key
+    adapter: str = "classification"
+    metric: str = "top1"  # what the SimCLR/BYOL transfer tables report for this data set
+    data_dir: str | None = None  # local copy: save_to_disk folder, parquet files or ImageFolder tree
+    hub_id: str | None = None  # Hugging Face Hub data set id, used when data_dir is not given
+    resolution: int | None = None  # default: the backbone checkpoint's own resolution
+    val_fraction: float = 0.2  # held out of train (seeded) where the data set has no validation split
+    split_seed: int = 0
+    max_bad_fraction: float = 0.01  # unreadable images above this fraction stop the run
+    limit_per_split: int | None = None  # keep the first N images of each split (quick checks)
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ConfigError(f"task.metric={self.metric!r}; valid: {', '.join(METRICS)}.")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"task.val_fraction={self.val_fraction} must be in (0, 1).")
+        if self.resolution is not None and self.resolution < 16:
+            raise ConfigError(f"task.resolution={self.resolution} is too small; use 16 or more.")
+        if not 0 <= self.max_bad_fraction < 1:
+            raise ConfigError(f"task.max_bad_fraction={self.max_bad_fraction} must be in [0, 1).")

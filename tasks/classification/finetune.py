@@ -1,0 +1,115 @@
+"""Full fine-tuning of a registry backbone with a new linear head, trained by the shared Lightning engine."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from tasks.classification.metrics import classification_metrics
+from transfer.backbones import Backbone
+from transfer.protocols import FinetuneProtocolConfig
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norm layers and biases (every parameter with fewer than two dimensions)."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int) -> float:
+    """LR multiplier: linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class FinetuneModule(L.LightningModule):
+    def __init__(self, backbone: Backbone, num_classes: int, protocol: FinetuneProtocolConfig,
+                 split_prefix: str = "val"):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Dropout(protocol.dropout), nn.Linear(backbone.num_features, num_classes))
+        self.protocol = protocol
+        self.num_classes = num_classes
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=protocol.label_smoothing)
+        self._outputs: dict[str, list] = {"val": [], "test": []}
+        if protocol.freeze_backbone:
+            backbone.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))  # (B, 3, H, W) -> (B, num_classes)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.criterion(self(x), y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        return loss
+
+    def _eval_step(self, batch, split: str) -> None:
+        x, y = batch
+        self._outputs[split].append((self(x).float(), y))
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def _eval_end(self, split: str) -> None:
+        outs = self._outputs[split]
+        if not outs:
+            return
+        logits = torch.cat([o[0] for o in outs])
+        target = torch.cat([o[1] for o in outs])
+        if self.trainer.world_size > 1:  # every rank saw a different shard
+            logits = self.all_gather(logits).flatten(0, 1)
+            target = self.all_gather(target).flatten(0, 1)
+        self.log_dict(classification_metrics(logits, target, self.num_classes, split), prog_bar=(split == "val"),
+                      rank_zero_only=True)
+        outs.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    def configure_optimizers(self):
+        p = self.protocol
+        opt = torch.optim.SGD(param_groups(self, p.weight_decay), lr=p.lr, momentum=p.momentum,
+                              nesterov=p.nesterov and p.momentum > 0)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(total - 1, int(round(p.warmup_epochs * total / max(1, self.trainer.max_epochs or 1))))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warmup=warmup, total=total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class ClassificationData(L.LightningDataModule):
+    def __init__(self, train: Dataset, val: Dataset, test: Dataset, *, batch_size: int, eval_batch_size: int,
+                 num_workers: int):
+        super().__init__()
+        self.sets = {"train": train, "val": val, "test": test}
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+
+    def _loader(self, split: str) -> DataLoader:
+        train = split == "train"
+        return DataLoader(self.sets[split], batch_size=self.batch_size if train else self.eval_batch_size,
+                          shuffle=train, drop_last=train and len(self.sets[split]) > self.batch_size,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self):
+        return self._loader("train")
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")

@@ -1,0 +1,124 @@
+"""The classification adapter: linear probe and k-NN on cached features, or full fine-tuning."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from timm.data import create_transform
+
+from tasks.classification.config import ClassificationTaskConfig
+from tasks.classification.datasets import DATASETS, Splits, Transformed
+from tasks.classification.features import cache_key, cached_features
+from tasks.classification.finetune import ClassificationData, FinetuneModule
+from tasks.classification.linear import fit_logistic, l2_grid, sweep_l2
+from tasks.classification.metrics import SCORERS, classification_metrics
+from transfer.backbones import Backbone, build_backbone
+from transfer.engine import autocast_dtype, build_trainer, resolve_accelerator, resume_path, seed_everything
+from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
+
+log = logging.getLogger(__name__)
+
+
+def _build(ctx: RunContext) -> tuple[Backbone, Splits, int]:
+    cfg = ctx.cfg
+    seed_everything(cfg.trainer)
+    splits = DATASETS.get(cfg.task.dataset)(cfg.task)  # data first: a missing data set fails before model work
+    backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
+                              drop_path_rate=cfg.backbone.drop_path_rate)
+    resolution = cfg.task.resolution or backbone.spec.test_res
+    return backbone, splits, resolution
+
+
+def eval_transform(backbone: Backbone, resolution: int):
+    return create_transform(**backbone.data_config(resolution=resolution), is_training=False)
+
+
+def _weights_id(ctx: RunContext, backbone: Backbone) -> str:
+    w = backbone.weights
+    return w.sha256 or f"{w.source}-seed{ctx.cfg.trainer.seed}"
+
+
+def _features(ctx: RunContext, backbone: Backbone, splits: Splits, resolution: int) -> dict:
+    """Features of train, val and test, each from the cache when present."""
+    cfg = ctx.cfg
+    accelerator = resolve_accelerator(cfg.trainer)
+    device = torch.device("cuda" if accelerator in ("cuda", "gpu") else "cpu")
+    transform = eval_transform(backbone, resolution)
+    out, hits = {}, 0
+    for split in ("train", "val", "test"):
+        key = cache_key(backbone=cfg.backbone.name, weights=_weights_id(ctx, backbone), dataset=cfg.task.name,
+                        split=split, resolution=resolution, transform=transform, size=len(getattr(splits, split)),
+                        held_out=f"{splits.val_held_out}-{cfg.task.val_fraction}-{cfg.task.split_seed}")
+        feats, labels, hit = cached_features(
+            backbone, Transformed(getattr(splits, split), transform), key=key,
+            cache_dir=ctx.cache_dir if cfg.protocol.cache else None, batch_size=cfg.trainer.eval_batch_size,
+            num_workers=cfg.trainer.num_workers, device=device, dtype=autocast_dtype(cfg.trainer, accelerator),
+            channels_last=cfg.trainer.channels_last, desc=f"features {split}")
+        hits += hit
+        out[split] = (feats.to(device), labels.to(device))
+    log.info("features: %d of 3 splits read from the cache", hits)
+    out["cache_hits"] = hits
+    return out
+
+
+def run_linear(ctx: RunContext) -> TaskOutput:
+    backbone, splits, resolution = _build(ctx)
+    feats = _features(ctx, backbone, splits, resolution)
+    p, task = ctx.cfg.protocol, ctx.cfg.task
+    fit = dict(max_iter=p.max_iter, tolerance=p.tolerance)
+    best, curve = sweep_l2(feats["train"], feats["val"], splits.num_classes, l2_grid(p.l2_min, p.l2_max, p.l2_steps),
+                           SCORERS[task.metric], **fit)
+    trainval = tuple(torch.cat([feats["train"][i], feats["val"][i]]) for i in range(2))
+    model = fit_logistic(*trainval, splits.num_classes, best, **fit)
+    metrics = classification_metrics(model.logits(feats["test"][0]), feats["test"][1], splits.num_classes, "test")
+    metrics["val/best"] = max(score for _, score in curve)
+    ctx.logger.table("linear/l2_sweep", ["l2", f"val/{task.metric}"], [list(c) for c in curve])
+    return TaskOutput(metrics=metrics, counts={**splits.counts, "feature_cache_hits": feats["cache_hits"]},
+                      extra={"weights": backbone.weights.as_dict(), "best_l2": best, "l2_curve": curve,
+                             "primary_metric": f"test/{task.metric}", "resolution": resolution})
+
+
+def run_knn(ctx: RunContext) -> TaskOutput:
+    from tasks.classification.knn import knn_predict
+
+    backbone, splits, resolution = _build(ctx)
+    feats = _features(ctx, backbone, splits, resolution)
+    p, task = ctx.cfg.protocol, ctx.cfg.task
+    bank = tuple(torch.cat([feats["train"][i], feats["val"][i]]) for i in range(2))
+    scores = knn_predict(bank[0], bank[1], feats["test"][0], splits.num_classes, k=p.k, temperature=p.temperature)
+    metrics = classification_metrics(scores, feats["test"][1], splits.num_classes, "test")
+    return TaskOutput(metrics=metrics, counts={**splits.counts, "feature_cache_hits": feats["cache_hits"]},
+                      extra={"weights": backbone.weights.as_dict(), "primary_metric": f"test/{task.metric}",
+                             "resolution": resolution})
+
+
+def run_finetune(ctx: RunContext) -> TaskOutput:
+    backbone, splits, resolution = _build(ctx)
+    cfg, p = ctx.cfg, ctx.cfg.protocol
+    train_tf = create_transform(**backbone.data_config(train=True, resolution=resolution), is_training=True,
+                                auto_augment=p.randaugment)
+    test_tf = eval_transform(backbone, resolution)
+    train = Transformed(splits.train, train_tf)
+    val = Transformed(splits.val, test_tf)
+    data = ClassificationData(train, val, Transformed(splits.test, test_tf), batch_size=cfg.trainer.batch_size,
+                              eval_batch_size=cfg.trainer.eval_batch_size, num_workers=cfg.trainer.num_workers)
+    module = FinetuneModule(backbone, splits.num_classes, p)
+    trainer = build_trainer(ctx, monitor=f"val/{cfg.task.metric}")
+    trainer.fit(module, datamodule=data, ckpt_path=resume_path(ctx))
+    tested = trainer.test(module, datamodule=data, ckpt_path="best", verbose=False)
+    metrics = {k: float(v) for k, v in tested[0].items()} if tested else {}
+    return TaskOutput(metrics=metrics, counts=dict(splits.counts),
+                      extra={"weights": backbone.weights.as_dict(), "primary_metric": f"test/{cfg.task.metric}",
+                             "resolution": resolution, "epochs": trainer.current_epoch,
+                             "global_step": trainer.global_step})
+
+
+PROTOCOL_RUNNERS = {"linear": run_linear, "knn": run_knn, "finetune": run_finetune}
+
+
+def run(ctx: RunContext) -> TaskOutput:
+    return PROTOCOL_RUNNERS[ctx.cfg.protocol.name](ctx)
+
+
+TASKS.add("classification", TaskAdapter(config_class=ClassificationTaskConfig, run=run,
+                                        protocols=tuple(PROTOCOL_RUNNERS)))

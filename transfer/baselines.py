@@ -1,0 +1,124 @@
+"""Published baseline numbers (``transfer/data/baselines.csv``): load, validate and query them.
+
+Each row is one number a paper or an official repository reports: who (``method``, ``arch``,
+``pretrain``), on what (``task``, ``protocol``, ``setting``), which ``metric`` and ``value``, and the
+``source`` it was read from. The file starts with ``# version: N``; other ``#`` lines are comments.
+Everything is checked on read, so a bad edit fails with the line number instead of a wrong report.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from transfer.errors import ConfigError, DataError
+
+BASELINES_VERSION = 1
+COLUMNS = ("method", "arch", "pretrain", "task", "protocol", "setting", "metric", "value", "source")
+# linear / finetune / knn are the suite's protocols; scratch = trained from random init on the task;
+# supervised = the checkpoint's own supervised ImageNet evaluation.
+PROTOCOLS = ("linear", "finetune", "knn", "scratch", "supervised")
+KEY = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+METRIC = re.compile(r"^(train|val|test)/[a-z0-9_]+$")
+VERSION_LINE = re.compile(r"^#\s*version:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One published number and where it comes from."""
+
+    method: str
+    arch: str
+    pretrain: str
+    task: str
+    protocol: str
+    setting: str
+    metric: str
+    value: float
+    source: str
+
+    def identity(self) -> tuple[str, ...]:
+        """Everything but value and source: two rows with the same identity contradict each other."""
+        return (self.method, self.arch, self.pretrain, self.task, self.protocol, self.setting, self.metric)
+
+
+def default_path() -> Path:
+    return Path(str(resources.files("transfer") / "data" / "baselines.csv"))
+
+
+def load_baselines(path: str | Path | None = None) -> tuple[Baseline, ...]:
+    """All rows of the baselines file (the packaged one by default), validated."""
+    return _load(str(Path(path) if path is not None else default_path()))
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str) -> tuple[Baseline, ...]:
+    if not Path(path).is_file():
+        raise DataError(f"baselines file {path!r} does not exist. The packaged file is "
+                        f"{str(default_path())!r}; reinstall the package if it is missing.")
+    with open(path, newline="", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    first = VERSION_LINE.match(lines[0]) if lines else None
+    if not first:
+        raise DataError(f"{path}:1: the first line must be '# version: {BASELINES_VERSION}'.")
+    if int(first.group(1)) != BASELINES_VERSION:
+        raise DataError(f"{path}: version {first.group(1)} is not supported (this code reads version "
+                        f"{BASELINES_VERSION}). Update the file or the package.")
+    numbered = [(i, line) for i, line in enumerate(lines, start=1) if line.strip() and not line.startswith("#")]
+    if not numbered:
+        raise DataError(f"{path}: no header row. Expected columns: {','.join(COLUMNS)}.")
+    reader = csv.reader(line for _, line in numbered)
+    header = tuple(next(reader))
+    if header != COLUMNS:
+        raise DataError(f"{path}:{numbered[0][0]}: columns are {','.join(header)}; expected {','.join(COLUMNS)}.")
+    rows: list[Baseline] = []
+    seen: dict[tuple[str, ...], int] = {}
+    for (lineno, _), cells in zip(numbered[1:], reader):
+        row = _parse_row(cells, f"{path}:{lineno}")
+        if row.identity() in seen:
+            raise DataError(f"{path}:{lineno}: same method/arch/pretrain/task/protocol/setting/metric as line "
+                            f"{seen[row.identity()]}. Make the setting say what differs, or drop one row.")
+        seen[row.identity()] = lineno
+        rows.append(row)
+    return tuple(rows)
+
+
+def _parse_row(cells: list[str], where: str) -> Baseline:
+    if len(cells) != len(COLUMNS):
+        raise DataError(f"{where}: {len(cells)} cells, expected {len(COLUMNS)} ({','.join(COLUMNS)}). "
+                        "Quote cells that contain commas.")
+    raw = dict(zip(COLUMNS, (c.strip() for c in cells)))
+    empty = [c for c in COLUMNS if c != "setting" and not raw[c]]
+    if empty:
+        raise DataError(f"{where}: empty {', '.join(empty)}; every number needs its method, task, metric and source.")
+    for column in ("method", "arch", "task"):
+        if not KEY.match(raw[column]):
+            raise DataError(f"{where}: {column}={raw[column]!r} must be a lower-case key (letters, digits, '_').")
+    if raw["protocol"] not in PROTOCOLS:
+        raise DataError(f"{where}: protocol={raw['protocol']!r}; valid: {', '.join(PROTOCOLS)}.")
+    if not METRIC.match(raw["metric"]):
+        raise DataError(f"{where}: metric={raw['metric']!r} must look like 'split/name', e.g. 'test/top1'.")
+    try:
+        value = float(raw["value"])
+    except ValueError:
+        raise DataError(f"{where}: value={raw['value']!r} is not a number.") from None
+    if not math.isfinite(value):
+        raise DataError(f"{where}: value={raw['value']!r} is not finite.")
+    return Baseline(**{**raw, "value": value})
+
+
+def baselines_for(task: str, protocol: str | None = None, metric: str | None = None, *,
+                  path: str | Path | None = None) -> list[Baseline]:
+    """Rows for ``task`` (and ``protocol``/``metric`` when given); empty when nothing was published."""
+    if not KEY.match(task):
+        raise ConfigError(f"task={task!r} must be a lower-case key such as 'cifar100'.")
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol={protocol!r}; valid: {', '.join(PROTOCOLS)}.")
+    if metric is not None and not METRIC.match(metric):
+        raise ConfigError(f"metric={metric!r} must look like 'split/name', e.g. 'test/top1'.")
+    return [b for b in load_baselines(path) if b.task == task and protocol in (None, b.protocol)
+            and metric in (None, b.metric)]

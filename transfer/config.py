@@ -1,0 +1,182 @@
+"""Typed run configuration: Hydra composes ``recipes/``; this module checks the result completely.
+
+Config flows one way: ``compose`` -> ``validate`` -> a :class:`RunConfig` that is written to the run
+directory and handed down, each part getting only its own section.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from transfer.errors import ConfigError
+from transfer.registry import UnknownNameError
+
+RECIPES_DIR = Path(os.environ.get("TRANSFER_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
+GROUPS = ("task", "backbone", "protocol", "trainer", "logger")
+WEIGHT_KEYWORDS = ("pretrained", "random")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "rs50"
+    weights: str = "pretrained"  # pretrained | random | /path/to/file
+    strict: bool = True
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        from transfer.backbones import BACKBONES
+
+        BACKBONES.get(self.name)
+        if self.weights not in WEIGHT_KEYWORDS and not Path(os.path.expanduser(self.weights)).exists():
+            raise ConfigError(f"backbone.weights={self.weights!r} is neither 'pretrained', 'random' nor an "
+                              "existing file. Pass one of those, e.g. backbone.weights=/path/to/model.safetensors.")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"backbone.drop_path_rate={self.drop_path_rate} must be in [0, 1).")
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"  # auto | cpu | gpu | cuda
+    devices: Any = 1  # a count, or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto picks DDP when devices > 1 or num_nodes > 1
+    precision: str = "auto"  # auto: bf16-mixed where the hardware supports it, else 32-true
+    channels_last: bool = True
+    max_epochs: int = 10
+    max_steps: int = -1
+    limit_train_batches: float = 1.0
+    limit_eval_batches: float = 1.0
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    num_workers: int = 2
+    log_every_n_steps: int = 10
+    seed: int = 0
+    deterministic: bool = False
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision={self.precision!r}; valid: {', '.join(PRECISIONS)}.")
+        if not (self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1)):
+            raise ConfigError(f"trainer.devices={self.devices!r} must be a positive count or 'auto'.")
+        for key in ("num_nodes", "batch_size", "eval_batch_size", "max_epochs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key}={getattr(self, key)} must be at least 1.")
+        if self.num_workers < 0:
+            raise ConfigError(f"trainer.num_workers={self.num_workers} must be 0 or more.")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "resnet-rs-transfer"
+    entity: str | None = None
+    group: str | None = None  # default: the task name, so W&B groups runs of one task
+    tags: list[str] = field(default_factory=list)
+    init_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in WANDB_MODES:
+            raise ConfigError(f"logger.wandb.mode={self.mode!r}; valid: {', '.join(WANDB_MODES)}.")
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RunDirConfig:
+    dir: str | None = None  # default: <root>/<task>/<backbone>-<protocol>/<timestamp>
+    root: str = "runs"
+    cache_dir: str | None = None  # feature caches; default: <root>/.cache
+
+
+@dataclass
+class RunConfig:
+    task: Any
+    protocol: Any
+    backbone: BackboneConfig
+    trainer: TrainerConfig
+    logger: LoggerConfig
+    run: RunDirConfig
+    resume: bool = False
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+
+def recipe_names(group: str) -> list[str]:
+    return sorted(p.stem for p in (RECIPES_DIR / group).glob("*.yaml"))
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Fail on ``task=nope`` before composing, listing the valid names and the closest match."""
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        key = key.lstrip("+~")
+        if sep and key in GROUPS and "," not in value:
+            names = recipe_names(key)
+            if value not in names:
+                raise UnknownNameError(key, value, names, hint=f"Recipes live in {RECIPES_DIR / key}.")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """Compose ``recipes/config.yaml`` with ``key=value`` overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    check_group_choices(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"could not compose the configuration from {overrides}: {e}") from None
+
+
+def _typed(schema: type, node: Any, where: str) -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"invalid {where} configuration: {msg} (valid keys: "
+                          f"{', '.join(schema.__dataclass_fields__)})") from None
+
+
+def validate(raw: DictConfig) -> RunConfig:
+    """Check every section against its schema; the task and protocol schemas come from the task adapter."""
+    from transfer.protocols import PROTOCOLS
+    from transfer.tasks import TASKS, load_adapters
+
+    load_adapters()
+    for key in ("task", "protocol"):
+        if not isinstance(raw.get(key), DictConfig) or "name" not in raw[key]:
+            raise ConfigError(f"the {key} recipe must be a mapping with a 'name' key; got {raw.get(key)!r}")
+    adapter_name = raw.task.get("adapter")
+    if not adapter_name:
+        raise ConfigError(f"task recipe {raw.task.name!r} has no 'adapter' key; valid adapters: {TASKS.names()}")
+    adapter = TASKS.get(str(adapter_name))
+    protocol_name = str(raw.protocol.name)
+    if protocol_name not in adapter.protocols:
+        raise ConfigError(f"protocol={protocol_name!r} does not apply to task {raw.task.name!r}; "
+                          f"valid protocols for it: {', '.join(adapter.protocols)}.")
+    return RunConfig(
+        task=_typed(adapter.config_class, raw.task, "task"),
+        protocol=_typed(PROTOCOLS.get(protocol_name), raw.protocol, "protocol"),
+        backbone=_typed(BackboneConfig, raw.backbone, "backbone"),
+        trainer=_typed(TrainerConfig, raw.trainer, "trainer"),
+        logger=_typed(LoggerConfig, raw.logger, "logger"),
+        run=_typed(RunDirConfig, raw.get("run", {}), "run"),
+        resume=bool(raw.get("resume", False)),
+    )

@@ -1,0 +1,104 @@
+"""``results.json``: one per run, written atomically, checked when read back."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from transfer.errors import TransferError
+from transfer.io import atomic_write_json
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.json"
+REQUIRED = {"schema_version": int, "task": str, "backbone": str, "protocol": str, "weights": dict,
+            "metrics": dict, "counts": dict, "packages": dict, "wall_time_s": (int, float)}
+PACKAGES = ("torch", "torchvision", "timm", "lightning", "wandb", "resnet-rs-transfer")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_revision() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                           capture_output=True, text=True, timeout=5).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def build_results(cfg, output, weights: dict, wall_time_s: float, run_dir: Path) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "task": cfg.task.name,
+        "backbone": cfg.backbone.name,
+        "protocol": cfg.protocol.name,
+        "weights": weights,
+        "metrics": {k: float(v) for k, v in output.metrics.items()},
+        "counts": dict(output.counts),
+        "extra": output.extra,
+        "protocol_config": asdict(cfg.protocol),
+        "packages": package_versions(),
+        "git_revision": git_revision(),
+        "wall_time_s": round(wall_time_s, 3),
+        "run_dir": str(run_dir),
+    }
+
+
+def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
+    path = Path(run_dir) / RESULTS_FILE
+    check_results(results, origin=str(path))
+    atomic_write_json(path, results)
+    return path
+
+
+def check_results(results: Any, *, origin: str) -> dict[str, Any]:
+    if not isinstance(results, dict):
+        raise TransferError(f"{origin}: results must be a JSON object")
+    for key, kind in REQUIRED.items():
+        if not isinstance(results.get(key), kind):
+            raise TransferError(f"{origin}: key {key!r} is missing or not {kind}; the file is damaged or "
+                                "not a results.json of this suite.")
+    for k, v in results["metrics"].items():
+        if not isinstance(v, (int, float)) or math.isnan(v):
+            raise TransferError(f"{origin}: metric {k!r} has value {v!r}, not a number")
+    return results
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """Read and check a results.json."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TransferError(f"cannot read results file {str(path)!r}: {e}") from None
+    return check_results(data, origin=str(path))
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """A markdown table: one row per run, one column per metric."""
+    keys = sorted({k for r in results for k in r["metrics"]})
+    head = ["task", "backbone", "protocol", *keys]
+    rows = [[r["task"], r["backbone"], r["protocol"], *(_fmt(r["metrics"].get(k)) for k in keys)] for r in results]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:.4f}"

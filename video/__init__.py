@@ -1,0 +1,1 @@
+"""Video: 2D->3D inflation of registry backbones, Kinetics data, multi-view testing and the video task adapter."""

@@ -1,0 +1,113 @@
+"""Multi-view testing: ``clips`` uniformly spaced temporal clips x ``crops`` spatial crops per video,
+softmax scores averaged per video (mmaction2 ``average_clips='prob'``), then top-1 / top-5.
+
+Items of :class:`MultiViewClips` are (video, temporal clip) pairs carrying all spatial crops, so the
+views of one video spread over loader workers and DDP ranks; :class:`ViewScores` sums the scores per
+video and is reduced over ranks once at the end.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from fractions import Fraction
+
+import torch
+from torch.utils.data import Dataset
+from torchmetrics.functional.classification import multiclass_accuracy
+
+from video.data import ClipSpec, open_video, read_clip
+
+log = logging.getLogger(__name__)
+
+
+def uniform_starts(duration: Fraction | float, clip: Fraction | float, clips: int) -> list[float]:
+    """Start times of ``clips`` clips spread evenly over the video, first at 0, last ending at its end.
+
+    The spacing of pytorchvideo's ``ConstantClipsPerVideoSampler``, computed without its per-call state
+    so that any clip of any video can be read independently.
+    """
+    span = max(Fraction(duration) - Fraction(clip), Fraction(0))
+    return [float(span * i / max(clips - 1, 1)) for i in range(clips)]
+
+
+class MultiViewClips(Dataset):
+    """Item ``(v, c)``: temporal clip ``c`` of video ``v`` with all its spatial crops.
+
+    ``pad`` appends placeholder items (video -1) so the length divides the number of DDP ranks:
+    Lightning's ``DistributedSampler`` would otherwise repeat real views, and a repeated view would
+    be counted twice in a video's average.
+    """
+
+    def __init__(self, videos: list[tuple[str, int]], spec: ClipSpec, transform: Callable, *, clips: int = 10):
+        self.videos, self.spec, self.transform, self.clips = videos, spec, transform, clips
+        self.length = len(videos) * clips
+
+    def pad(self, ranks: int) -> None:
+        """Round the length up to a multiple of ``ranks`` with placeholder items."""
+        self.length = math.ceil(len(self.videos) * self.clips / ranks) * ranks
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict | None:
+        v, c = divmod(i, self.clips)
+        if v >= len(self.videos):
+            return {"video": None, "label": -1, "index": -1}
+        path, label = self.videos[v]
+        try:
+            video = open_video(path)
+            try:
+                start = uniform_starts(video.duration, self.spec.duration, self.clips)[c]
+                frames = read_clip(video, start, self.spec)
+            finally:
+                video.close()
+        except Exception as e:  # noqa: BLE001 - PyAV raises many error types for damaged files
+            log.debug("skipping %s clip %d: %s", path, c, e)
+            frames = None
+        if frames is None:
+            return None
+        return {"video": self.transform(frames), "label": label, "index": v}
+
+
+def collate_views(samples: list[dict | None]) -> dict:
+    """Stack the decodable views: video (B, S, C, T, H, W); placeholders and failures are dropped and counted."""
+    good = [s for s in samples if s is not None and s["index"] >= 0]
+    batch = {"skipped": torch.tensor(sum(s is None for s in samples))}
+    if good:
+        batch["video"] = torch.stack([s["video"] for s in good])
+        batch["label"] = torch.tensor([s["label"] for s in good])
+        batch["index"] = torch.tensor([s["index"] for s in good])
+    return batch
+
+
+class ViewScores:
+    """Per-video sums of softmax scores over views; ``reduce`` merges the sums of all ranks."""
+
+    def __init__(self, labels: list[int], num_classes: int, device: torch.device | str = "cpu"):
+        self.labels = torch.tensor(labels, dtype=torch.long, device=device)
+        self.sums = torch.zeros(len(labels), num_classes, dtype=torch.float64, device=device)
+        self.views = torch.zeros(len(labels), dtype=torch.long, device=device)
+
+    def update(self, logits: torch.Tensor, index: torch.Tensor) -> None:
+        """``logits`` (B, S, K) for the S spatial crops of B temporal clips of videos ``index``."""
+        probs = logits.float().softmax(-1).sum(1).double()  # (B, S, K) -> (B, K)
+        self.sums.index_add_(0, index, probs)
+        self.views.index_add_(0, index, torch.full_like(index, logits.shape[1]))
+
+    def reduce(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.sums = all_reduce_sum(self.sums)
+        self.views = all_reduce_sum(self.views)
+
+    def metrics(self, prefix: str, top_k: tuple[int, ...] = (1, 5)) -> tuple[dict[str, float], int]:
+        """``{prefix/top1: %, prefix/top5: %}`` over videos with at least one view, and how many had none."""
+        seen = self.views > 0
+        scores = (self.sums[seen] / self.views[seen, None]).float()
+        target = self.labels[seen]
+        num_classes = self.sums.shape[1]
+        out = {}
+        for k in top_k:
+            if k <= num_classes and seen.any():
+                acc = multiclass_accuracy(scores, target, num_classes, top_k=k, average="micro")
+                out[f"{prefix}/top{k}"] = 100.0 * float(acc)
+        return out, int((~seen).sum())

@@ -129,6 +129,7 @@ def test_parse_config_reads_key_values():
     (["bench.resolution=8"], "32"),
     (["bench.train_batch=-1"], "128"),
     (["bench.device=tpu"], "auto, cpu, cuda"),
+    (["bench.threads=0"], "positive"),
     (["rs152"], "key=value"),
 ])
 def test_bad_arguments_name_the_fix(argv, fragment):

@@ -16,6 +16,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,9 @@ class BenchSettings:
     # (tensorflow/tpu models/official/resnet/resnet_rs/README.md). 0 skips the training step.
     train_batch: int = 128
     device: str = "auto"  # auto | cpu | cuda
+    # CPU threads (torch.set_num_threads); None keeps torch's default. One thread gives stable
+    # figures on a machine whose cores are shared with other work.
+    threads: int | None = None
     out: str = "runs/bench"
 
 
@@ -96,6 +100,8 @@ def _check(cfg: BenchConfig) -> None:
     if b.train_batch < 0:
         raise ConfigError(f"bench.train_batch={b.train_batch}: give the starting batch (128 in the seed "
                           "protocol) or 0 to skip the training step.")
+    if b.threads is not None and b.threads < 1:
+        raise ConfigError(f"bench.threads={b.threads}: give a positive count, or leave it unset for torch's default.")
     if b.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"bench.device={b.device!r}: valid devices are auto, cpu, cuda.")
     if b.device == "cuda" and not torch.cuda.is_available():
@@ -339,7 +345,7 @@ def plot(rows: list[dict], path: Path, *, machine: str) -> None:
         if ax.lines:
             ax.legend(fontsize=8)
     note = f"{machine}" + (f"; no published top-1: {', '.join(unplotted)}" if unplotted else "")
-    fig.suptitle(note, fontsize=8)
+    fig.suptitle(textwrap.fill(note, 110 * len(axes)), fontsize=8)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
 
@@ -353,6 +359,8 @@ def run(cfg: BenchConfig) -> dict[str, Path]:
     """
     specs = select_backbones(cfg.backbone)
     device = resolve_device(cfg.bench.device)
+    if cfg.bench.threads:
+        torch.set_num_threads(cfg.bench.threads)
     info = machine_info(device)
     out = Path(cfg.bench.out)
     files = {k: out / f"backbone_sheet.{k}" for k in ("md", "csv", "png", "json")}

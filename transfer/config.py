@@ -139,9 +139,22 @@ def compose(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=overrides)
+            # A key of a section's schema that its recipe does not spell out (task.limit_per_split) is
+            # added rather than refused; the typed check then rejects keys that no schema has.
+            base = hydra_compose(config_name="config", overrides=[o for o in overrides if "." not in o.split("=")[0]])
+            return hydra_compose(config_name="config", overrides=[_add_if_absent(base, o) for o in overrides])
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"could not compose the configuration from {overrides}: {e}") from None
+
+
+def _add_if_absent(base: DictConfig, override: str) -> str:
+    key, sep, _ = override.partition("=")
+    if sep and "." in key and key[0] not in "+~" and OmegaConf.select(base, key, default=_ABSENT) is _ABSENT:
+        return "+" + override
+    return override
+
+
+_ABSENT = object()
 
 
 def _typed(schema: type, node: Any, where: str) -> Any:

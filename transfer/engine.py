@@ -7,9 +7,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from transfer.config import TrainerConfig
 from transfer.errors import ConfigError
+from transfer.io import atomic_path
 from transfer.tasks import RunContext
 
 CHECKPOINT_DIR = "checkpoints"
@@ -70,7 +72,7 @@ def build_trainer(ctx: RunContext, *, callbacks: list[Callback] | None = None, m
     ckpt_dir = Path(ctx.run_dir) / CHECKPOINT_DIR / subdir
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:03d}", auto_insert_metric_name=False,
                                  save_last=True, monitor=monitor, mode=mode, save_top_k=1 if monitor else -1)
-    all_callbacks = [checkpoint, *(callbacks or [])]
+    all_callbacks = [checkpoint, ProgressRecord(), *(callbacks or [])]
     if cfg.progress_bar:
         all_callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.log_every_n_steps // 2)))
     if cfg.channels_last:
@@ -78,7 +80,8 @@ def build_trainer(ctx: RunContext, *, callbacks: list[Callback] | None = None, m
     logger = ctx.logger.lightning()
     if logger:
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
-    kwargs = dict(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
+    kwargs = dict(plugins=[AtomicCheckpointIO()], accelerator=accelerator, devices=cfg.devices,
+                  num_nodes=cfg.num_nodes, strategy=strategy,
                   precision=resolve_precision(cfg, accelerator), max_epochs=cfg.max_epochs, max_steps=cfg.max_steps,
                   limit_train_batches=cfg.limit_train_batches, limit_val_batches=cfg.limit_eval_batches,
                   limit_test_batches=cfg.limit_eval_batches, log_every_n_steps=cfg.log_every_n_steps,
@@ -89,12 +92,38 @@ def build_trainer(ctx: RunContext, *, callbacks: list[Callback] | None = None, m
     return L.Trainer(**kwargs)
 
 
+def progress_of(trainer: L.Trainer) -> dict:
+    """Resume facts for results.json: the first epoch trained by this process and the final step."""
+    record = next(c for c in trainer.callbacks if isinstance(c, ProgressRecord))
+    return {"first_epoch_this_process": record.first_epoch, "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step}
+
+
 def resume_path(ctx: RunContext, subdir: str = "") -> str | None:
     """The checkpoint to continue from when ``resume=true``; None starts fresh."""
     if not ctx.cfg.resume:
         return None
     path = Path(ctx.run_dir) / CHECKPOINT_DIR / subdir / "last.ckpt"
     return str(path) if path.exists() else None
+
+
+class ProgressRecord(Callback):
+    """Which epoch this process started training at: shows that ``resume=true`` continued a run."""
+
+    def __init__(self) -> None:
+        self.first_epoch: int | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.first_epoch is None:
+            self.first_epoch = trainer.current_epoch
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed into place: a killed run never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 def seed_everything(cfg: TrainerConfig) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from transfer.compare import baseline_rows, log_comparison
 from transfer.config import RunConfig, compose, validate
 from transfer.errors import ConfigError, TransferError
 from transfer.io import atomic_write_text
@@ -59,19 +60,24 @@ def run_one(overrides: list[str]) -> dict:
     os.environ[RUN_DIR_ENV] = str(run_dir)
     if is_global_zero():
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    # Flat task_name/backbone_name/protocol_name keys: W&B groups and filters by config keys (not by tags),
+    # and flat keys work in every W&B view and in the Reports API.
+    names = {"task_name": cfg.task.name, "backbone_name": cfg.backbone.name, "protocol_name": cfg.protocol.name}
     logger = RunLogger(cfg.logger.wandb, run_dir, name=f"{cfg.task.name}/{cfg.backbone.name}/{cfg.protocol.name}",
                        group=cfg.task.name, job_type=cfg.protocol.name,
-                       config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+                       config={**names, **OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)})
     start = time.time()
     try:
         ctx = RunContext(cfg=cfg, run_dir=run_dir, logger=logger)
         output = TASKS.get(cfg.task.adapter).run(ctx)
         weights = output.extra.pop("weights", {"source": cfg.backbone.weights})
         results = build_results(cfg, output, weights, time.time() - start, run_dir)
+        results["baselines"] = baseline_rows(results)
         if is_global_zero():
             write_results(run_dir, results)
             logger.summary({**results["metrics"], **{f"counts/{k}": v for k, v in results["counts"].items()},
                             "wall_time_s": results["wall_time_s"]})
+            log_comparison(logger, results)
     finally:
         logger.finish()
         os.environ.pop(RUN_DIR_ENV, None)

@@ -49,7 +49,11 @@ class RunLogger:
             warnings.warn(f"W&B online mode failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           f"logging offline instead. Upload later with: wandb sync {run_dir / 'wandb'}",
                           stacklevel=2)
-            self.run = wandb.init(mode="offline", **kwargs)
+            # wandb-core keeps the failed attempt's run id reserved in this process ("run ID ... is in use"),
+            # so the offline run takes a fresh one; the id file follows so a resumed run finds it.
+            run_id = secrets.token_hex(4)
+            id_file.write_text(run_id)
+            self.run = wandb.init(mode="offline", **{**kwargs, "id": run_id})
             self.mode = "offline"
 
     def lightning(self):
@@ -76,6 +80,11 @@ class RunLogger:
 
     def finish(self) -> None:
         if self.run is not None:
-            self.run.finish()
+            try:
+                self.run.finish()
+            except Exception as e:  # noqa: BLE001 - results.json is already written; a failed upload must not fail the run
+                warnings.warn(f"W&B could not finish the run ({type(e).__name__}: {e}); the run's files stay in "
+                              f"{Path(self.run.dir).parent}.", stacklevel=2)
+                return
             if self.mode == "offline":
                 log.info("W&B run saved offline; upload with: wandb sync %s", Path(self.run.dir).parent)

@@ -3,9 +3,22 @@
 The objective is ``sum_i CE(x_i) + l2/2 * ||W||^2`` (bias not penalised): the same as scikit-learn's
 ``LogisticRegression(C=1/l2)``, so grids and numbers carry over. Written here rather than called from
 scikit-learn because that runs on the CPU only and is slow at ImageNet scale (see openai/CLIP issue #202).
+
+Speed without changing the answer: the fit runs in the principal axes of the centred training features.
+
+* Centring is exact: the unpenalised bias absorbs the mean, ``X W^T + b = (X - mu) W^T + (b + W mu)``.
+* Directions with no training variance carry no signal, and the L2 penalty drives the weights along them
+  to zero, so the optimum lies in the span of the axes: when ``n < d`` the problem shrinks to ``n``
+  dimensions (the row space of X) with the same minimiser.
+* In those axes ``X^T X`` is diagonal, so each coordinate is rescaled by ``sqrt(k s_j^2 + l2)``, the
+  curvature the objective has along it; L-BFGS then starts close to a Newton step instead of spending
+  hundreds of iterations on the ill-conditioned weak-penalty end of the sweep. The penalty is kept on the
+  original weights, so the minimiser is unchanged; only the path to it is shorter.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,52 +26,105 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+# Relative eigenvalue below which a direction of the training features counts as empty.
+RANK_TOLERANCE = 1e-10
+
 
 @dataclass
 class LinearModel:
     weight: torch.Tensor  # (C, D)
     bias: torch.Tensor  # (C,)
     l2: float
+    iterations: int = 0
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.weight) @ self.weight.T + self.bias
+        return x.to(self.weight) @ self.weight.T + self.bias  # (N, D) -> (N, C)
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, *, max_iter: int = 1000,
-                 tolerance: float = 1e-6, init: LinearModel | None = None) -> LinearModel:
-    """Minimise ``sum CE + l2/2 ||W||^2`` with L-BFGS (strong Wolfe line search), warm-started from ``init``."""
-    n, d = x.shape
-    w = torch.zeros(num_classes, d, dtype=x.dtype, device=x.device) if init is None else init.weight.clone()
-    b = torch.zeros(num_classes, dtype=x.dtype, device=x.device) if init is None else init.bias.clone()
-    w.requires_grad_(True)
+@dataclass
+class Basis:
+    """Training features in their principal axes: ``coords = (x - mean) @ axes``, ``coords^T coords = diag(s^2)``."""
+
+    mean: torch.Tensor  # (D,)
+    axes: torch.Tensor  # (D, K), orthonormal columns, K <= min(N, D)
+    singular: torch.Tensor  # (K,) singular values s of the centred features
+    coords: torch.Tensor  # (N, K)
+
+
+def principal_basis(x: torch.Tensor) -> Basis:
+    """Principal axes of ``x`` from the smaller of its two Gram matrices (in float64 for accuracy)."""
+    mean = x.mean(0)
+    xc = (x - mean).double()
+    n, d = xc.shape
+    if n >= d:
+        eig, axes = torch.linalg.eigh(xc.T @ xc)  # (D, D)
+    else:
+        eig, left = torch.linalg.eigh(xc @ xc.T)  # (N, N): the row space of x, n < d
+    keep = eig > RANK_TOLERANCE * eig.max().clamp_min(torch.finfo(torch.float64).tiny)
+    singular = eig[keep].sqrt()
+    if n < d:
+        axes = (xc.T @ left[:, keep]) / singular  # (D, K): right singular vectors
+    else:
+        axes = axes[:, keep]
+    coords = xc @ axes  # (N, D) -> (N, K)
+    return Basis(mean=mean, axes=axes.to(x.dtype), singular=singular.to(x.dtype), coords=coords.to(x.dtype))
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, *, max_iter: int = 200,
+                 tolerance: float = 1e-6, init: LinearModel | None = None, basis: Basis | None = None) -> LinearModel:
+    """Minimise ``sum CE + l2/2 ||W||^2`` with L-BFGS (strong Wolfe line search), warm-started from ``init``.
+
+    ``basis`` (from :func:`principal_basis` of ``x``) is reused across a sweep; it is computed when absent.
+    """
+    basis = basis if basis is not None else principal_basis(x)
+    n = len(x)
+    # Curvature of the mean objective along axis j: about p(1-p) s_j^2 / n from the data (p(1-p) <= 1/C at
+    # the uniform start) plus l2 / n from the penalty. Dividing by its square root makes the Hessian ~ I.
+    precond = ((basis.singular ** 2 / num_classes + l2) / n).sqrt()  # (K,)
+    z = basis.coords / precond  # (N, K)
+    if init is None:
+        theta = torch.zeros(num_classes, len(precond), dtype=x.dtype, device=x.device)
+        b = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
+    else:
+        theta = (init.weight.to(x) @ basis.axes) * precond  # (C, D) -> (C, K)
+        b = init.bias.to(x) + init.weight.to(x) @ basis.mean
+    theta.requires_grad_(True)
     b.requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance,
-                            tolerance_change=tolerance * 1e-3, history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([theta, b], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance * min(1.0, l2),
+                            tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
 
     # The loss is divided by n so that gradient tolerances mean the same for every data set size.
     def closure():
         opt.zero_grad()
-        loss = (F.cross_entropy(x @ w.T + b, y, reduction="sum") + 0.5 * l2 * (w * w).sum()) / n
+        penalty = 0.5 * l2 * ((theta / precond) ** 2).sum()
+        loss = (F.cross_entropy(z @ theta.T + b, y, reduction="sum") + penalty) / n
         loss.backward()
         return loss
 
     opt.step(closure)
-    return LinearModel(w.detach(), b.detach(), l2)
+    iterations = int(opt.state[theta].get("n_iter", 0))
+    with torch.no_grad():
+        weight = (theta / precond) @ basis.axes.T  # (C, K) -> (C, D)
+        bias = b - weight @ basis.mean
+    return LinearModel(weight.detach(), bias.detach(), l2, iterations)
 
 
 def l2_grid(low: float, high: float, steps: int) -> list[float]:
-    return np.logspace(np.log10(low), np.log10(high), steps).tolist()
+    return np.logspace(math.log10(low), math.log10(high), steps).tolist()
 
 
 def sweep_l2(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], num_classes: int,
-             grid: list[float], score, **fit_kwargs) -> tuple[float, list[tuple[float, float]]]:
+             grid: list[float], score: Callable[[torch.Tensor, torch.Tensor], float],
+             **fit_kwargs) -> tuple[float, list[tuple[float, float]]]:
     """Fit every ``l2`` of ``grid`` on train, score on val; returns the best l2 and the curve.
 
-    Goes from the strongest penalty to the weakest, warm-starting each fit from the previous one.
+    Goes from the strongest penalty to the weakest, warm-starting each fit from the previous one; the
+    principal axes of train are computed once for the whole sweep.
     """
+    basis = principal_basis(train[0])
     curve, model = [], None
     for l2 in tqdm(sorted(grid, reverse=True), desc="l2 sweep", unit="fit", leave=False):
-        model = fit_logistic(*train, num_classes, l2, init=model, **fit_kwargs)
+        model = fit_logistic(*train, num_classes, l2, init=model, basis=basis, **fit_kwargs)
         curve.append((l2, score(model.logits(val[0]), val[1])))
     best = max(curve, key=lambda item: (item[1], item[0]))  # ties: the stronger penalty
     return best[0], sorted(curve)

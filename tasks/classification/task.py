@@ -13,7 +13,14 @@ from tasks.classification.finetune import ClassificationData, FinetuneModule
 from tasks.classification.linear import fit_logistic, l2_grid, sweep_l2
 from tasks.classification.metrics import SCORERS, classification_metrics
 from transfer.backbones import Backbone, build_backbone
-from transfer.engine import autocast_dtype, build_trainer, resolve_accelerator, resume_path, seed_everything
+from transfer.engine import (
+    autocast_dtype,
+    build_trainer,
+    progress_of,
+    resolve_accelerator,
+    resume_path,
+    seed_everything,
+)
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
 
 log = logging.getLogger(__name__)
@@ -104,13 +111,13 @@ def run_finetune(ctx: RunContext) -> TaskOutput:
                               eval_batch_size=cfg.trainer.eval_batch_size, num_workers=cfg.trainer.num_workers)
     module = FinetuneModule(backbone, splits.num_classes, p)
     trainer = build_trainer(ctx, monitor=f"val/{cfg.task.metric}")
-    trainer.fit(module, datamodule=data, ckpt_path=resume_path(ctx))
+    resumed_from = resume_path(ctx)
+    trainer.fit(module, datamodule=data, ckpt_path=resumed_from)
     tested = trainer.test(module, datamodule=data, ckpt_path="best", verbose=False)
     metrics = {k: float(v) for k, v in tested[0].items()} if tested else {}
     return TaskOutput(metrics=metrics, counts=dict(splits.counts),
                       extra={"weights": backbone.weights.as_dict(), "primary_metric": f"test/{cfg.task.metric}",
-                             "resolution": resolution, "epochs": trainer.current_epoch,
-                             "global_step": trainer.global_step})
+                             "resolution": resolution, "resumed_from": resumed_from, **progress_of(trainer)})
 
 
 PROTOCOL_RUNNERS = {"linear": run_linear, "knn": run_knn, "finetune": run_finetune}

@@ -129,8 +129,7 @@ def build_detectron2_config(cfg: RunConfig, output_dir: Path) -> CfgNode:
         raise ConfigError(f"task.base_config={task.base_config!r} is not a detectron2 model-zoo config. Use a path "
                           "under detectron2's configs/ folder, e.g. COCO-InstanceSegmentation/"
                           "mask_rcnn_R_50_FPN_1x.yaml.") from None
-    builder = FPN_BUILDERS.get(d2.MODEL.BACKBONE.NAME)
-    if builder is None:
+    if d2.MODEL.BACKBONE.NAME not in FPN_BUILDERS:
         raise ConfigError(f"task.base_config={task.base_config!r} uses backbone builder {d2.MODEL.BACKBONE.NAME!r}; "
                           f"registry backbones replace only the FPN builders {sorted(FPN_BUILDERS)}.")
     spec = BACKBONES.get(cfg.backbone.name)
@@ -138,16 +137,9 @@ def build_detectron2_config(cfg: RunConfig, output_dir: Path) -> CfgNode:
     if task.freeze_at > levels:
         raise ConfigError(f"task.freeze_at={task.freeze_at} exceeds the {levels} levels of backbone {spec.name!r}.")
 
-    d2.MODEL.BACKBONE.NAME = builder
-    d2.MODEL.WEIGHTS = ""  # the builder loads the registry weights; nothing else is loaded over them
-    tb = d2.MODEL.TRANSFER_BACKBONE
-    tb.NAME, tb.WEIGHTS, tb.STRICT = spec.name, cfg.backbone.weights, cfg.backbone.strict
-    tb.DROP_PATH_RATE, tb.NORM = cfg.backbone.drop_path_rate, task.backbone_norm
-    d2.MODEL.BACKBONE.FREEZE_AT = levels if cfg.protocol.freeze_backbone else task.freeze_at
-    # The backbone's own normalisation: detectron2 normalises raw 0-255 pixels, in the order INPUT.FORMAT.
-    d2.INPUT.FORMAT = "RGB"
-    d2.MODEL.PIXEL_MEAN = [255.0 * m for m in spec.mean]
-    d2.MODEL.PIXEL_STD = [255.0 * s for s in spec.std]
+    use_registry_backbone(d2, spec.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
+                          drop_path_rate=cfg.backbone.drop_path_rate, norm=task.backbone_norm,
+                          freeze_at=levels if cfg.protocol.freeze_backbone else task.freeze_at)
     if task.head_norm:
         _set_head_norm(d2, task.head_norm)
 
@@ -172,11 +164,32 @@ def build_detectron2_config(cfg: RunConfig, output_dir: Path) -> CfgNode:
     except (KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"task.opts={task.opts} could not be applied to the detectron2 config: {e}") from None
     n = world_size(cfg)
+    if n > 1 and d2.MODEL.DEVICE != "cuda":
+        # detectron2's DefaultTrainer wraps the model in DDP with a GPU device id, which CPU modules refuse.
+        raise ConfigError(f"trainer.devices x trainer.num_nodes = {n} processes on {d2.MODEL.DEVICE}: detectron2 "
+                          "trains on several processes only with CUDA devices. Use trainer.devices=1 on CPU.")
     if d2.SOLVER.IMS_PER_BATCH % n:
         raise ConfigError(f"task.solver.ims_per_batch={d2.SOLVER.IMS_PER_BATCH} is not divisible by the {n} "
                           "processes (trainer.devices x trainer.num_nodes); detectron2 splits it evenly.")
     d2.freeze()
     return d2
+
+
+def use_registry_backbone(d2: CfgNode, name: str, *, weights: str = "pretrained", strict: bool = True,
+                          drop_path_rate: float = 0.0, norm: str = "FrozenBN", freeze_at: int = 2) -> None:
+    """Swap the FPN builder of a detectron2 config for its registry-backbone twin and that backbone's normalisation."""
+    from transfer.backbones import BACKBONES
+
+    spec = BACKBONES.get(name)
+    d2.MODEL.BACKBONE.NAME = FPN_BUILDERS[d2.MODEL.BACKBONE.NAME]
+    d2.MODEL.WEIGHTS = ""  # the builder loads the registry weights; nothing else is loaded over them
+    tb = d2.MODEL.TRANSFER_BACKBONE
+    tb.NAME, tb.WEIGHTS, tb.STRICT, tb.DROP_PATH_RATE, tb.NORM = name, weights, strict, drop_path_rate, norm
+    d2.MODEL.BACKBONE.FREEZE_AT = freeze_at
+    # detectron2 normalises raw 0-255 pixels, in the channel order of INPUT.FORMAT.
+    d2.INPUT.FORMAT = "RGB"
+    d2.MODEL.PIXEL_MEAN = [255.0 * m for m in spec.mean]
+    d2.MODEL.PIXEL_STD = [255.0 * s for s in spec.std]
 
 
 def _set_head_norm(d2: CfgNode, norm: str) -> None:

@@ -13,6 +13,7 @@ from torch import nn  # noqa: E402
 
 from tasks.detection.backbone import TransferBackbone, level_name  # noqa: E402
 from tasks.detection.config import build_detectron2_config  # noqa: E402
+from tasks.detection.train import launch_settings  # noqa: E402
 from transfer.backbones import BACKBONES, build_backbone  # noqa: E402
 from transfer.config import compose, validate  # noqa: E402
 from transfer.errors import ConfigError  # noqa: E402
@@ -168,4 +169,23 @@ def test_retinanet_gets_p3_to_p7(coco_root, tmp_path):
 ])
 def test_bad_detectron2_settings_are_config_errors(override, match, coco_root, tmp_path):
     with pytest.raises(ConfigError, match=match):
-        _d2cfg(tmp_path, "task=coco_detection", f"task.data_dir={coco_root}", override)
+        _d2cfg(tmp_path, "task=coco_detection", f"task.data_dir={coco_root}", override, "trainer.devices=1")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="checks the CPU-only refusal of several processes")
+def test_several_processes_need_cuda(coco_root, tmp_path):
+    with pytest.raises(ConfigError, match="only with CUDA devices"):
+        _d2cfg(tmp_path, "task=coco_detection", f"task.data_dir={coco_root}", "trainer.devices=2",
+               "trainer.accelerator=cpu")
+
+
+def test_multi_node_launch_reads_the_rendezvous_from_the_environment(monkeypatch):
+    assert launch_settings(1) == (0, "auto")
+    for var in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match="MASTER_ADDR, MASTER_PORT, NODE_RANK"):
+        launch_settings(2)
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("NODE_RANK", "1")
+    assert launch_settings(2) == (1, "tcp://10.0.0.1:29500")

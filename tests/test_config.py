@@ -1,0 +1,86 @@
+"""Every recipe composes into a valid typed config; bad input fails before any data or model work."""
+import pytest
+
+from transfer.backbones import BACKBONES
+from transfer.config import RunConfig, compose, recipe_names, validate
+from transfer.errors import ConfigError
+from transfer.protocols import PROTOCOLS
+from transfer.registry import UnknownNameError
+from transfer.run import main
+from transfer.tasks import TASKS, load_adapters
+
+
+def _protocols(task: str) -> tuple[str, ...]:
+    load_adapters()
+    return TASKS.get(str(compose([f"task={task}"]).task.adapter)).protocols
+
+
+def _first_protocol(task: str) -> str:
+    return _protocols(task)[0]
+
+
+@pytest.mark.parametrize("task", recipe_names("task"))
+def test_every_task_recipe_composes(task, tmp_path):
+    overrides = [f"task={task}", f"protocol={_first_protocol(task)}"]
+    if task != "digits":  # every other task reads a local copy; config checks only that one is named
+        overrides.append(f"task.data_dir={tmp_path}")
+    cfg = validate(compose(overrides))
+    assert isinstance(cfg, RunConfig) and cfg.task.name == task
+
+
+@pytest.mark.parametrize("backbone", recipe_names("backbone"))
+def test_every_backbone_recipe_composes(backbone):
+    cfg = validate(compose([f"backbone={backbone}", "backbone.weights=random"]))
+    assert cfg.backbone.name == backbone and backbone in BACKBONES
+
+
+@pytest.mark.parametrize("protocol", recipe_names("protocol"))
+def test_every_protocol_recipe_composes_with_a_task_that_takes_it(protocol, tmp_path):
+    tasks = [t for t in recipe_names("task") if protocol in _protocols(t)]
+    assert tasks, f"no task recipe takes protocol {protocol!r}"
+    cfg = validate(compose([f"protocol={protocol}", f"task={tasks[0]}", f"task.data_dir={tmp_path}"]))
+    assert cfg.protocol.name == protocol and protocol in PROTOCOLS
+
+
+def test_overrides_reach_the_typed_config(tmp_path):
+    cfg = validate(compose(["trainer.max_epochs=3", "trainer.devices=2", "logger.wandb.mode=disabled",
+                            f"run.dir={tmp_path}", "backbone.weights=random", "task.resolution=48"]))
+    assert (cfg.trainer.max_epochs, cfg.trainer.devices, cfg.logger.wandb.mode) == (3, 2, "disabled")
+    assert cfg.run.dir == str(tmp_path) and cfg.task.resolution == 48
+    assert "max_epochs: 3" in cfg.to_yaml()
+
+
+def test_unknown_task_lists_valid_names_and_closest_match():
+    with pytest.raises(UnknownNameError) as err:
+        compose(["task=digts"])
+    assert "Did you mean 'digits'" in str(err.value) and "digits" in err.value.choices
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("trainer.precision=fp8", "trainer.precision='fp8'"),
+    ("trainer.devices=0", "trainer.devices=0"),
+    ("logger.wandb.mode=sometimes", "logger.wandb.mode='sometimes'"),
+    ("backbone.weights=/no/such/file.safetensors", "/no/such/file.safetensors"),
+    ("task.metric=f1", "task.metric='f1'"),
+    ("+trainer.learning_rate=0.1", "learning_rate"),
+    ("protocol.k=0", "protocol.k=0"),
+])
+def test_bad_values_are_config_errors_naming_the_value(override, fragment):
+    overrides = [override] + (["protocol=knn"] if override.startswith("protocol.k") else [])
+    with pytest.raises(ConfigError) as err:
+        validate(compose(overrides))
+    assert fragment in str(err.value)
+
+
+def test_protocol_that_does_not_apply_to_the_task_is_refused():
+    only = [t for t in recipe_names("task") if "linear" not in _protocols(t)]
+    assert only, "expected at least one task (video, detection) without the linear protocol"
+    with pytest.raises(ConfigError, match="does not apply"):
+        validate(compose([f"task={only[0]}", "protocol=linear", "task.data_dir=/tmp"]))
+
+
+def test_bad_value_fails_before_any_run_directory_exists(tmp_path, capsys):
+    code = main(["trainer.precision=fp8", f"run.root={tmp_path}"])
+    assert code == 2
+    assert "trainer.precision='fp8'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

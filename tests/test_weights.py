@@ -1,0 +1,137 @@
+"""Weights: safetensors round trips, refusing pickled code, strict loading, hub cache and offline errors."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import constants
+
+from transfer.backbones import build_backbone
+from transfer.errors import WeightsError
+from transfer.weights import read_state_dict, write_safetensors
+
+from suite_helpers import UNREACHABLE
+
+
+@pytest.fixture(scope="module")
+def rs50_state():
+    """A random rs50 state dict in timm's layout, with its 1000-class head."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("resnetrs50").state_dict()
+
+
+def _assert_same(backbone, state):
+    own = backbone.model.state_dict()
+    for key, value in own.items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_safetensors_round_trip_is_bit_exact(tmp_path, rs50_state):
+    path = tmp_path / "rs50.safetensors"
+    digest = write_safetensors(rs50_state, path)
+    backbone = build_backbone("rs50", weights=str(path))
+    _assert_same(backbone, rs50_state)
+    assert backbone.weights.source == f"file:{path}" and backbone.weights.sha256 == digest
+    again = tmp_path / "again.safetensors"
+    write_safetensors(backbone.model.state_dict(), again)
+    reread = read_state_dict(again)
+    assert set(reread) == set(backbone.model.state_dict())
+    assert all(torch.equal(reread[k], v) for k, v in backbone.model.state_dict().items())
+
+
+def test_pth_with_wrapper_key_and_ddp_prefix_loads(tmp_path, rs50_state):
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in rs50_state.items()}, "epoch": 3}, path)
+    _assert_same(build_backbone("rs50", weights=str(path)), rs50_state)
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pth_holding_pickled_code_is_refused(tmp_path, rs50_state):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": rs50_state, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(WeightsError, match="refused"):
+        build_backbone("rs50", weights=str(path))
+    assert not marker.exists()
+
+
+def test_strict_load_lists_missing_unexpected_and_mis_shaped_keys(tmp_path, rs50_state):
+    broken = dict(rs50_state)
+    del broken["layer1.0.conv1.weight"]
+    broken["extra.weight"] = torch.zeros(1)
+    broken["layer4.2.bn3.bias"] = torch.zeros(7)
+    path = tmp_path / "broken.safetensors"
+    write_safetensors(broken, path)
+    with pytest.raises(WeightsError) as err:
+        build_backbone("rs50", weights=str(path))
+    text = str(err.value)
+    assert "missing (1): layer1.0.conv1.weight" in text
+    assert "unexpected (1): extra.weight" in text
+    assert "layer4.2.bn3.bias: file (7,) vs model (2048,)" in text
+
+
+def test_non_strict_load_takes_matching_keys(tmp_path, rs50_state):
+    partial = {k: v for k, v in rs50_state.items() if not k.startswith("layer4")}
+    path = tmp_path / "partial.safetensors"
+    write_safetensors(partial, path)
+    with pytest.raises(WeightsError, match="missing"):
+        build_backbone("rs50", weights=str(path))
+    backbone = build_backbone("rs50", weights=str(path), strict=False)
+    assert torch.equal(backbone.model.state_dict()["layer3.0.conv1.weight"], rs50_state["layer3.0.conv1.weight"])
+
+
+def test_classifier_keys_are_optional(tmp_path, rs50_state):
+    headless = {k: v for k, v in rs50_state.items() if not k.startswith("fc.")}
+    path = tmp_path / "headless.safetensors"
+    write_safetensors(headless, path)
+    _assert_same(build_backbone("rs50", weights=str(path)), rs50_state)
+
+
+def test_pretrained_loads_from_the_hub_cache_layout(tmp_path, monkeypatch, rs50_state):
+    """The real Hugging Face cache layout (models--org--name/snapshots/<rev>/, refs/main) with no network."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--timm--resnetrs50.tf_in1k"
+    revision = "0" * 40
+    write_safetensors(rs50_state, repo / "snapshots" / revision / "model.safetensors")
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "ENDPOINT", UNREACHABLE)
+    backbone = build_backbone("rs50")
+    assert backbone.weights.source == "hub:timm/resnetrs50.tf_in1k"
+    _assert_same(backbone, rs50_state)
+
+
+def test_offline_hub_download_names_the_hub_id_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(constants, "ENDPOINT", UNREACHABLE)
+    with pytest.raises(WeightsError) as err:
+        build_backbone("rs152")
+    text = str(err.value)
+    assert "timm/resnetrs152.tf_in1k" in text and "backbone.weights=/path/to/" in text
+
+
+def test_offline_url_download_names_the_url():
+    with pytest.raises(WeightsError, match="download.pytorch.org/models/resnet50-0676ba61.pth"):
+        build_backbone("resnet50")
+
+
+def test_missing_file_and_wrong_file_type_are_clear_errors(tmp_path):
+    with pytest.raises(WeightsError, match="no such file"):
+        build_backbone("rs50", weights=str(tmp_path / "nope.safetensors"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(WeightsError, match="not a weights file"):
+        build_backbone("rs50", weights=str(tmp_path / "notes.txt"))
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\x00" * 64)
+    with pytest.raises(WeightsError, match="not a readable safetensors file"):
+        build_backbone("rs50", weights=str(damaged))

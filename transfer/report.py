@@ -1,0 +1,314 @@
+"""``python -m transfer.report RUNS_DIR [--out DIR]``: one comparison of many runs and the published baselines.
+
+Reads every ``results.json`` under RUNS_DIR (any depth) and writes, to ``--out`` (default RUNS_DIR/report):
+``report.md`` (backbones x tasks x protocols, then one section per task with the baselines),
+``report.html`` (the same, self-contained: charts inlined) and ``charts/<task>.png``.
+``--wandb-report`` also saves a W&B Report with one panel group per task (needs W&B online).
+
+When several runs share task, backbone and protocol, the newest ``results.json`` is shown and the
+cell says how many runs there were.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transfer.baselines import Baseline, baselines_for
+from transfer.compare import TABLE_KEY, baseline_protocol
+from transfer.errors import ConfigError, DataError, TransferError
+from transfer.io import atomic_path, atomic_write_text
+from transfer.results import RESULTS_FILE, read_results
+
+log = logging.getLogger("transfer.report")
+SUITE = "this suite"
+PUBLISHED = "published"
+
+
+@dataclass
+class Column:
+    """One protocol and metric of a task: a column of the task's table, a panel of its chart."""
+
+    protocol: str
+    metric: str
+
+    @property
+    def title(self) -> str:
+        return f"{self.protocol} {self.metric}"
+
+
+@dataclass
+class Entry:
+    """A row of a task's table: a backbone run in this suite, or a published baseline."""
+
+    name: str
+    kind: str  # SUITE or PUBLISHED
+    detail: str  # weights of a run; pretraining and setting of a baseline
+    source: str  # results.json of a run; paper/table of a baseline
+    values: dict[tuple[str, str], float] = field(default_factory=dict)  # (protocol, metric) -> value
+    runs: dict[str, int] = field(default_factory=dict)  # protocol -> number of runs found
+
+
+@dataclass
+class TaskComparison:
+    task: str
+    columns: list[Column]
+    entries: list[Entry]
+
+
+def find_results(runs_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every results.json under ``runs_dir``, read and checked, oldest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise DataError(f"runs directory {str(root)!r} does not exist. Pass the run.root of your runs "
+                        "(default: runs/), laid out as <root>/<task>/<backbone>-<protocol>/<stamp>/results.json.")
+    paths = sorted(root.rglob(RESULTS_FILE), key=lambda p: (p.stat().st_mtime, str(p)))
+    if not paths:
+        raise DataError(f"no {RESULTS_FILE} under {str(root)!r}; runs write one at "
+                        "<run.root>/<task>/<backbone>-<protocol>/<stamp>/results.json when they finish.")
+    return [(p, read_results(p)) for p in paths]
+
+
+def compared_metrics(results: dict[str, Any]) -> list[str]:
+    """The metrics a run is compared on: the task's ``primary_metric``, else every test metric (else all)."""
+    metrics = results["metrics"]
+    chosen = results.get("extra", {}).get("primary_metric")
+    if chosen in metrics:
+        return [chosen]
+    return sorted(k for k in metrics if k.startswith("test/")) or sorted(metrics)
+
+
+def build_comparison(found: list[tuple[Path, dict[str, Any]]], *,
+                     baselines: str | Path | None = None) -> list[TaskComparison]:
+    """Group runs by task; add the published rows for the same task, protocol and metric."""
+    out = []
+    for task in sorted({r["task"] for _, r in found}):
+        runs = [(p, r) for p, r in found if r["task"] == task]
+        columns = sorted({(r["protocol"], m) for _, r in runs for m in compared_metrics(r)})
+        entries: dict[tuple[str, str], Entry] = {}
+        for path, r in runs:  # oldest first, so the newest run of a backbone and protocol wins
+            e = entries.setdefault((SUITE, r["backbone"]), Entry(r["backbone"], SUITE, "", ""))
+            e.values.update({(r["protocol"], m): r["metrics"][m] for m in compared_metrics(r)})
+            e.runs[r["protocol"]] = e.runs.get(r["protocol"], 0) + 1
+            e.detail = _weights_text(r["weights"])
+            e.source = str(path)
+        for protocol, metric in columns:
+            for b in _published(task, protocol, metric, baselines):
+                key = (PUBLISHED, f"{b.method}|{b.arch}|{b.pretrain}|{b.setting}")
+                e = entries.setdefault(key, Entry(f"{b.method} ({b.arch})", PUBLISHED,
+                                                  "; ".join(x for x in (b.pretrain, b.setting) if x), b.source))
+                e.values[protocol, metric] = b.value
+        ordered = sorted(entries.values(), key=lambda e: (e.kind != SUITE, e.name))
+        out.append(TaskComparison(task, [Column(p, m) for p, m in columns], ordered))
+    return out
+
+
+def _published(task: str, protocol: str, metric: str, path: str | Path | None) -> list[Baseline]:
+    matched = baseline_protocol(protocol)
+    try:
+        return baselines_for(task, matched, metric, path=path) if matched else []
+    except ConfigError:  # a task or metric name the baselines file cannot hold has no published numbers
+        return []
+
+
+def _weights_text(weights: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in weights.items() if k in ("source", "hub_id", "path") and v)
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def _cell(e: Entry, c: Column) -> str:
+    v = e.values.get((c.protocol, c.metric))
+    n = e.runs.get(c.protocol, 0)
+    return _fmt(v) + (f" (newest of {n})" if v is not None and n > 1 else "")
+
+
+def overview_rows(tasks: list[TaskComparison]) -> tuple[list[str], list[list[str]]]:
+    """Backbones (rows) x task/protocol/metric (columns), this suite's runs only."""
+    cols = [(t, c) for t in tasks for c in t.columns]
+    head = ["backbone", *(f"{t.task} · {c.title}" for t, c in cols)]
+    backbones = sorted({e.name for t in tasks for e in t.entries if e.kind == SUITE})
+    rows = []
+    for b in backbones:
+        row = [b]
+        for t, c in cols:
+            e = next((e for e in t.entries if e.kind == SUITE and e.name == b), None)
+            row.append(_cell(e, c) if e else "—")
+        rows.append(row)
+    return head, rows
+
+
+def task_rows(t: TaskComparison) -> tuple[list[str], list[list[str]]]:
+    head = ["name", "kind", *(c.title for c in t.columns), "weights / setting", "source"]
+    return head, [[e.name, e.kind, *(_cell(e, c) for c in t.columns), e.detail, e.source] for e in t.entries]
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    def esc(s: str) -> str:
+        return str(s).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(map(esc, r)) + " |" for r in rows])
+
+
+def _intro(baselines: str | Path | None) -> str:
+    return (f"Values in percent unless the metric says otherwise. '{SUITE}' rows are the runs found; '{PUBLISHED}' "
+            f"rows come from {baselines or 'transfer/data/baselines.csv'}, each with its source.")
+
+
+def to_markdown(tasks: list[TaskComparison], charts: dict[str, Path], out_dir: Path, *,
+                baselines: str | Path | None = None) -> str:
+    parts = ["# Transfer comparison", "", _intro(baselines),
+             "", "## Backbones × tasks × protocols", "", markdown_table(*overview_rows(tasks))]
+    for t in tasks:
+        parts += ["", f"## {t.task}", "", markdown_table(*task_rows(t))]
+        if t.task in charts:
+            parts += ["", f"![{t.task}]({charts[t.task].relative_to(out_dir).as_posix()})"]
+    return "\n".join(parts) + "\n"
+
+
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def to_html(tasks: list[TaskComparison], charts: dict[str, Path], *, baselines: str | Path | None = None) -> str:
+    """One self-contained page: styles inline and charts as data URIs, so it can be mailed or archived."""
+    sections = [f"<h2>Backbones × tasks × protocols</h2>{_html_table(*overview_rows(tasks))}"]
+    for t in tasks:
+        img = ""
+        if t.task in charts:
+            data = base64.b64encode(charts[t.task].read_bytes()).decode()
+            img = f'<img alt="{html.escape(t.task)} chart" src="data:image/png;base64,{data}">'
+        sections.append(f"<h2>{html.escape(t.task)}</h2>{_html_table(*task_rows(t))}{img}")
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+             "th,td{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}th{background:#f3f3f3}"
+             "img{max-width:100%}")
+    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Transfer comparison</title>"
+            f"<style>{style}</style></head><body><h1>Transfer comparison</h1>"
+            f"<p>{html.escape(_intro(baselines))}</p>"
+            f"{''.join(sections)}</body></html>\n")
+
+
+def plot_task(t: TaskComparison, path: Path) -> Path:
+    """One horizontal bar panel per protocol/metric: this suite's runs coloured, published rows grey."""
+    from matplotlib.figure import Figure  # the object API: no pyplot global state
+
+    panels = [(c, sorted(((e.values[c.protocol, c.metric], e) for e in t.entries
+                          if (c.protocol, c.metric) in e.values), key=lambda x: x[0])) for c in t.columns]
+    tallest = max(len(bars) for _, bars in panels)
+    fig = Figure(figsize=(6.5 * len(panels), 1.2 + 0.35 * tallest), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (c, bars) in zip(axes, panels):
+        ys = range(len(bars))
+        colors = ["tab:blue" if e.kind == SUITE else "0.65" for _, e in bars]
+        ax.barh(ys, [v for v, _ in bars], color=colors)
+        ax.set_yticks(list(ys), [e.name for _, e in bars], fontsize=8)
+        ax.bar_label(ax.containers[0], fmt="%.1f", fontsize=7, padding=2)
+        ax.set_xlabel(c.metric)
+        ax.set_title(f"{t.task} · {c.protocol}")
+        ax.margins(x=0.12)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"{t.task}: runs here (blue) and published baselines (grey)", fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path
+
+
+def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
+                 baselines: str | Path | None = None) -> tuple[list[TaskComparison], dict[str, Path]]:
+    """Write report.md, report.html and charts/<task>.png; returns the comparison and the chart paths."""
+    out = Path(out_dir) if out_dir is not None else Path(runs_dir) / "report"
+    tasks = build_comparison(find_results(runs_dir), baselines=baselines)
+    (out / "charts").mkdir(parents=True, exist_ok=True)
+    charts = {t.task: plot_task(t, out / "charts" / f"{t.task}.png") for t in tasks if t.columns}
+    atomic_write_text(out / "report.md", to_markdown(tasks, charts, out, baselines=baselines))
+    atomic_write_text(out / "report.html", to_html(tasks, charts, baselines=baselines))
+    return tasks, charts
+
+
+def build_wandb_report(tasks: list[TaskComparison], *, entity: str, project: str, title: str):
+    """A W&B Report: per task a heading, the baselines as markdown and a panel grid of that task's runs.
+
+    Runs are selected by the flat config keys ``task_name``/``protocol_name`` that ``transfer.run`` logs,
+    one run set per protocol, and bars are grouped by ``backbone_name``.
+    """
+    try:
+        import wandb_workspaces.reports.v2 as wr
+    except ImportError:
+        raise ConfigError("--wandb-report needs the wandb-workspaces package: pip install wandb-workspaces") from None
+    blocks = [wr.P(f"Runs of project {project}, compared with published baselines (transfer/data/baselines.csv).")]
+    for t in tasks:
+        runsets = [wr.Runset(entity=entity, project=project, name=f"{t.task} {p}",
+                             filters=f"Config('task_name') = '{t.task}' and Config('protocol_name') = '{p}'")
+                   for p in sorted({c.protocol for c in t.columns})]
+        panels = [wr.BarPlot(title=f"{c.metric} by backbone", metrics=[c.metric], groupby=wr.Config("backbone_name"),
+                             groupby_aggfunc="mean", groupby_rangefunc="minmax") for c in t.columns]
+        panels += [wr.WeavePanelSummaryTable(table_name=TABLE_KEY),
+                   wr.MarkdownPanel(markdown=markdown_table(*task_rows(t)))]
+        blocks += [wr.H2(t.task), wr.PanelGrid(runsets=runsets, panels=panels)]
+    return wr.Report(entity=entity, project=project, title=title, blocks=blocks)
+
+
+def wandb_login_entity(entity: str | None) -> str:
+    """The entity to save the report under; fails clearly when W&B is offline or not logged in."""
+    mode = os.environ.get("WANDB_MODE", "")
+    if mode in ("offline", "disabled", "dryrun"):
+        raise ConfigError(f"--wandb-report needs W&B online, but WANDB_MODE={mode}. Unset it, log in "
+                          "(wandb login, or WANDB_API_KEY), upload offline runs with `wandb sync`, then retry.")
+    import wandb
+
+    try:
+        api = wandb.Api(timeout=20)
+        return entity or os.environ.get("WANDB_ENTITY") or api.default_entity
+    except Exception as e:  # noqa: BLE001 - any failure here means: not logged in or not reachable
+        raise ConfigError(f"--wandb-report could not reach W&B ({type(e).__name__}: {str(e).splitlines()[0]}). "
+                          "Log in with `wandb login` (or set WANDB_API_KEY), check the network, then retry; "
+                          "report.md and report.html are written regardless.") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transfer.config import WandbConfig
+
+    parser = argparse.ArgumentParser(prog="python -m transfer.report", description=__doc__.splitlines()[0])
+    parser.add_argument("runs_dir", help="folder tree holding results.json files (e.g. runs/)")
+    parser.add_argument("--out", help="output folder (default: RUNS_DIR/report)")
+    parser.add_argument("--baselines", help="baselines CSV (default: the packaged transfer/data/baselines.csv)")
+    parser.add_argument("--wandb-report", action="store_true", help="also save a W&B Report (needs W&B online)")
+    parser.add_argument("--entity", help="W&B entity for the report (default: WANDB_ENTITY or your default)")
+    parser.add_argument("--project", default=WandbConfig().project, help="W&B project holding the runs")
+    parser.add_argument("--title", default="ResNet-RS transfer comparison", help="title of the W&B report")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        tasks, charts = write_report(args.runs_dir, args.out, baselines=args.baselines)
+        out = Path(args.out) if args.out else Path(args.runs_dir) / "report"
+        print(f"report: {out / 'report.md'}\nreport: {out / 'report.html'}")
+        for path in charts.values():
+            print(f"chart: {path}")
+        if args.wandb_report:
+            entity = wandb_login_entity(args.entity)
+            report = build_wandb_report(tasks, entity=entity, project=args.project, title=args.title)
+            try:
+                report.save()
+            except Exception as e:  # noqa: BLE001 - network, permissions, or an API change: say which
+                raise TransferError(f"saving the W&B report to {entity}/{args.project} failed "
+                                    f"({type(e).__name__}: {e}); the local report is complete.") from None
+            print(f"W&B report: {report.url}")
+    except TransferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from transfer.baselines import load_baselines
 from transfer.compare import baseline_rows, log_comparison
 from transfer.config import RunConfig, compose, validate
 from transfer.errors import ConfigError, TransferError
@@ -55,6 +56,7 @@ def resolve_run_dir(cfg: RunConfig) -> Path:
 def run_one(overrides: list[str]) -> dict:
     """Compose, validate, run the task and write results.json; returns the results."""
     cfg = validate(compose(overrides))
+    load_baselines()  # a damaged baselines file fails here, not after the task's work is done
     run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)

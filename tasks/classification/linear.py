@@ -70,6 +70,18 @@ def principal_basis(x: torch.Tensor) -> Basis:
     return Basis(mean=mean, axes=axes.to(x.dtype), singular=singular.to(x.dtype), coords=coords.to(x.dtype))
 
 
+def cross_entropy_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``sum_i CE(logits_i, y_i)`` written as ``softplus(logsumexp_{c != y}(z_c - z_y))``.
+
+    Same value as ``F.cross_entropy(..., reduction="sum")``, but a confidently right sample keeps its tiny
+    loss instead of rounding to 0 in float32 (``log(1 + e)`` for e < 1e-7). Weak penalties on separable
+    features live in that regime; with the rounding, L-BFGS sees a flat objective and stops far from the optimum.
+    """
+    margins = logits - logits.gather(1, y[:, None])  # (N, C): z_c - z_y
+    margins = margins.scatter(1, y[:, None], float("-inf"))
+    return F.softplus(torch.logsumexp(margins, dim=1)).sum()
+
+
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, *, max_iter: int = 200,
                  tolerance: float = 1e-6, init: LinearModel | None = None, basis: Basis | None = None) -> LinearModel:
     """Minimise ``sum CE + l2/2 ||W||^2`` with L-BFGS (strong Wolfe line search), warm-started from ``init``.
@@ -97,7 +109,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
     def closure():
         opt.zero_grad()
         penalty = 0.5 * l2 * ((theta / precond) ** 2).sum()
-        loss = (F.cross_entropy(z @ theta.T + b, y, reduction="sum") + penalty) / n
+        loss = (cross_entropy_sum(z @ theta.T + b, y) + penalty) / n
         loss.backward()
         return loss
 

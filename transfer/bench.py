@@ -382,16 +382,21 @@ def run(cfg: BenchConfig) -> dict[str, Path]:
 
 
 def _argv_of(cfg: BenchConfig) -> list[str]:
-    b = cfg.bench
-    args = [f"backbone={cfg.backbone}"] + [f"bench.{k}={v}" for k, v in asdict(b).items()
+    def text(v: object) -> str:
+        return "[" + ",".join(map(str, v)) + "]" if isinstance(v, list) else str(v)
+
+    return [f"backbone={cfg.backbone}"] + [f"bench.{k}={text(v)}" for k, v in asdict(cfg.bench).items()
                                            if v is not None and k != "out"]
-    return [a.replace(" ", "") for a in args]
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m transfer.bench key=value ...``; a bad argument ends with one message, no traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__ + "\nKeys: " + ", ".join(_valid_keys()))
+        return 0
     try:
-        files = run(parse_config(sys.argv[1:] if argv is None else argv))
+        files = run(parse_config(argv))
     except (TransferError, UnknownNameError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,12 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import constants
+from suite_helpers import UNREACHABLE
 
 from transfer.backbones import build_backbone
 from transfer.errors import WeightsError
 from transfer.weights import read_state_dict, write_safetensors
-
-from suite_helpers import UNREACHABLE
 
 
 @pytest.fixture(scope="module")

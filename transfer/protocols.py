@@ -59,13 +59,15 @@ class FinetuneProtocolConfig:
     nesterov: bool = True
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
-    randaugment: str | None = None  # a timm auto_augment string, e.g. rand-m9-mstd0.5
+    # timm auto_augment string; 2 layers at magnitude 10 is ResNet-RS's RandAugment for RS-50 at 160 px
+    # (tensorflow/tpu resnet_rs configs: randaug_num_layers 2, randaug_magnitude 10). null turns it off.
+    randaugment: str | None = "rand-m10-n2"
     ema_decay: float = 0.0  # 0 disables the EMA of weights
     mixup: float = 0.0
     cutmix: float = 0.0
     dropout: float = 0.0
     freeze_backbone: bool = False
-    sweep: bool = False  # grid over lr_grid x wd_grid, chosen on val
+    sweep: bool = False  # grid over lr_grid x wd_grid, chosen on val, then refit on train+val
     lr_grid: list[float] = field(default_factory=list)
     wd_grid: list[float] = field(default_factory=list)
 
@@ -75,5 +77,8 @@ class FinetuneProtocolConfig:
                               f"{self.weight_decay} >= 0.")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"protocol.ema_decay={self.ema_decay} must be in [0, 1); 0 turns EMA off.")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ConfigError(f"protocol.mixup={self.mixup} and protocol.cutmix={self.cutmix} are Beta-distribution "
+                              "alphas: 0 (off) or more.")
         if self.sweep and not (self.lr_grid and self.wd_grid):
             raise ConfigError("protocol.sweep=true needs protocol.lr_grid=[...] and protocol.wd_grid=[...].")

@@ -19,12 +19,6 @@ from video.transforms import MultiCropEval, build_train_transform
 
 log = logging.getLogger(__name__)
 
-# Published Kinetics-400 top-1 / top-5 of 3D ResNets trained with the RS recipe, logged next to the
-# measured numbers. Source: tensorflow/models official/vision/MODEL_GARDEN.md (32 x 2 frames, 10 x 3 views).
-PUBLISHED_K400 = {"r3d_50_cvrl_baseline": (77.0, 93.0), "r3d_rs_50": (78.2, 93.7), "r3d_rs_101": (79.5, 94.2),
-                  "r3d_rs_152": (79.9, 94.3), "r3d_rs_200": (80.4, 94.4)}
-
-
 def _check_protocol(protocol) -> None:
     """The 3D recipe lives in task.optim; refuse protocol values that would otherwise be ignored."""
     changed = [f.name for f in dataclasses.fields(FinetuneProtocolConfig)
@@ -72,11 +66,8 @@ def run(ctx: RunContext) -> TaskOutput:
                                                             crops=task.test_crops), clips=task.test_clips)
     data = VideoData(TrainClips(train.videos, spec, train_tf), views, batch_size=cfg.trainer.batch_size,
                      eval_batch_size=cfg.trainer.eval_batch_size, num_workers=cfg.trainer.num_workers)
-    # channels_last is a 4D memory format; 3D convolutions keep the default layout.
-    run_ctx = dataclasses.replace(ctx, cfg=dataclasses.replace(
-        cfg, trainer=dataclasses.replace(cfg.trainer, channels_last=False)))
     callbacks = [EMAWeightAveraging(decay=task.optim.ema_decay)] if task.optim.ema_decay else []
-    trainer = build_trainer(run_ctx, callbacks=callbacks)
+    trainer = build_trainer(ctx, callbacks=callbacks)  # channels_last becomes channels_last_3d for 3D weights
     module = VideoModule(model, task.optim, eval_labels=[label for _, label in test.videos],
                          global_batch=cfg.trainer.batch_size * trainer.world_size)
     trainer.fit(module, datamodule=data, ckpt_path=resume_path(ctx))
@@ -84,13 +75,10 @@ def run(ctx: RunContext) -> TaskOutput:
     counts = {**train.counts(task.train_split), **test.counts(task.eval_split),
               "train/skipped_clips": module.skipped["train"], "test/skipped_views": module.skipped["test"],
               "test/videos_without_views": module.skipped["test_videos_without_views"]}
-    ctx.logger.table("video/published_k400", ["model", "top1", "top5"],
-                     [[k, *v] for k, v in PUBLISHED_K400.items()])
     return TaskOutput(metrics=module.test_metrics, counts=counts,
                       extra={"weights": backbone.weights.as_dict(), "primary_metric": "test/top1",
                              "classes": len(train.classes), "views": [task.test_clips, task.test_crops],
                              "clip": [task.frames, task.stride], "inflation": dataclasses.asdict(task.inflation),
-                             "published_k400": {k: list(v) for k, v in PUBLISHED_K400.items()},
                              "global_step": trainer.global_step})
 
 

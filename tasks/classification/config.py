@@ -15,7 +15,10 @@ class ClassificationTaskConfig:
     adapter: str = "classification"
     metric: str = "top1"  # what the SimCLR/BYOL transfer tables report for this data set
     data_dir: str | None = None  # local copy: save_to_disk folder, parquet files or ImageFolder tree
-    hub_id: str | None = None  # Hugging Face Hub data set id, used when data_dir is not given
+    hub_id: str | None = None  # Hugging Face Hub data set id, used when data_dir is not given (default: the registry's)
+    image_column: str | None = None  # default: the registry's; else the one Image column
+    label_column: str | None = None  # default: the registry's; else the one ClassLabel column
+    scan_images: bool = True  # check every image header first; unreadable ones are skipped and counted
     resolution: int | None = None  # default: the backbone checkpoint's own resolution
     val_fraction: float = 0.2  # held out of train (seeded) where the data set has no validation split
     split_seed: int = 0

@@ -1,6 +1,8 @@
 """Classification data sets: a registry of builders that return fixed train/val/test splits."""
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -10,7 +12,11 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from tasks.classification.config import ClassificationTaskConfig
+from tasks.classification.sources import Source, load_source
+from transfer.errors import DataError
 from transfer.registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,3 +89,87 @@ def build_digits(cfg: ClassificationTaskConfig) -> Splits:
     pick = lambda idx: limit(Subset(full, sorted(idx.tolist())), cfg.limit_per_split)  # noqa: E731
     return Splits(train=pick(train), val=pick(val), test=pick(test), num_classes=10,
                   class_names=[str(i) for i in range(10)])
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a transfer data set comes from and how its source splits map to train / val / test.
+
+    Split names are candidates, first match wins; when no validation split exists, ``val_fraction`` of
+    train is held out with a fixed seed (ssl-transfer ``linear.py`` ``get_train_valid_loader``: 20 %, seed 0).
+    """
+
+    hub_id: str | None
+    image_column: str = "image"
+    label_column: str = "label"
+    train: tuple[str, ...] = ("train",)
+    val: tuple[str, ...] = ("validation", "val", "valid")
+    test: tuple[str, ...] = ("test",)
+    num_classes: int | None = None
+
+
+def _pick(source: Source, candidates: tuple[str, ...]) -> str | None:
+    return next((name for name in candidates if name in source.splits), None)
+
+
+def build_from_spec(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Splits:
+    """Fixed train/val/test splits of a registered data set, read from ``cfg.data_dir`` or the Hub."""
+    source = load_source(data_dir=cfg.data_dir, hub_id=cfg.hub_id or spec.hub_id,
+                         image_column=cfg.image_column or spec.image_column,
+                         label_column=cfg.label_column or spec.label_column, scan=cfg.scan_images)
+    train_name, test_name = _pick(source, spec.train), _pick(source, spec.test)
+    if train_name is None or test_name is None:
+        raise DataError(f"{source.origin}: needs a train split (one of {list(spec.train)}) and a test split "
+                        f"(one of {list(spec.test)}); found {sorted(source.splits)}.")
+    val_name = _pick(source, spec.val)
+    _check_damage(source, cfg.max_bad_fraction)
+    num_classes = len(source.class_names)
+    for name, split in source.splits.items():
+        if len(split.labels) and (split.labels.min() < 0 or split.labels.max() >= num_classes):
+            raise DataError(f"{source.origin}: split {name!r} has labels outside [0, {num_classes}); "
+                            f"check task.label_column.")
+    if spec.num_classes is not None and num_classes != spec.num_classes:
+        log.warning("%s: %d classes, the published data set has %d", source.origin, num_classes, spec.num_classes)
+    train = source.splits[train_name].dataset
+    if val_name is None:
+        train, val = hold_out(train, cfg.val_fraction, cfg.split_seed)
+    else:
+        val = source.splits[val_name].dataset
+    counts = {"skipped_images": sum(s.skipped for s in source.splits.values())}
+    splits = Splits(train=limit(train, cfg.limit_per_split), val=limit(val, cfg.limit_per_split),
+                    test=limit(source.splits[test_name].dataset, cfg.limit_per_split), num_classes=num_classes,
+                    class_names=source.class_names, val_held_out=val_name is None, counts=counts)
+    counts.update({f"images_{k}": len(getattr(splits, k)) for k in ("train", "val", "test")})
+    return splits
+
+
+def _check_damage(source: Source, max_bad_fraction: float) -> None:
+    skipped = sum(s.skipped for s in source.splits.values())
+    total = skipped + sum(len(s.labels) for s in source.splits.values())
+    if skipped:
+        examples = [e for s in source.splits.values() for e in s.skipped_examples][:5]
+        log.warning("%s: skipped %d unreadable image(s) of %d, e.g. %s", source.origin, skipped, total, examples)
+        if skipped > max_bad_fraction * total:
+            raise DataError(f"{source.origin}: {skipped} of {total} images are unreadable, more than "
+                            f"task.max_bad_fraction={max_bad_fraction}; e.g. {examples}. Re-download the "
+                            "damaged files, or raise task.max_bad_fraction to skip them.")
+
+
+# The many-shot transfer suite of SimCLR (arXiv 2002.05709, Appendix B.8) and BYOL (arXiv 2006.07733,
+# Appendix D.2). Hub ids and column names as checked for each recipe (recipes/task/<name>.yaml says how).
+SPECS = {
+    "cifar10": DatasetSpec("uoft-cs/cifar10", image_column="img", num_classes=10),
+    "cifar100": DatasetSpec("uoft-cs/cifar100", image_column="img", label_column="fine_label", num_classes=100),
+    # The Hub copy names the official 25,250-image test set "validation".
+    "food101": DatasetSpec("ethz/food101", val=(), test=("test", "validation"), num_classes=101),
+    "flowers102": DatasetSpec("nelorth/oxford-flowers", num_classes=102),
+    "oxford_pets": DatasetSpec("timm/oxford-iiit-pet", num_classes=37),
+    "dtd": DatasetSpec("tanganke/dtd", num_classes=47),
+    "stanford_cars": DatasetSpec("tanganke/stanford_cars", num_classes=196),
+    "fgvc_aircraft": DatasetSpec("HuggingFaceM4/FGVC-Aircraft", label_column="variant", num_classes=100),
+    "caltech101": DatasetSpec("dpdl-benchmark/caltech101"),
+    "sun397": DatasetSpec("tanganke/sun397", num_classes=397),
+    "birdsnap": DatasetSpec(None, num_classes=500),
+}
+for _name, _spec in SPECS.items():
+    DATASETS.add(_name, functools.partial(build_from_spec, _spec))

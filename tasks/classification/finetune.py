@@ -5,6 +5,8 @@ import math
 
 import lightning as L
 import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -39,6 +41,10 @@ class FinetuneModule(L.LightningModule):
         self.protocol = protocol
         self.num_classes = num_classes
         self.criterion = nn.CrossEntropyLoss(label_smoothing=protocol.label_smoothing)
+        # timm's Mixup/CutMix mixes a batch and gives smoothed soft targets; off unless an alpha is set.
+        self.mixup = Mixup(mixup_alpha=protocol.mixup, cutmix_alpha=protocol.cutmix,
+                           label_smoothing=protocol.label_smoothing, num_classes=num_classes) \
+            if protocol.mixup > 0 or protocol.cutmix > 0 else None
         self._outputs: dict[str, list] = {"val": [], "test": []}
         if protocol.freeze_backbone:
             backbone.requires_grad_(False)
@@ -48,7 +54,11 @@ class FinetuneModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = self.criterion(self(x), y)
+        if self.mixup is not None and len(x) % 2 == 0:  # timm mixes pairs: an even batch
+            x, soft = self.mixup(x, y)
+            loss = SoftTargetCrossEntropy()(self(x), soft)
+        else:
+            loss = self.criterion(self(x), y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         return loss
 

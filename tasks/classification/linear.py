@@ -90,16 +90,21 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
     """
     basis = basis if basis is not None else principal_basis(x)
     n = len(x)
-    # Curvature of the mean objective along axis j: about p(1-p) s_j^2 / n from the data (p(1-p) <= 1/C at
-    # the uniform start) plus l2 / n from the penalty. Dividing by its square root makes the Hessian ~ I.
-    precond = ((basis.singular ** 2 / num_classes + l2) / n).sqrt()  # (K,)
-    z = basis.coords / precond  # (N, K)
     if init is None:
-        theta = torch.zeros(num_classes, len(precond), dtype=x.dtype, device=x.device)
+        a = torch.zeros(num_classes, len(basis.singular), dtype=x.dtype, device=x.device)
         b = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
     else:
-        theta = (init.weight.to(x) @ basis.axes) * precond  # (C, D) -> (C, K)
+        a = init.weight.to(x) @ basis.axes  # (C, D) -> (C, K)
         b = init.bias.to(x) + init.weight.to(x) @ basis.mean
+    # Curvature of the mean objective along axis j: about k s_j^2 / n from the data, k the mean softmax
+    # variance p(1-p) at the starting point (1/C at the uniform start, small once the fit is confident),
+    # plus l2 / n from the penalty. Dividing by its square root makes the Hessian close to I.
+    with torch.no_grad():
+        p = torch.softmax(basis.coords @ a.T + b, dim=1)  # (N, C)
+        k = float((p * (1 - p)).sum(1).mean()) / num_classes
+    precond = ((k * basis.singular ** 2 + l2) / n).sqrt()  # (K,)
+    z = basis.coords / precond  # (N, K)
+    theta = a * precond
     theta.requires_grad_(True)
     b.requires_grad_(True)
     opt = torch.optim.LBFGS([theta, b], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance * min(1.0, l2),

@@ -1,0 +1,91 @@
+"""Registered data sets read from every accepted layout; unreadable images are skipped and counted."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from PIL import Image
+
+from tasks.classification.config import ClassificationTaskConfig
+from tasks.classification.datasets import DATASETS, SPECS
+from transfer.errors import DataError
+
+# Mirrors conftest.py: 3 classes, 6 train and 3 test images per class, one corrupt train image.
+CLASSES = ["apple", "bear", "cloud"]
+PER_CLASS = {"train": 6, "test": 3}
+N_TRAIN, N_TEST = PER_CLASS["train"] * len(CLASSES), PER_CLASS["test"] * len(CLASSES)
+
+
+def config(data_dir, **kw) -> ClassificationTaskConfig:
+    return ClassificationTaskConfig(name="cifar100", dataset="cifar100", data_dir=str(data_dir),
+                                    max_bad_fraction=0.2, **kw)
+
+
+@pytest.mark.parametrize("layout", ["saved_to_disk", "parquet_files", "image_folder"])
+def test_each_layout_gives_fixed_splits_and_counts_the_corrupt_image(layout, request, facts):
+    assert facts == (CLASSES, PER_CLASS)
+    root = request.getfixturevalue(layout)
+    splits = DATASETS.get("cifar100")(config(root))
+    assert splits.num_classes == len(CLASSES) and splits.class_names == CLASSES
+    assert splits.counts["skipped_images"] == 1
+    assert splits.val_held_out  # these copies have no validation split
+    assert len(splits.train) + len(splits.val) == N_TRAIN and len(splits.test) == N_TEST
+    assert len(splits.val) == round(0.2 * N_TRAIN)
+    image, label = splits.train[0]
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and 0 <= label < len(CLASSES)
+    again = DATASETS.get("cifar100")(config(root))
+    assert splits.val.indices == again.val.indices  # the held-out part is the same on every run
+    assert not set(splits.val.indices) & set(splits.train.indices)
+
+
+def test_hf_copy_uses_the_fine_label(saved_to_disk):
+    splits = DATASETS.get("cifar100")(config(saved_to_disk))
+    labels = sorted(splits.test[i][1] for i in range(len(splits.test)))
+    assert labels == sorted(list(range(len(CLASSES))) * PER_CLASS["test"])  # coarse labels would be 0/1 only
+
+
+def test_too_many_unreadable_images_stop_the_run(image_folder):
+    with pytest.raises(DataError, match="unreadable") as err:
+        DATASETS.get("cifar100")(dataclasses.replace(config(image_folder), max_bad_fraction=0.001))
+    assert "broken.jpg" in str(err.value) and "max_bad_fraction" in str(err.value)
+
+
+def test_a_validation_split_is_used_when_present(image_folder):
+    (image_folder / "train" / CLASSES[1] / "broken.jpg").unlink()
+    (image_folder / "val").mkdir()
+    (image_folder / "train" / CLASSES[0]).rename(image_folder / "val" / CLASSES[0])
+    (image_folder / "train" / CLASSES[0]).mkdir()  # every class keeps a (here empty) train folder
+    splits = DATASETS.get("cifar100")(config(image_folder))
+    assert not splits.val_held_out and len(splits.val) == PER_CLASS["train"]
+    assert {splits.val[i][1] for i in range(len(splits.val))} == {0}
+
+
+def test_unknown_layout_lists_the_accepted_ones(tmp_path):
+    (tmp_path / "junk.txt").write_text("x")
+    with pytest.raises(DataError) as err:
+        DATASETS.get("cifar100")(config(tmp_path))
+    assert "save_to_disk" in str(err.value) and "parquet" in str(err.value) and "ImageFolder" in str(err.value)
+
+
+def test_unreachable_hub_names_the_id_and_the_layouts(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = ClassificationTaskConfig(name="cifar100", dataset="cifar100", hub_id="no-such-owner/no-such-set-xyz")
+    with pytest.raises(DataError) as err:
+        DATASETS.get("cifar100")(cfg)
+    assert "no-such-owner/no-such-set-xyz" in str(err.value) and "task.data_dir" in str(err.value)
+
+
+def test_data_set_without_a_hub_copy_asks_for_data_dir():
+    with pytest.raises(DataError, match="task.data_dir"):
+        DATASETS.get("birdsnap")(ClassificationTaskConfig(name="birdsnap", dataset="birdsnap"))
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_every_registered_data_set_has_a_recipe_with_a_paper_metric(name):
+    from transfer.config import compose, validate
+
+    cfg = validate(compose([f"task={name}", "logger.wandb.mode=disabled"]))
+    assert cfg.task.dataset == name
+    expected = "mean_per_class" if name in {"oxford_pets", "flowers102", "caltech101", "fgvc_aircraft"} else "top1"
+    assert cfg.task.metric == expected

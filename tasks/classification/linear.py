@@ -97,7 +97,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
         a = init.weight.to(x) @ basis.axes  # (C, D) -> (C, K)
         b = init.bias.to(x) + init.weight.to(x) @ basis.mean
     # Curvature of the mean objective along axis j: about k s_j^2 / n from the data, k the mean softmax
-    # variance p(1-p) at the starting point (1/C at the uniform start, small once the fit is confident),
+    # variance p(1-p) at the starting point (about 1/C at the uniform start, small once the fit is confident),
     # plus l2 / n from the penalty. Dividing by its square root makes the Hessian close to I.
     with torch.no_grad():
         p = torch.softmax(basis.coords @ a.T + b, dim=1)  # (N, C)
@@ -110,7 +110,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
     opt = torch.optim.LBFGS([theta, b], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance * min(1.0, l2),
                             tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
 
-    # The loss is divided by n so that gradient tolerances mean the same for every data set size.
+    # The loss is divided by n so that gradient tolerances mean the same for every data set size; the
+    # gradient tolerance also shrinks with a weak penalty, whose optimum sits where the gradient is small.
     def closure():
         opt.zero_grad()
         penalty = 0.5 * l2 * ((theta / precond) ** 2).sum()
@@ -132,16 +133,17 @@ def l2_grid(low: float, high: float, steps: int) -> list[float]:
 
 def sweep_l2(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], num_classes: int,
              grid: list[float], score: Callable[[torch.Tensor, torch.Tensor], float],
-             **fit_kwargs) -> tuple[float, list[tuple[float, float]]]:
-    """Fit every ``l2`` of ``grid`` on train, score on val; returns the best l2 and the curve.
+             **fit_kwargs) -> tuple[LinearModel, list[tuple[float, float]]]:
+    """Fit every ``l2`` of ``grid`` on train, score on val; returns the best model and the curve ``(l2, score)``.
 
     Goes from the strongest penalty to the weakest, warm-starting each fit from the previous one; the
     principal axes of train are computed once for the whole sweep.
     """
     basis = principal_basis(train[0])
-    curve, model = [], None
+    curve, model, best = [], None, None
     for l2 in tqdm(sorted(grid, reverse=True), desc="l2 sweep", unit="fit", leave=False):
         model = fit_logistic(*train, num_classes, l2, init=model, basis=basis, **fit_kwargs)
         curve.append((l2, score(model.logits(val[0]), val[1])))
-    best = max(curve, key=lambda item: (item[1], item[0]))  # ties: the stronger penalty
+        if best is None or curve[-1][1] > best[1]:  # ties keep the stronger penalty, fitted first
+            best = (model, curve[-1][1])
     return best[0], sorted(curve)

@@ -79,10 +79,11 @@ def run_linear(ctx: RunContext) -> TaskOutput:
     feats = _features(ctx, backbone, splits, resolution)
     p, task = ctx.cfg.protocol, ctx.cfg.task
     fit = dict(max_iter=p.max_iter, tolerance=p.tolerance)
-    best, curve = sweep_l2(feats["train"], feats["val"], splits.num_classes, l2_grid(p.l2_min, p.l2_max, p.l2_steps),
-                           SCORERS[task.metric], **fit)
+    chosen, curve = sweep_l2(feats["train"], feats["val"], splits.num_classes,
+                             l2_grid(p.l2_min, p.l2_max, p.l2_steps), SCORERS[task.metric], **fit)
+    best = chosen.l2
     trainval = tuple(torch.cat([feats["train"][i], feats["val"][i]]) for i in range(2))
-    model = fit_logistic(*trainval, splits.num_classes, best, **fit)
+    model = fit_logistic(*trainval, splits.num_classes, best, init=chosen, **fit)  # warm: the train-only fit
     metrics = classification_metrics(model.logits(feats["test"][0]), feats["test"][1], splits.num_classes, "test")
     metrics["val/best"] = max(score for _, score in curve)
     ctx.logger.table("linear/l2_sweep", ["l2", f"val/{task.metric}"], [list(c) for c in curve])

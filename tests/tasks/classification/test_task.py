@@ -1,0 +1,62 @@
+"""``python -m transfer.run`` with the classification adapter on tiny data written in the real formats."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from transfer.run import main as run_main
+
+COMMON = ["backbone=rs50", "backbone.weights=random", "task.resolution=32", "trainer.precision=32-true",
+          "trainer.num_workers=0", "trainer.eval_batch_size=8", "trainer.batch_size=8", "trainer.progress_bar=false",
+          "logger.wandb.mode=disabled"]
+
+
+def run(tmp_path, name: str, *overrides: str) -> dict:
+    run_dir = tmp_path / name
+    code = run_main([*COMMON, f"run.dir={run_dir}", f"run.cache_dir={tmp_path / 'cache'}", *overrides])
+    assert code == 0
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.mark.e2e
+def test_linear_probe_reuses_its_feature_cache(tmp_path, saved_to_disk):
+    task = ["task=cifar100", f"task.data_dir={saved_to_disk}", "task.max_bad_fraction=0.2", "protocol=linear",
+            "protocol.l2_steps=40"]
+    first = run(tmp_path, "first", *task)
+    second = run(tmp_path, "second", *task)
+    assert first["counts"]["feature_cache_hits"] == 0 and second["counts"]["feature_cache_hits"] == 3
+    assert first["counts"]["skipped_images"] == 1 == second["counts"]["skipped_images"]
+    assert second["metrics"] == first["metrics"]
+    assert {"test/top1", "test/top5", "test/mean_per_class"} - set(first["metrics"]) == {"test/top5"}  # 3 classes
+    assert first["extra"]["primary_metric"] == "test/top1" and len(first["extra"]["l2_curve"]) == 40
+    assert first["extra"]["best_l2"] in [c[0] for c in first["extra"]["l2_curve"]]
+
+
+@pytest.mark.e2e
+def test_knn_on_an_image_folder(tmp_path, image_folder):
+    results = run(tmp_path, "knn", "task=oxford_pets", f"task.data_dir={image_folder}", "task.max_bad_fraction=0.2",
+                  "protocol=knn", "protocol.k=3")
+    assert results["extra"]["primary_metric"] == "test/mean_per_class"
+    assert 0 <= results["metrics"]["test/mean_per_class"] <= 100
+    assert results["counts"]["images_test"] == 9 and results["counts"]["skipped_images"] == 1
+
+
+@pytest.mark.e2e
+def test_finetune_sweep_picks_on_val_then_refits(tmp_path, parquet_files):
+    results = run(tmp_path, "ft", "task=cifar100", f"task.data_dir={parquet_files}", "task.max_bad_fraction=0.2",
+                  "protocol=finetune", "protocol.sweep=true", "protocol.lr_grid=[0.001,0.01]", "protocol.wd_grid=[0.0]",
+                  "protocol.mixup=0.2", "protocol.ema_decay=0.9", "trainer.max_epochs=1")
+    rows = results["extra"]["sweep"]
+    assert [r[:2] for r in rows] == [[0.001, 0.0], [0.01, 0.0]]
+    best = max(rows, key=lambda r: r[2])
+    assert results["extra"]["best_lr"] == best[0]
+    assert results["metrics"]["val/best_top1"] == pytest.approx(best[2])
+    assert "test/top1" in results["metrics"] and results["extra"]["first_epoch_this_process"] == 0
+    assert (tmp_path / "ft" / "checkpoints" / "final" / "last.ckpt").exists()
+
+
+def test_corrupt_images_above_the_threshold_stop_the_run(tmp_path, image_folder, capsys):
+    code = run_main([*COMMON, "task=cifar100", f"task.data_dir={image_folder}", f"run.dir={tmp_path / 'r'}"])
+    assert code == 2
+    assert "unreadable" in capsys.readouterr().err

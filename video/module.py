@@ -1,33 +1,16 @@
 """Lightning pieces of the video task: the classifier module (train + multi-view test) and its data."""
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from transfer.optim import sgd_warmup_cosine
 from video.config import VideoOptimSettings
 from video.data import collate_skipping
 from video.model import VideoClassifier
 from video.multiview import MultiViewClips, ViewScores, collate_views
-
-
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norm layers and biases (parameters with fewer than two dimensions)."""
-    decay, rest = [], []
-    for p in module.parameters():
-        if p.requires_grad:
-            (rest if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-def warmup_cosine(step: int, *, warmup: int, total: int) -> float:
-    """LR multiplier: linear warmup, then cosine decay to 0 (the schedule of k400_resnet3drs_50_tpu.yaml)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 class VideoModule(L.LightningModule):
@@ -85,13 +68,8 @@ class VideoModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         lr = o.lr * self.global_batch / o.lr_reference_batch  # linear scaling from the recipe's batch
-        opt = torch.optim.SGD(param_groups(self.model, o.weight_decay), lr=lr, momentum=o.momentum,
-                              nesterov=o.nesterov and o.momentum > 0)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, self.trainer.max_epochs or 1)
-        warmup = max(1, min(total - 1, round(o.warmup_epochs * total / epochs)))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup=warmup, total=total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return sgd_warmup_cosine(self.model, self.trainer, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                                 nesterov=o.nesterov, warmup_epochs=o.warmup_epochs)
 
 
 class VideoData(L.LightningDataModule):

@@ -1,8 +1,6 @@
 """Full fine-tuning of a registry backbone with a new linear head, trained by the shared Lightning engine."""
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
 from timm.data import Mixup
@@ -12,24 +10,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from tasks.classification.metrics import classification_metrics
 from transfer.backbones import Backbone
+from transfer.optim import sgd_warmup_cosine
 from transfer.protocols import FinetuneProtocolConfig
-
-
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norm layers and biases (every parameter with fewer than two dimensions)."""
-    decay, no_decay = [], []
-    for p in module.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(step: int, *, warmup: int, total: int) -> float:
-    """LR multiplier: linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class FinetuneModule(L.LightningModule):
@@ -93,12 +75,8 @@ class FinetuneModule(L.LightningModule):
 
     def configure_optimizers(self):
         p = self.protocol
-        opt = torch.optim.SGD(param_groups(self, p.weight_decay), lr=p.lr, momentum=p.momentum,
-                              nesterov=p.nesterov and p.momentum > 0)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(total - 1, int(round(p.warmup_epochs * total / max(1, self.trainer.max_epochs or 1))))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warmup=warmup, total=total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return sgd_warmup_cosine(self, self.trainer, lr=p.lr, weight_decay=p.weight_decay, momentum=p.momentum,
+                                 nesterov=p.nesterov, warmup_epochs=p.warmup_epochs)
 
 
 class ClassificationData(L.LightningDataModule):

@@ -30,12 +30,12 @@ from torch.utils.data import DataLoader
 
 from tasks.classification.datasets import Transformed
 from tasks.classification.features import extract
-from tasks.classification.finetune import param_groups
 from tasks.classification.linear import fit_logistic, l2_grid, sweep_l2
 from tasks.classification.metrics import top1
 from tasks.classification.sources import FileImages
 from transfer.backbones import build_backbone
 from transfer.engine import cpu_supports_bf16
+from transfer.optim import param_groups
 
 CLASSES = 10
 

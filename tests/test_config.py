@@ -2,7 +2,7 @@
 import pytest
 
 from transfer.backbones import BACKBONES
-from transfer.config import RunConfig, compose, recipe_names, validate
+from transfer.config import RECIPES_DIR, RunConfig, compose, recipe_names, validate
 from transfer.errors import ConfigError
 from transfer.protocols import PROTOCOLS
 from transfer.registry import UnknownNameError
@@ -84,3 +84,16 @@ def test_bad_value_fails_before_any_run_directory_exists(tmp_path, capsys):
     assert code == 2
     assert "trainer.precision='fp8'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("protocol", recipe_names("protocol"))
+def test_protocol_recipe_values_equal_the_schema_defaults(protocol):
+    """One source of truth: a recipe spells out its schema's defaults (video checks edits against them)."""
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    load_adapters()
+    schema = PROTOCOLS.get(protocol)
+    recipe = OmegaConf.to_container(OmegaConf.load(RECIPES_DIR / "protocol" / f"{protocol}.yaml"))
+    assert recipe == {k: v for k, v in asdict(schema()).items() if k in recipe}

@@ -98,3 +98,34 @@ def test_warm_start_reaches_the_same_optimum():
     warm = fit_logistic(*train, 5, 1.0, max_iter=500, tolerance=1e-7,
                         init=fit_logistic(*train, 5, 100.0, max_iter=500))
     torch.testing.assert_close(cold.logits(test[0]), warm.logits(test[0]), atol=5e-2, rtol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def digits_backbone_features():
+    """Penultimate rs50 features (random weights, 32 px) of the digits split, through the suite's extractor."""
+    from timm.data import create_transform
+
+    from tasks.classification.datasets import ArrayImages, Transformed
+    from tasks.classification.features import extract
+    from transfer.backbones import build_backbone
+
+    torch.manual_seed(0)
+    d = load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+    backbone = build_backbone("rs50", weights="random")
+    transform = create_transform(**backbone.data_config(resolution=32), is_training=False)
+    feats, labels = extract(backbone, Transformed(ArrayImages(images, d.target), transform), batch_size=128,
+                            num_workers=0, device=torch.device("cpu"), dtype=None, channels_last=False,
+                            desc="digits features")
+    feats, labels = feats.clone(), labels.clone()
+    order = torch.tensor(np.random.default_rng(0).permutation(len(feats)))
+    test, train = order[:360], order[360:]
+    return (feats[train], labels[train]), (feats[test], labels[test])
+
+
+@pytest.mark.parametrize("l2", [1.0, 1e2])
+def test_agrees_with_sklearn_on_backbone_features_of_digits(digits_backbone_features, l2):
+    train, test = digits_backbone_features
+    ours = fit_logistic(*train, 10, l2, max_iter=1000, tolerance=1e-6)
+    theirs, _ = sklearn_accuracy(train, test, l2)
+    assert abs(top1(ours.logits(test[0]), test[1]) - theirs) <= 0.5

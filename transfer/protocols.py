@@ -82,3 +82,11 @@ class FinetuneProtocolConfig:
                               "alphas: 0 (off) or more.")
         if self.sweep and not (self.lr_grid and self.wd_grid):
             raise ConfigError("protocol.sweep=true needs protocol.lr_grid=[...] and protocol.wd_grid=[...].")
+
+
+@PROTOCOLS.register("eval")
+@dataclass
+class PretrainedEvalConfig:
+    """Evaluate the checkpoint's own classifier as it is: nothing is trained (task=imagenet)."""
+
+    name: str = "eval"

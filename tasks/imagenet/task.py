@@ -18,7 +18,6 @@ from tasks.imagenet.data import EXPECTED_TREE, WNIDS, build_imagenet
 from transfer.backbones import BACKBONES, build_backbone
 from transfer.engine import build_trainer, seed_everything
 from transfer.errors import ConfigError, WeightsError
-from transfer.protocols import PROTOCOLS
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
 
 SPLITS = ("val", "train")
@@ -40,14 +39,6 @@ class ImageNetTaskConfig:
             raise ConfigError(f"task.split={self.split!r}; valid: {', '.join(SPLITS)}.")
         if self.resolution is not None and self.resolution < 32:
             raise ConfigError(f"task.resolution={self.resolution} is too small; use 32 or more, or leave it unset.")
-
-
-@PROTOCOLS.register("eval")
-@dataclass
-class PretrainedEvalConfig:
-    """Evaluate the checkpoint's classifier as it is: nothing is trained."""
-
-    name: str = "eval"
 
 
 class ClassifierEval(L.LightningModule):

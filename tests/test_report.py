@@ -155,7 +155,7 @@ def _write_run(root: Path, task: str, backbone: str, protocol: str, metrics: dic
     run_dir.mkdir(parents=True)
     results = {"schema_version": SCHEMA_VERSION, "task": task, "backbone": backbone, "protocol": protocol,
                "weights": {"source": "pretrained"}, "metrics": metrics, "counts": {}, "packages": {},
-               "wall_time_s": 1.0, "extra": {"primary_metric": primary} if primary else {}}
+               "wall_time_s": 1.0, "primary_metric": primary, "extra": {}}
     path = write_results(run_dir, results)
     os.utime(path, (int(stamp), int(stamp)))  # the newest run of a cell is told by the file time
     return path

@@ -20,6 +20,10 @@ RECIPES_DIR = Path(os.environ.get("TRANSFER_RECIPES", Path(__file__).resolve().p
 GROUPS = ("task", "backbone", "protocol", "trainer", "logger")
 WEIGHT_KEYWORDS = ("pretrained", "random")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+# Accelerators this suite runs on; Lightning knows more (tpu, mps) that no adapter supports.
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+# Lightning strategies a run may name; "auto" picks DDP when more than one process trains.
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed")
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -62,6 +66,10 @@ class TrainerConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
+        if self.accelerator not in ACCELERATORS:
+            raise ConfigError(f"trainer.accelerator={self.accelerator!r}; valid: {', '.join(ACCELERATORS)}.")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"trainer.strategy={self.strategy!r}; valid: {', '.join(STRATEGIES)}.")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision={self.precision!r}; valid: {', '.join(PRECISIONS)}.")
         if not (self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1)):
@@ -111,6 +119,15 @@ class RunConfig:
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+
+def check_accelerator(cfg: TrainerConfig) -> None:
+    """``trainer.accelerator=gpu`` (or ``cuda``) on a machine without a visible CUDA device is an error."""
+    import torch
+
+    if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={cfg.accelerator!r} but no CUDA device is visible; "
+                          "use trainer.accelerator=auto or cpu.")
 
 
 def recipe_names(group: str) -> list[str]:
@@ -184,7 +201,7 @@ def validate(raw: DictConfig) -> RunConfig:
     if protocol_name not in adapter.protocols:
         raise ConfigError(f"protocol={protocol_name!r} does not apply to task {raw.task.name!r}; "
                           f"valid protocols for it: {', '.join(adapter.protocols)}.")
-    return RunConfig(
+    cfg = RunConfig(
         task=_typed(adapter.config_class, raw.task, "task"),
         protocol=_typed(PROTOCOLS.get(protocol_name), raw.protocol, "protocol"),
         backbone=_typed(BackboneConfig, raw.backbone, "backbone"),
@@ -193,3 +210,7 @@ def validate(raw: DictConfig) -> RunConfig:
         run=_typed(RunDirConfig, raw.get("run", {}), "run"),
         resume=bool(raw.get("resume", False)),
     )
+    check_accelerator(cfg.trainer)
+    if adapter.check is not None:
+        adapter.check(cfg)
+    return cfg

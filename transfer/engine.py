@@ -9,8 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from transfer.config import TrainerConfig
-from transfer.errors import ConfigError
+from transfer.config import TrainerConfig, check_accelerator
 from transfer.io import atomic_path
 from transfer.tasks import RunContext
 
@@ -27,9 +26,7 @@ def cpu_supports_bf16() -> bool:
 def resolve_accelerator(cfg: TrainerConfig) -> str:
     if cfg.accelerator == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.accelerator={cfg.accelerator!r} but no CUDA device is visible; "
-                          "use trainer.accelerator=auto or cpu.")
+    check_accelerator(cfg)
     return cfg.accelerator
 
 

@@ -42,17 +42,18 @@ def git_revision() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def build_results(cfg, output, weights: dict, wall_time_s: float, run_dir: Path) -> dict[str, Any]:
+def build_results(cfg, output, wall_time_s: float, run_dir: Path) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "task": cfg.task.name,
         "backbone": cfg.backbone.name,
         "protocol": cfg.protocol.name,
-        "weights": weights,
+        "weights": output.weights,
+        "primary_metric": output.primary_metric,
         "metrics": {k: float(v) for k, v in output.metrics.items()},
         "counts": dict(output.counts),
         "extra": output.extra,
-        "protocol_config": asdict(cfg.protocol),
+        "protocol_config": output.recipe if output.recipe is not None else asdict(cfg.protocol),
         "packages": package_versions(),
         "git_revision": git_revision(),
         "wall_time_s": round(wall_time_s, 3),

@@ -72,8 +72,7 @@ def run_one(overrides: list[str]) -> dict:
     try:
         ctx = RunContext(cfg=cfg, run_dir=run_dir, logger=logger)
         output = TASKS.get(cfg.task.adapter).run(ctx)
-        weights = output.extra.pop("weights", {"source": cfg.backbone.weights})
-        results = build_results(cfg, output, weights, time.time() - start, run_dir)
+        results = build_results(cfg, output, time.time() - start, run_dir)
         results["baselines"] = baseline_rows(results)
         if is_global_zero():
             write_results(run_dir, results)

@@ -33,18 +33,36 @@ class RunContext:
 
 @dataclass
 class TaskOutput:
-    """What a task returns: ``metrics`` keyed ``split/metric`` (``test/top1``), counts of skipped inputs."""
+    """What a task returns to the runner, which writes it to ``results.json``.
+
+    ``metrics`` keyed ``split/metric`` (``test/top1``, percent unless the key says otherwise);
+    ``weights`` the :meth:`transfer.weights.WeightsInfo.as_dict` of the weights actually loaded;
+    ``primary_metric`` the key the run is compared on; ``counts`` of skipped or padded inputs;
+    ``recipe`` the training values the adapter actually used (recorded as ``protocol_config``; the
+    protocol section of the config when None); ``extra`` anything else worth keeping.
+    """
 
     metrics: dict[str, float]
+    weights: dict
+    primary_metric: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    recipe: dict | None = None
     extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class TaskAdapter:
+    """A task's contract with the core.
+
+    ``check(cfg)`` holds every check of the whole run config that does not need the adapter's optional
+    dependency; ``validate`` calls it, so a bad value fails before a run directory or W&B run exists.
+    It raises :class:`transfer.errors.ConfigError` naming the key, the valid values and the fix.
+    """
+
     config_class: type
     run: Callable[[RunContext], TaskOutput]
     protocols: tuple[str, ...]
+    check: Callable[[RunConfig], None] | None = None
 
 
 TASKS: Registry[TaskAdapter] = Registry("task adapter")

@@ -75,9 +75,9 @@ def run(ctx: RunContext) -> TaskOutput:
     counts = {**train.counts(task.train_split), **test.counts(task.eval_split),
               "train/skipped_clips": module.skipped["train"], "test/skipped_views": module.skipped["test"],
               "test/videos_without_views": module.skipped["test_videos_without_views"]}
-    return TaskOutput(metrics=module.test_metrics, counts=counts,
-                      extra={"weights": backbone.weights.as_dict(), "primary_metric": "test/top1",
-                             "classes": len(train.classes), "views": [task.test_clips, task.test_crops],
+    return TaskOutput(metrics=module.test_metrics, counts=counts, weights=backbone.weights.as_dict(),
+                      primary_metric="test/top1",
+                      extra={"classes": len(train.classes), "views": [task.test_clips, task.test_crops],
                              "clip": [task.frames, task.stride], "inflation": dataclasses.asdict(task.inflation),
                              "global_step": trainer.global_step})
 

@@ -88,8 +88,8 @@ def run_linear(ctx: RunContext) -> TaskOutput:
     metrics["val/best"] = max(score for _, score in curve)
     ctx.logger.table("linear/l2_sweep", ["l2", f"val/{task.metric}"], [list(c) for c in curve])
     return TaskOutput(metrics=metrics, counts={**splits.counts, "feature_cache_hits": feats["cache_hits"]},
-                      extra={"weights": backbone.weights.as_dict(), "best_l2": best, "l2_curve": curve,
-                             "primary_metric": f"test/{task.metric}", "resolution": resolution})
+                      weights=backbone.weights.as_dict(), primary_metric=f"test/{task.metric}",
+                      extra={"best_l2": best, "l2_curve": curve, "resolution": resolution})
 
 
 def run_knn(ctx: RunContext) -> TaskOutput:
@@ -102,8 +102,8 @@ def run_knn(ctx: RunContext) -> TaskOutput:
     scores = knn_predict(bank[0], bank[1], feats["test"][0], splits.num_classes, k=p.k, temperature=p.temperature)
     metrics = classification_metrics(scores, feats["test"][1], splits.num_classes, "test")
     return TaskOutput(metrics=metrics, counts={**splits.counts, "feature_cache_hits": feats["cache_hits"]},
-                      extra={"weights": backbone.weights.as_dict(), "primary_metric": f"test/{task.metric}",
-                             "resolution": resolution})
+                      weights=backbone.weights.as_dict(), primary_metric=f"test/{task.metric}",
+                      extra={"resolution": resolution})
 
 
 def _backbone(ctx: RunContext) -> Backbone:
@@ -153,7 +153,7 @@ def _sweep(ctx: RunContext, splits: Splits, resolution: int) -> tuple[FinetunePr
 def run_finetune(ctx: RunContext) -> TaskOutput:
     backbone, splits, resolution = _build(ctx)
     cfg = ctx.cfg
-    extra: dict = {"primary_metric": f"test/{cfg.task.metric}", "resolution": resolution}
+    extra: dict = {"resolution": resolution}
     if cfg.protocol.sweep:
         best, rows = _sweep(ctx, splits, resolution)
         ctx.logger.table("finetune/sweep", ["lr", "weight_decay", f"val/{cfg.task.metric}"], rows)
@@ -167,8 +167,8 @@ def run_finetune(ctx: RunContext) -> TaskOutput:
     metrics = {k: float(v) for k, v in tested[0].items()} if tested else {}
     if cfg.protocol.sweep:
         metrics[f"val/best_{cfg.task.metric}"] = max(r[2] for r in extra["sweep"])
-    return TaskOutput(metrics=metrics, counts=dict(splits.counts),
-                      extra={"weights": backbone.weights.as_dict(), **extra, "resumed_from": resumed_from,
+    return TaskOutput(metrics=metrics, counts=dict(splits.counts), weights=backbone.weights.as_dict(),
+                      primary_metric=f"test/{cfg.task.metric}", extra={**extra, "resumed_from": resumed_from,
                              **progress_of(trainer)})
 
 

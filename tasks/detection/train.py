@@ -126,7 +126,7 @@ def run(ctx: RunContext) -> TaskOutput:
     launch(train_worker, detection_devices(cfg), num_machines=cfg.trainer.num_nodes, machine_rank=machine_rank,
            dist_url=dist_url, args=(d2cfg, cfg.task, cfg.resume))
     if not is_global_zero():
-        return TaskOutput(metrics={}, extra={"weights": weights.as_dict()})
+        return TaskOutput(metrics={}, weights=weights.as_dict())
     records = read_metrics_log(output_dir / METRICS_LOG)
     log_training(records, ctx.logger)
     evaluated = [r for r in records if any(k.startswith("bbox/") for k in r)]
@@ -136,7 +136,8 @@ def run(ctx: RunContext) -> TaskOutput:
     ctx.logger.log(metrics, step=int(evaluated[-1].get("iteration", d2cfg.SOLVER.MAX_ITER)))
     if per_class:
         ctx.logger.table("test/per_class_AP", ["metric", "value"], [[k, v] for k, v in sorted(per_class.items())])
-    return TaskOutput(metrics=metrics, counts={"undefined_metrics": len(undefined)},
-                      extra={"weights": weights.as_dict(), "per_class_AP": per_class, "undefined_metrics": undefined,
+    return TaskOutput(metrics=metrics, counts={"undefined_metrics": len(undefined)}, weights=weights.as_dict(),
+                      primary_metric="test/AP50" if cfg.task.dataset == "voc" else "test/AP",
+                      extra={"per_class_AP": per_class, "undefined_metrics": undefined,
                              "detectron2_config": str(output_dir / "config.yaml"),
                              "iterations": d2cfg.SOLVER.MAX_ITER, "ims_per_batch": d2cfg.SOLVER.IMS_PER_BATCH})

@@ -85,9 +85,9 @@ def run(ctx: RunContext) -> TaskOutput:
     if published is not None:
         metrics["published/top1"] = published
         metrics[f"{task.split}/top1_minus_published"] = metrics[f"{task.split}/top1"] - published
-    return TaskOutput(metrics=metrics, counts=counts,
-                      extra={"weights": backbone.weights.as_dict(), "primary_metric": f"{task.split}/top1",
-                             "resolution": resolution, "data_config": data_config,
+    return TaskOutput(metrics=metrics, counts=counts, weights=backbone.weights.as_dict(),
+                      primary_metric=f"{task.split}/top1",
+                      extra={"resolution": resolution, "data_config": data_config,
                              "published_top1_source": backbone.spec.source})
 
 

@@ -29,7 +29,7 @@ def test_linear_probe_reuses_its_feature_cache(tmp_path, saved_to_disk):
     assert first["counts"]["skipped_images"] == 1 == second["counts"]["skipped_images"]
     assert second["metrics"] == first["metrics"]
     assert {"test/top1", "test/top5", "test/mean_per_class"} - set(first["metrics"]) == {"test/top5"}  # 3 classes
-    assert first["extra"]["primary_metric"] == "test/top1" and len(first["extra"]["l2_curve"]) == 40
+    assert first["primary_metric"] == "test/top1" and len(first["extra"]["l2_curve"]) == 40
     assert first["extra"]["best_l2"] in [c[0] for c in first["extra"]["l2_curve"]]
 
 
@@ -37,7 +37,7 @@ def test_linear_probe_reuses_its_feature_cache(tmp_path, saved_to_disk):
 def test_knn_on_an_image_folder(tmp_path, image_folder):
     results = run(tmp_path, "knn", "task=oxford_pets", f"task.data_dir={image_folder}", "task.max_bad_fraction=0.2",
                   "protocol=knn", "protocol.k=3")
-    assert results["extra"]["primary_metric"] == "test/mean_per_class"
+    assert results["primary_metric"] == "test/mean_per_class"
     assert 0 <= results["metrics"]["test/mean_per_class"] <= 100
     assert results["counts"]["images_test"] == 9 and results["counts"]["skipped_images"] == 1
 

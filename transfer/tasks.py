@@ -63,6 +63,9 @@ class TaskAdapter:
     run: Callable[[RunContext], TaskOutput]
     protocols: tuple[str, ...]
     check: Callable[[RunConfig], None] | None = None
+    # Every metric key the adapter can put in TaskOutput.metrics (``split/name``, lower-case): baselines are
+    # matched on these keys, so a test checks that each baseline row's metric is one of them.
+    metrics: tuple[str, ...] = ()
 
 
 TASKS: Registry[TaskAdapter] = Registry("task adapter")

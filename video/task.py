@@ -82,4 +82,5 @@ def run(ctx: RunContext) -> TaskOutput:
                              "global_step": trainer.global_step})
 
 
-TASKS.add("video", TaskAdapter(config_class=VideoTaskConfig, run=run, protocols=("finetune",)))
+TASKS.add("video", TaskAdapter(config_class=VideoTaskConfig, run=run, protocols=("finetune",),
+                               metrics=("test/top1", "test/top5")))

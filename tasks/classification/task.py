@@ -180,4 +180,5 @@ def run(ctx: RunContext) -> TaskOutput:
 
 
 TASKS.add("classification", TaskAdapter(config_class=ClassificationTaskConfig, run=run,
-                                        protocols=tuple(PROTOCOL_RUNNERS)))
+                                        protocols=tuple(PROTOCOL_RUNNERS),
+                                        metrics=("test/top1", "test/top5", "test/mean_per_class")))

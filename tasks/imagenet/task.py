@@ -91,4 +91,5 @@ def run(ctx: RunContext) -> TaskOutput:
                              "published_top1_source": backbone.spec.source})
 
 
-TASKS.add("imagenet", TaskAdapter(config_class=ImageNetTaskConfig, run=run, protocols=("eval",)))
+TASKS.add("imagenet", TaskAdapter(config_class=ImageNetTaskConfig, run=run, protocols=("eval",),
+                                  metrics=tuple(f"{s}/top{k}" for s in SPLITS for k in (1, 5))))

@@ -1,54 +1,173 @@
-"""Baselines next to a run's score: the rows for results.json, and what lands in an offline W&B run."""
+"""The matching rule: which published rows stand next to a run, which are context, and what lands in W&B."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from transfer.baselines import baselines_for
-from transfer.compare import TABLE_COLUMNS, TABLE_KEY, baseline_rows, log_comparison
+from transfer.compare import TABLE_COLUMNS, TABLE_KEY, assess, baseline_rows, log_comparison, run_facts
 from transfer.config import WandbConfig
+from transfer.protocols import PROTOCOLS
 from transfer.tracking import RunLogger
 
+HUB = {"source": "hub:timm/resnetrs50.tf_in1k"}
 
-def _results(task="cifar100", protocol="linear", metrics=None, backbone="rs50") -> dict:
-    return {"task": task, "protocol": protocol, "backbone": backbone, "weights": {"source": "random"},
+
+def _results(task="cifar100", protocol="linear", metrics=None, backbone="rs50", weights=None, extra=None,
+             protocol_config=None) -> dict:
+    """A results.json as transfer.run writes it; protocol_config defaults to the protocol's own recipe."""
+    if protocol_config is None and protocol in PROTOCOLS.names():
+        protocol_config = asdict(PROTOCOLS.get(protocol)())
+    return {"task": task, "protocol": protocol, "backbone": backbone, "weights": weights or HUB,
             "metrics": metrics if metrics is not None else {"test/top1": 75.0, "test/top5": 93.0},
-            "run_dir": "/tmp/run"}
+            "extra": extra or {}, "protocol_config": protocol_config, "run_dir": "/tmp/run"}
 
 
-def test_rows_are_the_published_numbers_for_task_protocol_and_metric():
-    results = _results()
-    rows = baseline_rows(results)
-    expected = baselines_for("cifar100", "linear", "test/top1")
-    assert expected and sorted(r["value"] for r in rows) == sorted(b.value for b in expected)
-    assert {r["metric"] for r in rows} == {"test/top1"}  # no published test/top5 for this task
-    assert all(r["difference"] == pytest.approx(75.0 - r["value"]) and r["source"] for r in rows)
-    assert len({r["label"] for r in rows}) == len(rows)
+def _split(verdict: dict) -> tuple[dict, dict]:
+    rows = verdict["baselines"]
+    return ({(r["method"], r["arch"], r["metric"]): r for r in rows if r["comparable"]},
+            {(r["method"], r["arch"], r["protocol"], r["metric"]): r for r in rows if not r["comparable"]})
+
+
+def test_supervised_linear_run_matches_the_supervised_linear_rows_at_the_papers_preprocessing():
+    verdict = assess(_results(extra={"preprocess": "paper"}))
+    comparable, context = _split(verdict)
+    assert verdict["comparable"] and verdict["comparison"]["pretraining"] == "imagenet1k_supervised"
+    expected = [b for b in baselines_for("cifar100", "linear", "test/top1") if b.pretrain == "imagenet1k_supervised"]
+    assert expected and sorted(r["value"] for r in comparable.values()) == sorted(b.value for b in expected)
+    assert all(r["difference"] == pytest.approx(75.0 - r["value"]) for r in comparable.values())
+    simclr = context["simclr", "resnet50", "linear", "test/top1"]
+    assert simclr["difference"] is None and "pretraining: row imagenet1k_self_supervised" in simclr["context"]
+    assert "protocol: row finetune, run linear" in context["simclr", "resnet50", "finetune", "test/top1"]["context"]
+    assert {r["metric"] for r in verdict["baselines"]} == {"test/top1"}  # nothing published for test/top5
+    assert len({r["label"] for r in verdict["baselines"]}) == len(verdict["baselines"])
+
+
+def test_without_the_preprocess_field_the_papers_rows_are_context():
+    # Runs that record no extra.preprocess used the checkpoint's own resolution and crop, not the papers' 224.
+    assert run_facts(_results())["preprocess"] == "checkpoint"
+    verdict = assess(_results())
+    comparable, context = _split(verdict)
+    assert verdict["comparable"] and not comparable
+    row = context["supervised_simclr_baseline", "resnet50", "linear", "test/top1"]
+    assert row["context"] == "preprocess: row paper, run checkpoint"
+
+
+def test_self_supervised_run_matches_the_self_supervised_rows():
+    verdict = assess(_results(backbone="simclr_r50", weights={"source": "file:simclr_r50.safetensors"},
+                              extra={"preprocess": "paper"}))
+    comparable, _ = _split(verdict)
+    assert verdict["comparison"]["pretraining"] == "imagenet1k_self_supervised"
+    assert {k[0] for k in comparable} == {"simclr", "byol", "simclr_byol_repro"}
+
+
+def test_a_random_weight_run_is_not_comparable_and_shows_no_difference():
+    verdict = assess(_results(weights={"source": "random"}, extra={"preprocess": "paper"}))
+    assert verdict["comparable"] is False
+    assert any("backbone.weights=random" in r for r in verdict["comparison"]["reasons"])
+    assert verdict["baselines"] and not any(r["comparable"] for r in verdict["baselines"])
+    assert all(r["difference"] is None and "the run is not comparable" in r["context"] for r in verdict["baselines"])
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"not_comparable": ["task.limit_per_split=60: only the first 60 images of each split are used"]},
+     "limit_per_split"),
+    ({"not_comparable": ["task.check_split_sizes=false: flowers102 copy has train 7,169"]}, "check_split_sizes"),
+    ({"not_comparable": ["task.allow_partial=true: 10 of 1000 ImageNet-1k classes evaluated"]}, "allow_partial"),
+])
+def test_a_non_standard_copy_is_not_comparable(extra, match):
+    verdict = assess(_results(extra={"preprocess": "paper", **extra}))
+    assert verdict["comparable"] is False and match in verdict["comparison"]["reasons"][0]
+    assert not any(r["comparable"] for r in verdict["baselines"])
+
+
+def test_a_protocol_setting_changed_from_the_published_recipe_is_not_comparable():
+    config = {**asdict(PROTOCOLS.get("linear")()), "l2_steps": 40}
+    verdict = assess(_results(extra={"preprocess": "paper"}, protocol_config=config))
+    assert verdict["comparison"]["reasons"] == ["protocol.l2_steps=40 differs from the linear recipe's 45"]
+    # Settings that do not change the protocol (the feature cache) leave it comparable.
+    config = {**asdict(PROTOCOLS.get("linear")()), "cache": False}
+    assert assess(_results(extra={"preprocess": "paper"}, protocol_config=config))["comparable"]
+
+
+def test_knn_rows_are_context_labelled_with_their_protocol():
+    verdict = assess(_results(protocol="knn", extra={"preprocess": "paper"}))
+    assert verdict["comparable"] and verdict["baselines"]
+    assert not any(r["comparable"] for r in verdict["baselines"])  # nothing published under k-NN
+    assert all(r["label"].startswith(f"{r['protocol']}/") for r in verdict["baselines"])
+    assert all(f"protocol: row {r['protocol']}, run knn" in r["context"] for r in verdict["baselines"])
+
+
+def test_the_suites_strong_finetune_recipe_has_no_published_counterpart():
+    verdict = assess(_results(protocol="finetune_strong", extra={"preprocess": "paper"}))
+    assert verdict["comparison"]["baseline_protocol"] is None
+    assert not any(r["comparable"] for r in verdict["baselines"])
+    assert all("finetune_strong, which has no published counterpart" in r["context"] for r in verdict["baselines"])
+
+
+def test_the_papers_finetune_recipe_matches_the_finetune_rows():
+    verdict = assess(_results(protocol="finetune", extra={"preprocess": "paper"}))
+    comparable, _ = _split(verdict)
+    assert verdict["comparable"] and comparable
+    assert all(r["protocol"] == "finetune" and r["pretrain"] == "imagenet1k_supervised" for r in comparable.values())
+
+
+def _kinetics(weights: dict) -> dict:
+    # As the video adapter writes it: clip [frames, stride], and the from-scratch recipe the task follows.
+    return _results(task="kinetics400", protocol="finetune", metrics={"test/top1": 70.0, "test/top5": 89.0},
+                    weights=weights, extra={"clip": [32, 2], "scratch_recipe": "k400_resnet3drs_50_tpu.yaml"})
+
+
+def test_a_kinetics400_run_from_scratch_lists_the_3d_resnet_rs_50_row_as_comparable():
+    verdict = assess(_kinetics({"source": "random"}))
+    comparable, context = _split(verdict)
+    assert verdict["comparable"] and verdict["comparison"]["baseline_protocol"] == "scratch"
+    assert comparable["r3d_rs", "r3d_rs50", "test/top1"]["value"] == 78.2
+    assert comparable["r3d_rs", "r3d_rs50", "test/top5"]["value"] == 93.7
+    assert comparable["r3d_rs", "r3d_rs50", "test/top1"]["difference"] == pytest.approx(70.0 - 78.2)
+    # The web-video pre-trained 83.5 is never the comparison; nor is a 48-frame row for a 32-frame run.
+    assert "pretraining: row wvt_video_text" in context["r3d_rs", "r3d_rs", "finetune", "test/top1"]["context"]
+    assert any(r["context"] == "clip: row 48x2, run 32x2" for r in context.values())
+
+
+def test_a_kinetics400_run_from_inflated_imagenet_weights_sees_the_scratch_rows_as_context():
+    verdict = assess(_kinetics(HUB))
+    comparable, context = _split(verdict)
+    assert verdict["comparable"] and not comparable
+    row = context["r3d_rs", "r3d_rs50", "scratch", "test/top1"]
+    assert "pretraining: row none, run imagenet1k_supervised" in row["context"]
+
+
+def test_random_weights_without_a_published_scratch_recipe_are_not_comparable():
+    verdict = assess(_results(task="kinetics600", protocol="finetune", weights={"source": "random"},
+                              extra={"clip": [32, 2]}))
+    assert not verdict["comparable"] and "not a published from-scratch recipe" in verdict["comparison"]["reasons"][0]
+
+
+def test_eval_protocol_is_compared_with_the_supervised_rows():
+    verdict = assess(_results("imagenet", "eval", {"val/top1": 80.0}, backbone="rs152"))
+    comparable = [r for r in verdict["baselines"] if r["comparable"]]
+    assert sorted(r["value"] for r in comparable) == sorted(b.value for b in baselines_for("imagenet", "supervised",
+                                                                                            "val/top1"))
 
 
 def test_labels_stay_unique_when_method_and_arch_repeat():
     # MoCo v3 has three ImageNet linear rows, same method and arch, different training lengths.
-    rows = baseline_rows(_results("imagenet", "linear", {"val/top1": 70.0}))
+    rows = baseline_rows(_results("imagenet", "linear", {"val/top1": 70.0}, backbone="moco_v3_r50"))
     moco = [r for r in rows if r["method"] == "moco_v3"]
-    published = [b for b in baselines_for("imagenet", "linear", "val/top1") if b.method == "moco_v3"]
-    assert len(published) > 1 and len(moco) == len(published)
+    assert len(moco) == len([b for b in baselines_for("imagenet", "linear", "val/top1") if b.method == "moco_v3"]) > 1
     assert len({r["label"] for r in rows}) == len(rows)
-
-
-def test_eval_protocol_is_compared_with_the_supervised_rows():
-    rows = baseline_rows(_results("imagenet", "eval", {"val/top1": 80.0}))
-    assert rows and len(rows) == len(baselines_for("imagenet", "supervised", "val/top1"))
 
 
 @pytest.mark.parametrize("task, protocol, metrics", [
     ("digits", "knn", {"test/top1": 50.0}),  # nothing published for the demo task
     ("cifar100", "linear", {"test/top5": 90.0}),  # nothing published for this metric
-    ("cifar100", "some_new_protocol", {"test/top1": 50.0}),  # a protocol the baselines file does not know
     ("COCO-2017", "finetune", {"test/AP": 40.0}),  # names the baselines file cannot hold
 ])
-def test_no_rows_when_nothing_matches(task, protocol, metrics):
+def test_no_rows_when_nothing_is_published(task, protocol, metrics):
     assert baseline_rows(_results(task, protocol, metrics)) == []
 
 
@@ -61,19 +180,40 @@ def offline_logger(tmp_path, monkeypatch):
     logger.finish()
 
 
-def test_offline_run_holds_score_baselines_and_table(offline_logger):
-    results = _results()
+def _logged_table(logger) -> dict:
+    ref = logger.run.summary[TABLE_KEY]
+    assert ref["_type"] == "table-file"
+    return json.loads((Path(logger.run.dir) / ref["path"]).read_text())
+
+
+def test_offline_run_holds_verdict_comparable_rows_and_labelled_context(offline_logger):
+    results = {**_results(extra={"preprocess": "paper"})}
+    results.update(assess(results))
     offline_logger.summary(results["metrics"])
     rows = log_comparison(offline_logger, results)
     summary = dict(offline_logger.run.summary)
-    assert summary["test/top1"] == 75.0
-    assert rows and all(summary[f"baseline/{r['label']}/{r['metric']}"] == r["value"] for r in rows)
-    table_ref = offline_logger.run.summary[TABLE_KEY]
-    assert table_ref["_type"] == "table-file" and table_ref["nrows"] == len(rows) + 1  # + this run's row
-    logged = json.loads((Path(offline_logger.run.dir) / table_ref["path"]).read_text())
+    assert summary["test/top1"] == 75.0 and summary["comparable"] is True
+    for r in rows:
+        prefix = "baseline" if r["comparable"] else "context"
+        assert summary[f"{prefix}/{r['label']}/{r['metric']}"] == r["value"]
+    assert any(k.startswith("context/finetune/") for k in summary)
+    logged = _logged_table(offline_logger)
     assert logged["columns"] == TABLE_COLUMNS
-    assert [row[5] for row in logged["data"]] == [75.0, *(r["value"] for r in rows)]
-    assert "comparison/test_top1_table" in summary  # the bar chart's data
+    assert [row[6] for row in logged["data"]] == [75.0, *(r["value"] for r in rows)]
+    assert [row[8] for row in logged["data"][1:]] == ["yes" if r["comparable"] else f"context: {r['context']}"
+                                                       for r in rows]
+    assert "comparison/test_top1_table" in summary  # the bar chart of the comparable rows
+
+
+def test_offline_run_of_a_random_weight_run_says_not_comparable(offline_logger):
+    results = _results(weights={"source": "random"})
+    results.update(assess(results))
+    log_comparison(offline_logger, results)
+    summary = dict(offline_logger.run.summary)
+    assert summary["comparable"] is False and "backbone.weights=random" in summary["comparison/reasons"]
+    assert not any(k.startswith("baseline/") for k in summary)
+    assert "comparison/test_top1_table" not in summary  # no chart: nothing stands next to this run
+    assert _logged_table(offline_logger)["data"][0][8].startswith("no: backbone.weights=random")
 
 
 def test_tracker_failure_only_warns_and_keeps_the_rows(offline_logger, monkeypatch):
@@ -90,9 +230,3 @@ def test_disabled_logger_still_returns_rows(tmp_path):
     logger = RunLogger(WandbConfig(mode="disabled"), tmp_path, name="n", group="g", job_type="j", config={})
     assert logger.run is None
     assert log_comparison(logger, _results()) == baseline_rows(_results())
-
-
-def test_precomputed_rows_in_results_are_logged_as_given(offline_logger):
-    results = {**_results(), "baselines": baseline_rows(_results())[:1]}
-    assert log_comparison(offline_logger, results) == results["baselines"]
-    assert offline_logger.run.summary[TABLE_KEY]["nrows"] == 2

@@ -1,9 +1,11 @@
 """Published baseline numbers (``transfer/data/baselines.csv``): load, validate and query them.
 
 Each row is one number a paper or an official repository reports: who (``method``, ``arch``,
-``pretrain``), on what (``task``, ``protocol``, ``setting``), which ``metric`` and ``value``, and the
-``source`` it was read from. The file starts with ``# version: N``; other ``#`` lines are comments.
-Everything is checked on read, so a bad edit fails with the line number instead of a wrong report.
+``pretrain``, one of :data:`PRETRAINING`), on what (``task``, ``protocol``, ``setting``, and the
+``conditions`` a run must meet to be measured the same way, ``key=value;key=value``), which ``metric``
+(``split/name``, lower case) and ``value``, and the ``source`` it was read from. The file starts with
+``# version: N``; other ``#`` lines are comments. Everything is checked on read, so a bad edit fails with
+the line number instead of a wrong report. How rows are matched to runs: :mod:`transfer.compare`.
 """
 from __future__ import annotations
 
@@ -17,13 +19,28 @@ from pathlib import Path
 
 from transfer.errors import ConfigError, DataError
 
-BASELINES_VERSION = 1
-COLUMNS = ("method", "arch", "pretrain", "task", "protocol", "setting", "metric", "value", "source")
+BASELINES_VERSION = 2
+COLUMNS = ("method", "arch", "pretrain", "task", "protocol", "setting", "conditions", "metric", "value", "source")
 # linear / finetune / knn are the suite's protocols; scratch = trained from random init on the task;
 # supervised = the checkpoint's own supervised ImageNet evaluation.
 PROTOCOLS = ("linear", "finetune", "knn", "scratch", "supervised")
+# What the network had learnt before the task: the kinds a run is matched on (transfer.compare).
+PRETRAINING = {
+    "imagenet1k_supervised": "ImageNet-1k, supervised",
+    "imagenet1k_self_supervised": "ImageNet-1k, self-supervised",
+    "none": "none: random initialisation, trained on the task only",
+    "wvt_video_text": "WVT web video-text, pre-trained (Du et al. 2021)",
+}
+# Tasks with published rows but no task in this suite: kept for the papers' full tables (the ResNet-RS
+# transfer comparison, Table 5, includes Pascal segmentation and NYU depth), never comparable with a run.
+NO_SUITE_TASK = {
+    "voc2007": "VOC2007 multi-label classification (11-point mAP) of the SimCLR/BYOL tables: no suite task reads it",
+    "voc2012_seg": "VOC2012 semantic segmentation (BYOL Table 4a): the suite has no segmentation task",
+    "nyuv2_depth": "NYU v2 depth estimation (BYOL Table 4b): the suite has no depth task",
+}
 KEY = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 METRIC = re.compile(r"^(train|val|test)/[a-z0-9_]+$")
+CONDITION = re.compile(r"^([a-z0-9_]+)=([^;=\s][^;=]*)$")
 VERSION_LINE = re.compile(r"^#\s*version:\s*(\d+)\s*$")
 
 
@@ -37,13 +54,19 @@ class Baseline:
     task: str
     protocol: str
     setting: str
+    conditions: tuple[tuple[str, str], ...]  # (key, value): facts a run must have to be measured the same way
     metric: str
     value: float
     source: str
 
-    def identity(self) -> tuple[str, ...]:
+    def identity(self) -> tuple:
         """Everything but value and source: two rows with the same identity contradict each other."""
-        return (self.method, self.arch, self.pretrain, self.task, self.protocol, self.setting, self.metric)
+        return (self.method, self.arch, self.pretrain, self.task, self.protocol, self.setting, self.conditions,
+                self.metric)
+
+    @property
+    def conditions_text(self) -> str:
+        return ";".join(f"{k}={v}" for k, v in self.conditions)
 
 
 def default_path() -> Path:
@@ -67,7 +90,8 @@ def _load(path: str) -> tuple[Baseline, ...]:
         raise DataError(f"{path}:1: the first line must be '# version: {BASELINES_VERSION}'.")
     if int(first.group(1)) != BASELINES_VERSION:
         raise DataError(f"{path}: version {first.group(1)} is not supported (this code reads version "
-                        f"{BASELINES_VERSION}). Update the file or the package.")
+                        f"{BASELINES_VERSION}: columns {','.join(COLUMNS)}, pretrain one of {', '.join(PRETRAINING)}). "
+                        "Update the file or the package.")
     numbered = [(i, line) for i, line in enumerate(lines, start=1) if line.strip() and not line.startswith("#")]
     if not numbered:
         raise DataError(f"{path}: no header row. Expected columns: {','.join(COLUMNS)}.")
@@ -92,7 +116,7 @@ def _parse_row(cells: list[str], where: str) -> Baseline:
         raise DataError(f"{where}: {len(cells)} cells, expected {len(COLUMNS)} ({','.join(COLUMNS)}). "
                         "Quote cells that contain commas.")
     raw = dict(zip(COLUMNS, (c.strip() for c in cells)))
-    empty = [c for c in COLUMNS if c != "setting" and not raw[c]]
+    empty = [c for c in COLUMNS if c not in ("setting", "conditions") and not raw[c]]
     if empty:
         raise DataError(f"{where}: empty {', '.join(empty)}; every number needs its method, task, metric and source.")
     for column in ("method", "arch", "task"):
@@ -100,6 +124,15 @@ def _parse_row(cells: list[str], where: str) -> Baseline:
             raise DataError(f"{where}: {column}={raw[column]!r} must be a lower-case key (letters, digits, '_').")
     if raw["protocol"] not in PROTOCOLS:
         raise DataError(f"{where}: protocol={raw['protocol']!r}; valid: {', '.join(PROTOCOLS)}.")
+    if raw["pretrain"] not in PRETRAINING:
+        raise DataError(f"{where}: pretrain={raw['pretrain']!r}; valid: {', '.join(PRETRAINING)}.")
+    conditions = []
+    for part in filter(None, (c.strip() for c in raw["conditions"].split(";"))):
+        match = CONDITION.match(part)
+        if not match:
+            raise DataError(f"{where}: condition {part!r} must look like 'key=value' (lower-case key), several "
+                            "separated by ';', e.g. 'preprocess=paper;clip=32x2'.")
+        conditions.append((match.group(1), match.group(2).strip()))
     if not METRIC.match(raw["metric"]):
         raise DataError(f"{where}: metric={raw['metric']!r} must look like 'split/name', e.g. 'test/top1'.")
     try:
@@ -108,7 +141,7 @@ def _parse_row(cells: list[str], where: str) -> Baseline:
         raise DataError(f"{where}: value={raw['value']!r} is not a number.") from None
     if not math.isfinite(value):
         raise DataError(f"{where}: value={raw['value']!r} is not finite.")
-    return Baseline(**{**raw, "value": value})
+    return Baseline(**{**raw, "value": value, "conditions": tuple(conditions)})
 
 
 def baselines_for(task: str, protocol: str | None = None, metric: str | None = None, *,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from transfer.errors import ConfigError
 from transfer.registry import Registry
@@ -16,12 +17,20 @@ class LinearProtocolConfig:
 
     The grid follows SimCLR (arXiv 2002.05709, Appendix B.8) and BYOL (arXiv 2006.07733, Appendix D.2):
     45 log-spaced values of the L2 penalty in [1e-6, 1e5], chosen on validation, then refit on train+val.
+    When the chosen value sits at an end of the grid, the grid is extended past that end by up to
+    ``extend_decades`` (the run is marked not comparable if the best is still at the end); ``refine_steps``
+    halves the spacing around the peak, as CLIP_benchmark's probe does (0: the papers' grid only).
     """
+
+    # The keys that make this the published protocol: a run that changes one is not comparable.
+    PUBLISHED_KEYS: ClassVar[tuple[str, ...]] = ("l2_min", "l2_max", "l2_steps", "refine_steps")
 
     name: str = "linear"
     l2_min: float = 1e-6
     l2_max: float = 1e5
     l2_steps: int = 45
+    extend_decades: float = 4.0
+    refine_steps: int = 0
     max_iter: int = 200
     tolerance: float = 1e-6
     cache: bool = True
@@ -30,12 +39,17 @@ class LinearProtocolConfig:
         if not 0 < self.l2_min < self.l2_max or self.l2_steps < 1:
             raise ConfigError(f"protocol l2 grid [{self.l2_min}, {self.l2_max}] x {self.l2_steps} is empty; "
                               "need 0 < l2_min < l2_max and l2_steps >= 1.")
+        if self.extend_decades < 0 or self.refine_steps < 0:
+            raise ConfigError(f"protocol.extend_decades={self.extend_decades} and protocol.refine_steps="
+                              f"{self.refine_steps} must be 0 or more.")
 
 
 @PROTOCOLS.register("knn")
 @dataclass
 class KnnProtocolConfig:
     """k-NN on cached features: cosine similarity, temperature-weighted votes."""
+
+    PUBLISHED_KEYS: ClassVar[tuple[str, ...]] = ("k", "temperature")
 
     name: str = "knn"
     k: int = 20
@@ -47,29 +61,59 @@ class KnnProtocolConfig:
             raise ConfigError(f"protocol.k={self.k} must be >= 1 and protocol.temperature={self.temperature} > 0.")
 
 
+# SimCLR (arXiv 2002.05709) App. B.8 and BYOL (arXiv 2006.07733) App. D.3: "a grid of seven logarithmically
+# spaced learning rates between 0.0001 and 0.1, and 7 logarithmically-spaced values of weight decay between
+# 1e-6 and 1e-3, as well as no weight decay. These values of weight decay are divided by the learning rate."
+# Rounded to three significant digits (10^-3.5 = 3.16e-4).
+PAPER_LR_GRID = (1.0e-4, 3.16e-4, 1.0e-3, 3.16e-3, 1.0e-2, 3.16e-2, 0.1)
+PAPER_WD_GRID = (0.0, 1.0e-6, 3.16e-6, 1.0e-5, 3.16e-5, 1.0e-4, 3.16e-4, 1.0e-3)
+SELECT = ("last", "best_epoch")
+
+
 @PROTOCOLS.register("finetune")
 @dataclass
 class FinetuneProtocolConfig:
-    """Full fine-tuning through the shared Lightning engine (recipe values in recipes/protocol/finetune.yaml)."""
+    """Full fine-tuning as SimCLR (arXiv 2002.05709, App. B.8) and BYOL (arXiv 2006.07733, App. D.3) did it.
+
+    Every (lr, weight decay) of the grid trains ``steps`` SGD steps (Nesterov, momentum 0.9) at global batch
+    ``batch_size`` on train, with random-resized-crop + flip only, and is scored on val after its last
+    step; weight decay values are divided by the learning rate. The best pair is refit on train+val and that
+    model is tested (train crops ``image_size``; test: resize to ``image_size / test_crop_pct``, centre crop).
+    Batch-norm statistics use momentum ``min(10 / s, 0.1)`` for ``s`` steps per epoch (the papers' decay
+    ``max(1 - 10/s, 0.9)``). Values in recipes/protocol/finetune.yaml; ``finetune_strong`` is this suite's
+    stronger recipe (RandAugment, label smoothing, epochs), which has no published counterpart.
+    """
+
+    PUBLISHED_KEYS: ClassVar[tuple[str, ...]] = (
+        "weight_decay", "momentum", "nesterov", "warmup_epochs", "label_smoothing", "randaugment", "color_jitter",
+        "ema_decay", "mixup", "cutmix", "dropout", "freeze_backbone", "sweep", "lr_grid", "wd_grid", "wd_over_lr",
+        "steps", "batch_size", "image_size", "test_crop_pct", "bn_momentum_from_steps", "select")
 
     name: str = "finetune"
-    lr: float = 0.01
-    weight_decay: float = 1e-4
+    lr: float = 0.01  # used when sweep=false
+    weight_decay: float = 0.0  # used when sweep=false
     momentum: float = 0.9
     nesterov: bool = True
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    # timm auto_augment string; 2 layers at magnitude 10 is ResNet-RS's RandAugment for RS-50 at 160 px
-    # (tensorflow/tpu resnet_rs configs: randaug_num_layers 2, randaug_magnitude 10). null turns it off.
-    randaugment: str | None = "rand-m10-n2"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    # timm auto_augment string, e.g. "rand-m10-n2"; null turns it off.
+    randaugment: str | None = None
+    color_jitter: float = 0.0  # timm's colour-jitter strength in training (timm's own default is 0.4)
     ema_decay: float = 0.0  # 0 disables the EMA of weights
     mixup: float = 0.0
     cutmix: float = 0.0
     dropout: float = 0.0
     freeze_backbone: bool = False
-    sweep: bool = False  # grid over lr_grid x wd_grid, chosen on val, then refit on train+val
-    lr_grid: list[float] = field(default_factory=list)
-    wd_grid: list[float] = field(default_factory=list)
+    sweep: bool = True  # grid over lr_grid x wd_grid, chosen on val, then refit on train+val
+    lr_grid: list[float] = field(default_factory=lambda: list(PAPER_LR_GRID))
+    wd_grid: list[float] = field(default_factory=lambda: list(PAPER_WD_GRID))
+    wd_over_lr: bool = True  # the optimiser's weight decay is wd / lr for each grid value
+    steps: int | None = 20_000  # optimiser steps per fit; null: trainer.max_epochs / trainer.max_steps
+    batch_size: int | None = 256  # global batch over all devices; null: trainer.batch_size per device
+    image_size: int | None = 224  # train/test size; null: the checkpoint's own (task.resolution wins)
+    test_crop_pct: float | None = 0.875  # 224 / 256; null: the checkpoint's own crop
+    bn_momentum_from_steps: bool = True
+    select: str = "last"  # last: score each fit after its last step; best_epoch: its best epoch on val
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.weight_decay < 0:
@@ -82,6 +126,51 @@ class FinetuneProtocolConfig:
                               "alphas: 0 (off) or more.")
         if self.sweep and not (self.lr_grid and self.wd_grid):
             raise ConfigError("protocol.sweep=true needs protocol.lr_grid=[...] and protocol.wd_grid=[...].")
+        if any(lr <= 0 for lr in self.lr_grid) or any(wd < 0 for wd in self.wd_grid):
+            raise ConfigError(f"protocol.lr_grid={self.lr_grid} needs values > 0 and protocol.wd_grid="
+                              f"{self.wd_grid} values >= 0.")
+        for key in ("steps", "batch_size", "image_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"protocol.{key}={getattr(self, key)} must be at least 1, or null.")
+        if self.steps is not None and self.warmup_epochs > 0:
+            raise ConfigError(f"protocol.warmup_epochs={self.warmup_epochs} counts epochs, but protocol.steps="
+                              f"{self.steps} sets the length in steps; use warmup_epochs=0 or steps=null.")
+        if self.test_crop_pct is not None and not 0 < self.test_crop_pct <= 1:
+            raise ConfigError(f"protocol.test_crop_pct={self.test_crop_pct} must be in (0, 1], or null.")
+        if self.select not in SELECT:
+            raise ConfigError(f"protocol.select={self.select!r}; valid: {', '.join(SELECT)}.")
+
+
+@PROTOCOLS.register("finetune_strong")
+@dataclass
+class StrongFinetuneProtocolConfig(FinetuneProtocolConfig):
+    """This suite's stronger fine-tuning recipe (recipes/protocol/finetune_strong.yaml): no published counterpart.
+
+    Epochs from ``trainer.max_epochs``, one lr / weight decay (or a sweep over given grids), warmup then
+    cosine, label smoothing 0.1 and RandAugment as in the ResNet-RS recipe, the best val epoch tested.
+    """
+
+    PUBLISHED_KEYS: ClassVar[tuple[str, ...]] = ()
+
+    name: str = "finetune_strong"
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    # 2 layers at magnitude 10 is ResNet-RS's RandAugment for RS-50 at 160 px (tensorflow/tpu resnet_rs
+    # configs: randaug_num_layers 2, randaug_magnitude 10).
+    randaugment: str | None = "rand-m10-n2"
+    color_jitter: float = 0.4  # timm's default (disabled by timm while RandAugment is on)
+    sweep: bool = False
+    lr_grid: list[float] = field(default_factory=list)
+    wd_grid: list[float] = field(default_factory=list)
+    wd_over_lr: bool = False
+    steps: int | None = None
+    batch_size: int | None = None
+    image_size: int | None = None
+    test_crop_pct: float | None = None
+    bn_momentum_from_steps: bool = False
+    select: str = "best_epoch"
 
 
 @PROTOCOLS.register("eval")

@@ -6,7 +6,9 @@ Reads every ``results.json`` under RUNS_DIR (any depth) and writes, to ``--out``
 ``--wandb-report`` also saves a W&B Report with one panel group per task (needs W&B online).
 
 When several runs share task, backbone and protocol, the newest ``results.json`` is shown and the
-cell says how many runs there were.
+cell says how many runs there were. Published rows are matched to each run by :func:`transfer.compare.assess`:
+``published`` rows were measured the same way as at least one run shown, ``context`` rows were not (the
+table says how they differ); a run that cannot stand next to published numbers is marked ``(not comparable)``.
 """
 from __future__ import annotations
 
@@ -20,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transfer.baselines import Baseline, baselines_for
-from transfer.compare import TABLE_KEY, baseline_protocol
+from transfer.compare import TABLE_KEY, assess, describe_pretraining
 from transfer.errors import ConfigError, DataError, TransferError
 from transfer.io import atomic_path, atomic_write_text
 from transfer.results import RESULTS_FILE, read_results
@@ -29,6 +30,8 @@ from transfer.results import RESULTS_FILE, read_results
 log = logging.getLogger("transfer.report")
 SUITE = "this suite"
 PUBLISHED = "published"
+CONTEXT = "context"
+NOT_COMPARABLE = "not comparable"
 
 
 @dataclass
@@ -48,11 +51,12 @@ class Entry:
     """A row of a task's table: a backbone run in this suite, or a published baseline."""
 
     name: str
-    kind: str  # SUITE or PUBLISHED
-    detail: str  # weights of a run; pretraining and setting of a baseline
+    kind: str  # SUITE, PUBLISHED (measured as a run shown here) or CONTEXT (measured otherwise)
+    detail: str  # weights of a run; protocol, pretraining and setting of a baseline (and how it differs)
     source: str  # results.json of a run; paper/table of a baseline
     values: dict[tuple[str, str], float] = field(default_factory=dict)  # (protocol, metric) -> value
     runs: dict[str, int] = field(default_factory=dict)  # protocol -> number of runs found
+    not_comparable: dict[str, str] = field(default_factory=dict)  # protocol -> why that run is not comparable
 
 
 @dataclass
@@ -86,35 +90,55 @@ def compared_metrics(results: dict[str, Any]) -> list[str]:
 
 def build_comparison(found: list[tuple[Path, dict[str, Any]]], *,
                      baselines: str | Path | None = None) -> list[TaskComparison]:
-    """Group runs by task; add the published rows for the same task, protocol and metric."""
+    """Group runs by task; add the task's published rows, each marked published or context for these runs."""
     out = []
     for task in sorted({r["task"] for _, r in found}):
-        runs = [(p, r) for p, r in found if r["task"] == task]
-        columns = sorted({(r["protocol"], m) for _, r in runs for m in compared_metrics(r)})
+        newest: dict[tuple[str, str], tuple[Path, dict[str, Any]]] = {}
+        counts: dict[tuple[str, str], int] = {}
+        for path, r in found:  # oldest first, so the newest run of a backbone and protocol wins
+            if r["task"] == task:
+                newest[r["backbone"], r["protocol"]] = (path, r)
+                counts[r["backbone"], r["protocol"]] = counts.get((r["backbone"], r["protocol"]), 0) + 1
+        columns = sorted({(r["protocol"], m) for _, r in newest.values() for m in compared_metrics(r)})
         entries: dict[tuple[str, str], Entry] = {}
-        for path, r in runs:  # oldest first, so the newest run of a backbone and protocol wins
-            e = entries.setdefault((SUITE, r["backbone"]), Entry(r["backbone"], SUITE, "", ""))
-            e.values.update({(r["protocol"], m): r["metrics"][m] for m in compared_metrics(r)})
-            e.runs[r["protocol"]] = e.runs.get(r["protocol"], 0) + 1
+        published: dict[tuple, dict] = {}  # row identity -> {"row", "comparable": {column}, "context": {column: why}}
+        for (backbone, protocol), (path, r) in sorted(newest.items(), key=lambda kv: kv[1][0].stat().st_mtime):
+            verdict = assess(r, path=baselines)
+            e = entries.setdefault((SUITE, backbone), Entry(backbone, SUITE, "", ""))
+            e.values.update({(protocol, m): r["metrics"][m] for m in compared_metrics(r)})
+            e.runs[protocol] = counts[backbone, protocol]
+            if not verdict["comparable"]:
+                e.not_comparable[protocol] = "; ".join(verdict["comparison"]["reasons"])
             e.detail = _weights_text(r["weights"])
             e.source = str(path)
-        for protocol, metric in columns:
-            for b in _published(task, protocol, metric, baselines):
-                key = (PUBLISHED, f"{b.method}|{b.arch}|{b.pretrain}|{b.setting}")
-                e = entries.setdefault(key, Entry(f"{b.method} ({b.arch})", PUBLISHED,
-                                                  "; ".join(x for x in (b.pretrain, b.setting) if x), b.source))
-                e.values[protocol, metric] = b.value
-        ordered = sorted(entries.values(), key=lambda e: (e.kind != SUITE, e.name))
+            for row in verdict["baselines"]:
+                if (protocol, row["metric"]) not in columns:
+                    continue
+                key = tuple(row[k] for k in ("method", "arch", "pretrain", "protocol", "setting", "conditions",
+                                             "metric"))
+                seen = published.setdefault(key, {"row": row, "comparable": set(), "context": {}})
+                if row["comparable"]:
+                    seen["comparable"].add((protocol, row["metric"]))
+                else:
+                    seen["context"].setdefault((protocol, row["metric"]), f"{backbone}: {row['context']}")
+        for seen in published.values():
+            row = seen["row"]
+            kind = PUBLISHED if seen["comparable"] else CONTEXT
+            # A row sits in the columns of the runs it is comparable with; a context row in the first column
+            # of its metric, its own protocol named in the detail.
+            placed = sorted(seen["comparable"]) or sorted(seen["context"])[:1]
+            detail = "; ".join(x for x in (row["protocol"], describe_pretraining(row["pretrain"]), row["setting"],
+                                           row["conditions"]) if x)
+            if kind == CONTEXT:
+                detail += f" — context, differs from {' / '.join(seen['context'][c] for c in placed)}"
+            e = entries.setdefault((kind, "|".join(str(row[k]) for k in ("method", "arch", "pretrain", "protocol",
+                                                                           "setting", "conditions"))),
+                                   Entry(f"{row['method']} ({row['arch']})", kind, detail, row["source"]))
+            e.values.update({c: row["value"] for c in placed})
+        order = {SUITE: 0, PUBLISHED: 1, CONTEXT: 2}
+        ordered = sorted(entries.values(), key=lambda e: (order[e.kind], e.name))
         out.append(TaskComparison(task, [Column(p, m) for p, m in columns], ordered))
     return out
-
-
-def _published(task: str, protocol: str, metric: str, path: str | Path | None) -> list[Baseline]:
-    matched = baseline_protocol(protocol)
-    try:
-        return baselines_for(task, matched, metric, path=path) if matched else []
-    except ConfigError:  # a task or metric name the baselines file cannot hold has no published numbers
-        return []
 
 
 def _weights_text(weights: dict[str, Any]) -> str:
@@ -128,7 +152,8 @@ def _fmt(v: float | None) -> str:
 def _cell(e: Entry, c: Column) -> str:
     v = e.values.get((c.protocol, c.metric))
     n = e.runs.get(c.protocol, 0)
-    return _fmt(v) + (f" (newest of {n})" if v is not None and n > 1 else "")
+    flag = f" ({NOT_COMPARABLE})" if v is not None and c.protocol in e.not_comparable else ""
+    return _fmt(v) + (f" (newest of {n})" if v is not None and n > 1 else "") + flag
 
 
 def overview_rows(tasks: list[TaskComparison]) -> tuple[list[str], list[list[str]]]:
@@ -146,9 +171,14 @@ def overview_rows(tasks: list[TaskComparison]) -> tuple[list[str], list[list[str
     return head, rows
 
 
+def _detail(e: Entry) -> str:
+    notes = [f"{p} not comparable: {why}" for p, why in sorted(e.not_comparable.items())]
+    return "; ".join([e.detail, *notes]) if notes else e.detail
+
+
 def task_rows(t: TaskComparison) -> tuple[list[str], list[list[str]]]:
     head = ["name", "kind", *(c.title for c in t.columns), "weights / setting", "source"]
-    return head, [[e.name, e.kind, *(_cell(e, c) for c in t.columns), e.detail, e.source] for e in t.entries]
+    return head, [[e.name, e.kind, *(_cell(e, c) for c in t.columns), _detail(e), e.source] for e in t.entries]
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
@@ -161,7 +191,10 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 
 def _intro(baselines: str | Path | None) -> str:
     return (f"Values in percent unless the metric says otherwise. '{SUITE}' rows are the runs found; '{PUBLISHED}' "
-            f"rows come from {baselines or 'transfer/data/baselines.csv'}, each with its source.")
+            f"rows come from {baselines or 'transfer/data/baselines.csv'}, each with its source, and were measured the "
+            f"same way as a run shown (task, split, metric, protocol, pretraining and the row's conditions, "
+            f"docs/comparison.md); '{CONTEXT}' rows were not, and say how they differ. A run marked "
+            f"'({NOT_COMPARABLE})' cannot stand next to published numbers; its reasons are in its row.")
 
 
 def to_markdown(tasks: list[TaskComparison], charts: dict[str, Path], out_dir: Path, *,
@@ -205,20 +238,30 @@ def plot_task(t: TaskComparison, path: Path) -> Path:
 
     panels = [(c, sorted(((e.values[c.protocol, c.metric], e) for e in t.entries
                           if (c.protocol, c.metric) in e.values), key=lambda x: x[0])) for c in t.columns]
+
+    def colour(e: Entry, c: Column) -> str:
+        if e.kind == SUITE:
+            return "tab:orange" if c.protocol in e.not_comparable else "tab:blue"
+        return "0.55" if e.kind == PUBLISHED else "0.85"
+
+    def label(e: Entry, c: Column) -> str:
+        if e.kind == SUITE:
+            return e.name + (f" ({NOT_COMPARABLE})" if c.protocol in e.not_comparable else "")
+        return e.name + (f" ({CONTEXT})" if e.kind == CONTEXT else "")
     tallest = max(len(bars) for _, bars in panels)
     fig = Figure(figsize=(6.5 * len(panels), 1.2 + 0.35 * tallest), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (c, bars) in zip(axes, panels):
         ys = range(len(bars))
-        colors = ["tab:blue" if e.kind == SUITE else "0.65" for _, e in bars]
-        ax.barh(ys, [v for v, _ in bars], color=colors)
-        ax.set_yticks(list(ys), [e.name for _, e in bars], fontsize=8)
+        ax.barh(ys, [v for v, _ in bars], color=[colour(e, c) for _, e in bars])
+        ax.set_yticks(list(ys), [label(e, c) for _, e in bars], fontsize=8)
         ax.bar_label(ax.containers[0], fmt="%.1f", fontsize=7, padding=2)
         ax.set_xlabel(c.metric)
         ax.set_title(f"{t.task} · {c.protocol}")
         ax.margins(x=0.12)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"{t.task}: runs here (blue) and published baselines (grey)", fontsize=10)
+    fig.suptitle(f"{t.task}: runs here (blue; orange: not comparable), published baselines measured the same way "
+                 "(grey) and context (light grey)", fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return path

@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from transfer.baselines import load_baselines
-from transfer.compare import baseline_rows, log_comparison
+from transfer.compare import assess, log_comparison
 from transfer.config import RunConfig, compose, validate
 from transfer.errors import ConfigError, TransferError
 from transfer.io import atomic_write_text
@@ -73,7 +73,7 @@ def run_one(overrides: list[str]) -> dict:
         ctx = RunContext(cfg=cfg, run_dir=run_dir, logger=logger)
         output = TASKS.get(cfg.task.adapter).run(ctx)
         results = build_results(cfg, output, time.time() - start, run_dir)
-        results["baselines"] = baseline_rows(results)
+        results.update(assess(results))  # comparable or not, and the published rows measured the same way
         if is_global_zero():
             write_results(run_dir, results)
             logger.summary({**results["metrics"], **{f"counts/{k}": v for k, v in results["counts"].items()},

@@ -72,6 +72,9 @@ class VideoTaskConfig:
     max_bad_fraction: float = 0.2  # missing + undecodable above this fraction of a split stops the run
     inflation: InflationSettings = field(default_factory=InflationSettings)
     optim: VideoOptimSettings = field(default_factory=VideoOptimSettings)
+    # The published from-scratch recipe these values follow, if any: a run from random weights is then
+    # compared with the published from-scratch rows (transfer.compare); null: no published recipe.
+    scratch_recipe: str | None = None
 
     def __post_init__(self) -> None:
         if self.data_dir is None and self.manifest is None:

@@ -79,7 +79,8 @@ def run(ctx: RunContext) -> TaskOutput:
                       primary_metric="test/top1",
                       extra={"classes": len(train.classes), "views": [task.test_clips, task.test_crops],
                              "clip": [task.frames, task.stride], "inflation": dataclasses.asdict(task.inflation),
-                             "global_step": trainer.global_step})
+                             "global_step": trainer.global_step,
+                             **({"scratch_recipe": task.scratch_recipe} if task.scratch_recipe else {})})
 
 
 TASKS.add("video", TaskAdapter(config_class=VideoTaskConfig, run=run, protocols=("finetune",),

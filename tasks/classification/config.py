@@ -23,7 +23,10 @@ class ClassificationTaskConfig:
     val_fraction: float = 0.2  # held out of train (seeded) where the data set has no validation split
     split_seed: int = 0
     max_bad_fraction: float = 0.01  # unreadable images above this fraction stop the run
-    limit_per_split: int | None = None  # keep the first N images of each split (quick checks)
+    limit_per_split: int | None = None  # keep the first N images of each split (quick checks; not comparable)
+    # Stop when the copy's split sizes differ from the published ones (tasks/classification/splits.py);
+    # false runs anyway and marks the run not comparable.
+    check_split_sizes: bool = True
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -32,5 +35,7 @@ class ClassificationTaskConfig:
             raise ConfigError(f"task.val_fraction={self.val_fraction} must be in (0, 1).")
         if self.resolution is not None and self.resolution < 16:
             raise ConfigError(f"task.resolution={self.resolution} is too small; use 16 or more.")
+        if self.limit_per_split is not None and self.limit_per_split < 1:
+            raise ConfigError(f"task.limit_per_split={self.limit_per_split} must be at least 1, or null (all).")
         if not 0 <= self.max_bad_fraction < 1:
             raise ConfigError(f"task.max_bad_fraction={self.max_bad_fraction} must be in [0, 1).")

@@ -1,10 +1,12 @@
 """Classification data sets: a registry of builders that return fixed train/val/test splits."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,6 +15,14 @@ from torch.utils.data import Dataset, Subset
 
 from tasks.classification.config import ClassificationTaskConfig
 from tasks.classification.sources import Source, load_source
+from tasks.classification.splits import (
+    PUBLISHED_SPLITS,
+    FoundSizes,
+    SplitSizes,
+    check_split_sizes,
+    flowers102_official,
+    has_flowers102_files,
+)
 from transfer.errors import DataError
 from transfer.registry import Registry
 
@@ -30,6 +40,9 @@ class Splits:
     class_names: list[str]
     val_held_out: bool = False  # val was carved out of train; the final fit uses train+val
     counts: dict[str, int] = field(default_factory=dict)  # e.g. unreadable images skipped
+    # Why scores on these splits cannot stand next to published numbers (a subset, other split sizes);
+    # the adapter records them as results.json extra.not_comparable.
+    not_comparable: list[str] = field(default_factory=list)
 
 
 DATASETS: Registry[Callable[[ClassificationTaskConfig], Splits]] = Registry("dataset")
@@ -73,6 +86,11 @@ def limit(ds: Dataset, n: int | None) -> Dataset:
     return ds if n is None or n >= len(ds) else Subset(ds, list(range(n)))
 
 
+def limit_reason(n: int | None) -> list[str]:
+    """``task.limit_per_split`` scores a subset: never comparable with a number measured on the whole split."""
+    return [] if n is None else [f"task.limit_per_split={n}: only the first {n} images of each split are used"]
+
+
 @DATASETS.register("digits")
 def build_digits(cfg: ClassificationTaskConfig) -> Splits:
     """scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes): the offline demo.
@@ -88,7 +106,7 @@ def build_digits(cfg: ClassificationTaskConfig) -> Splits:
     test, val, train = order[:360], order[360:720], order[720:]
     pick = lambda idx: limit(Subset(full, sorted(idx.tolist())), cfg.limit_per_split)  # noqa: E731
     return Splits(train=pick(train), val=pick(val), test=pick(test), num_classes=10,
-                  class_names=[str(i) for i in range(10)])
+                  class_names=[str(i) for i in range(10)], not_comparable=limit_reason(cfg.limit_per_split))
 
 
 @dataclass(frozen=True)
@@ -97,6 +115,8 @@ class DatasetSpec:
 
     Split names are candidates, first match wins; when no validation split exists, ``val_fraction`` of
     train is held out with a fixed seed (ssl-transfer ``linear.py`` ``get_train_valid_loader``: 20 %, seed 0).
+    ``sizes`` are the published split sizes, checked on every load (:mod:`tasks.classification.splits`);
+    ``official_files`` reads a local copy in the data set's official release layout, when it is one.
     """
 
     hub_id: str | None
@@ -106,6 +126,8 @@ class DatasetSpec:
     val: tuple[str, ...] = ("validation", "val", "valid")
     test: tuple[str, ...] = ("test",)
     num_classes: int | None = None
+    sizes: SplitSizes | None = None
+    official_files: tuple[Callable[[Path], bool], Callable[[Path, bool], Source]] | None = None
 
 
 def _pick(source: Source, candidates: tuple[str, ...]) -> str | None:
@@ -113,10 +135,17 @@ def _pick(source: Source, candidates: tuple[str, ...]) -> str | None:
 
 
 def build_from_spec(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Splits:
-    """Fixed train/val/test splits of a registered data set, read from ``cfg.data_dir`` or the Hub."""
-    source = load_source(data_dir=cfg.data_dir, hub_id=cfg.hub_id or spec.hub_id,
-                         image_column=cfg.image_column or spec.image_column,
-                         label_column=cfg.label_column or spec.label_column, scan=cfg.scan_images)
+    """Fixed train/val/test splits of a registered data set, read from ``cfg.data_dir`` or the Hub.
+
+    Raises :class:`DataError` when the splits' sizes differ from the published ones (``spec.sizes``) and
+    ``cfg.check_split_sizes`` is true.
+    """
+    if cfg.data_dir and spec.official_files and spec.official_files[0](Path(cfg.data_dir).expanduser()):
+        source = spec.official_files[1](Path(cfg.data_dir).expanduser(), cfg.scan_images)
+    else:
+        source = load_source(data_dir=cfg.data_dir, hub_id=cfg.hub_id or spec.hub_id,
+                             image_column=cfg.image_column or spec.image_column,
+                             label_column=cfg.label_column or spec.label_column, scan=cfg.scan_images)
     train_name, test_name = _pick(source, spec.train), _pick(source, spec.test)
     if train_name is None or test_name is None:
         raise DataError(f"{source.origin}: needs a train split (one of {list(spec.train)}) and a test split "
@@ -130,6 +159,12 @@ def build_from_spec(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Splits:
                             f"check task.label_column.")
     if spec.num_classes is not None and num_classes != spec.num_classes:
         log.warning("%s: %d classes, the published data set has %d", source.origin, num_classes, spec.num_classes)
+    not_comparable = limit_reason(cfg.limit_per_split)
+    if spec.sizes is not None:
+        size = lambda name: len(source.splits[name].labels) + source.splits[name].skipped  # noqa: E731
+        found = FoundSizes(train=size(train_name), test=size(test_name), val=size(val_name) if val_name else None)
+        not_comparable += check_split_sizes(cfg.name, spec.sizes, found, origin=source.origin,
+                                            enforce=cfg.check_split_sizes)
     train = source.splits[train_name].dataset
     if val_name is None:
         train, val = hold_out(train, cfg.val_fraction, cfg.split_seed)
@@ -138,7 +173,8 @@ def build_from_spec(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Splits:
     counts = {"skipped_images": sum(s.skipped for s in source.splits.values())}
     splits = Splits(train=limit(train, cfg.limit_per_split), val=limit(val, cfg.limit_per_split),
                     test=limit(source.splits[test_name].dataset, cfg.limit_per_split), num_classes=num_classes,
-                    class_names=source.class_names, val_held_out=val_name is None, counts=counts)
+                    class_names=source.class_names, val_held_out=val_name is None, counts=counts,
+                    not_comparable=not_comparable)
     counts.update({f"images_{k}": len(getattr(splits, k)) for k in ("train", "val", "test")})
     return splits
 
@@ -156,13 +192,17 @@ def _check_damage(source: Source, max_bad_fraction: float) -> None:
 
 
 # The many-shot transfer suite of SimCLR (arXiv 2002.05709, Appendix B.8) and BYOL (arXiv 2006.07733,
-# Appendix D.2). Hub ids and column names as checked for each recipe (recipes/task/<name>.yaml says how).
-SPECS = {
+# Appendix D.2). Hub ids and column names as checked for each recipe (recipes/task/<name>.yaml says how);
+# published split sizes in tasks/classification/splits.py (BYOL App. D.1, Table 10).
+_SPECS = {
     "cifar10": DatasetSpec("uoft-cs/cifar10", image_column="img", num_classes=10),
     "cifar100": DatasetSpec("uoft-cs/cifar100", image_column="img", label_column="fine_label", num_classes=100),
     # The Hub copy names the official 25,250-image test set "validation".
     "food101": DatasetSpec("ethz/food101", val=(), test=("test", "validation"), num_classes=101),
-    "flowers102": DatasetSpec("nelorth/oxford-flowers", num_classes=102),
+    # This Hub copy has the official 1,020 / 1,020 / 6,149 splits (its dataset viewer lists train 1.02k,
+    # validation 1.02k, test 6.15k); nelorth/oxford-flowers, used before, has 7,169 / 1,020 and no val.
+    "flowers102": DatasetSpec("dpdl-benchmark/oxford_flowers102", num_classes=102,
+                              official_files=(has_flowers102_files, flowers102_official)),
     "oxford_pets": DatasetSpec("timm/oxford-iiit-pet", num_classes=37),
     "dtd": DatasetSpec("tanganke/dtd", num_classes=47),
     "stanford_cars": DatasetSpec("tanganke/stanford_cars", num_classes=196),
@@ -171,5 +211,6 @@ SPECS = {
     "sun397": DatasetSpec("tanganke/sun397", num_classes=397),
     "birdsnap": DatasetSpec(None, num_classes=500),
 }
+SPECS = {name: dataclasses.replace(spec, sizes=PUBLISHED_SPLITS.get(name)) for name, spec in _SPECS.items()}
 for _name, _spec in SPECS.items():
     DATASETS.add(_name, functools.partial(build_from_spec, _spec))

@@ -147,3 +147,79 @@ def sweep_l2(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, 
         if best is None or curve[-1][1] > best[1]:  # ties keep the stronger penalty, fitted first
             best = (model, curve[-1][1])
     return best[0], sorted(curve)
+
+
+@dataclass
+class L2Search:
+    """The outcome of :func:`search_l2`.
+
+    ``curve`` holds every ``(l2, val score)`` fitted, sorted by l2. ``edge`` is the end of the requested
+    grid the first sweep's best sat at (``"weak"``: the smallest l2, ``"strong"``: the largest), None when it
+    was inside. ``searched`` are the smallest and largest l2 fitted after any extension; ``at_edge`` is True
+    when the best still sits at one of them, so a better l2 may lie outside what was searched.
+    """
+
+    best: LinearModel
+    curve: list[tuple[float, float]]
+    edge: str | None
+    searched: tuple[float, float]
+    at_edge: bool
+
+    def as_dict(self) -> dict:
+        return {"edge": self.edge, "searched": list(self.searched), "at_edge": self.at_edge}
+
+
+def _log_step(grid: list[float]) -> float:
+    """The grid's spacing in decades (a quarter decade for a one-value grid)."""
+    ordered = sorted(grid)
+    return math.log10(ordered[1] / ordered[0]) if len(ordered) > 1 else 0.25
+
+
+def search_l2(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], num_classes: int,
+              grid: list[float], score: Callable[[torch.Tensor, torch.Tensor], float], *,
+              extend_decades: float = 4.0, refine_steps: int = 0, **fit_kwargs) -> L2Search:
+    """:func:`sweep_l2` over ``grid``, then make sure the chosen l2 is not at an end of what was searched.
+
+    When the best l2 sits at an end of the grid, the grid is extended beyond that end, one decade at a time
+    at the grid's own spacing, until the best is inside or ``extend_decades`` have been added on that side.
+    A new value replaces the best only when it scores strictly higher, so a flat tail stops the extension.
+    ``refine_steps`` then halves the spacing around the peak that many times (the refinement
+    CLIP_benchmark's linear probe does around its peak); 0 keeps the grid's own values.
+    """
+    step = _log_step(grid)
+    best, curve = sweep_l2(train, val, num_classes, grid, score, **fit_kwargs)
+    best_score = max(s for l2, s in curve if l2 == best.l2)
+    low, high = min(grid), max(grid)
+    edge = "weak" if best.l2 == low else "strong" if best.l2 == high else None
+    basis = principal_basis(train[0]) if edge or refine_steps else None
+
+    def fit_and_score(l2: float, init: LinearModel | None) -> LinearModel:
+        nonlocal best, best_score
+        model = fit_logistic(*train, num_classes, l2, init=init, basis=basis, **fit_kwargs)
+        curve.append((l2, score(model.logits(val[0]), val[1])))
+        if curve[-1][1] > best_score:  # strictly better: a flat tail does not pull the best outwards
+            best, best_score = model, curve[-1][1]
+        return model
+
+    per_decade = max(1, round(1 / step))
+    added = {"weak": 0.0, "strong": 0.0}
+    while True:
+        side = "weak" if best.l2 == low else "strong" if best.l2 == high else None
+        if side is None or added[side] >= extend_decades - 1e-9:
+            break
+        exps = [(i + 1) * step for i in range(per_decade)]
+        if side == "weak":  # weaker penalties, in order, warm-started from the current best
+            new, model = [low / 10 ** e for e in exps], best
+        else:  # stronger penalties, strongest first, from scratch (as the first sweep starts)
+            new, model = [high * 10 ** e for e in exps], None
+        for l2 in sorted(new, reverse=True):
+            model = fit_and_score(l2, model)
+        low, high = min(low, *new), max(high, *new)
+        added[side] += per_decade * step
+    for _ in range(refine_steps):
+        step /= 2
+        center = best
+        for l2 in (center.l2 * 10 ** step, center.l2 / 10 ** step):
+            fit_and_score(l2, center)
+    searched = (min(l2 for l2, _ in curve), max(l2 for l2, _ in curve))
+    return L2Search(best=best, curve=sorted(curve), edge=edge, searched=searched, at_edge=best.l2 in searched)

@@ -15,7 +15,7 @@ from tasks.classification.config import ClassificationTaskConfig
 from tasks.classification.datasets import DATASETS, Splits, Transformed
 from tasks.classification.features import cache_key, cached_features
 from tasks.classification.finetune import ClassificationData, FinetuneModule
-from tasks.classification.linear import fit_logistic, l2_grid, sweep_l2
+from tasks.classification.linear import fit_logistic, l2_grid, search_l2
 from tasks.classification.metrics import SCORERS, classification_metrics
 from transfer.backbones import Backbone, build_backbone
 from transfer.engine import (
@@ -74,22 +74,40 @@ def _features(ctx: RunContext, backbone: Backbone, splits: Splits, resolution: i
     return out
 
 
+def _not_comparable(splits: Splits, *more: str) -> dict:
+    """``extra.not_comparable``: why this run's scores cannot stand next to published ones (transfer.compare)."""
+    reasons = [*splits.not_comparable, *more]
+    return {"not_comparable": reasons} if reasons else {}
+
+
 def run_linear(ctx: RunContext) -> TaskOutput:
     backbone, splits, resolution = _build(ctx)
     feats = _features(ctx, backbone, splits, resolution)
     p, task = ctx.cfg.protocol, ctx.cfg.task
     fit = dict(max_iter=p.max_iter, tolerance=p.tolerance)
-    chosen, curve = sweep_l2(feats["train"], feats["val"], splits.num_classes,
-                             l2_grid(p.l2_min, p.l2_max, p.l2_steps), SCORERS[task.metric], **fit)
-    best = chosen.l2
+    grid = l2_grid(p.l2_min, p.l2_max, p.l2_steps)
+    search = search_l2(feats["train"], feats["val"], splits.num_classes, grid, SCORERS[task.metric],
+                       extend_decades=p.extend_decades, refine_steps=p.refine_steps, **fit)
+    chosen, curve, best = search.best, search.curve, search.best.l2
+    edge_reasons = []
+    if search.edge:
+        log.warning("linear: the best l2 sat at the %s end of the grid [%g, %g]; searched [%g, %g] instead, best "
+                    "l2 %g", search.edge, p.l2_min, p.l2_max, *search.searched, best)
+    if search.at_edge:
+        edge_reasons.append(f"the best l2 {best:g} is at the end of the searched range [{search.searched[0]:g}, "
+                            f"{search.searched[1]:g}] (protocol.extend_decades={p.extend_decades:g}): a better l2 "
+                            "may lie outside it")
+        log.warning("not comparable: %s", edge_reasons[-1])
     trainval = tuple(torch.cat([feats["train"][i], feats["val"][i]]) for i in range(2))
     model = fit_logistic(*trainval, splits.num_classes, best, init=chosen, **fit)  # warm: the train-only fit
     metrics = classification_metrics(model.logits(feats["test"][0]), feats["test"][1], splits.num_classes, "test")
     metrics["val/best"] = max(score for _, score in curve)
     ctx.logger.table("linear/l2_sweep", ["l2", f"val/{task.metric}"], [list(c) for c in curve])
+    ctx.logger.summary({"linear/l2_at_grid_edge": search.edge or "none"})
     return TaskOutput(metrics=metrics, counts={**splits.counts, "feature_cache_hits": feats["cache_hits"]},
                       weights=backbone.weights.as_dict(), primary_metric=f"test/{task.metric}",
-                      extra={"best_l2": best, "l2_curve": curve, "resolution": resolution})
+                      extra={"best_l2": best, "l2_curve": curve, "l2_search": search.as_dict(),
+                             "resolution": resolution, **_not_comparable(splits, *edge_reasons)})
 
 
 def run_knn(ctx: RunContext) -> TaskOutput:
@@ -103,7 +121,7 @@ def run_knn(ctx: RunContext) -> TaskOutput:
     metrics = classification_metrics(scores, feats["test"][1], splits.num_classes, "test")
     return TaskOutput(metrics=metrics, counts={**splits.counts, "feature_cache_hits": feats["cache_hits"]},
                       weights=backbone.weights.as_dict(), primary_metric=f"test/{task.metric}",
-                      extra={"resolution": resolution})
+                      extra={"resolution": resolution, **_not_comparable(splits)})
 
 
 def _backbone(ctx: RunContext) -> Backbone:
@@ -111,68 +129,111 @@ def _backbone(ctx: RunContext) -> Backbone:
     return build_backbone(b.name, weights=b.weights, strict=b.strict, drop_path_rate=b.drop_path_rate)
 
 
+def _finetune_transforms(backbone: Backbone, resolution: int, protocol: FinetuneProtocolConfig):
+    """Train and test transforms: timm's random-resized crop + flip (+ the protocol's augmentation), and a
+    centre crop at the protocol's ``test_crop_pct`` (the checkpoint's own crop when null)."""
+    train_tf = create_transform(**backbone.data_config(train=True, resolution=resolution), is_training=True,
+                                auto_augment=protocol.randaugment, color_jitter=protocol.color_jitter or None)
+    test_config = backbone.data_config(resolution=resolution)
+    if protocol.test_crop_pct is not None:
+        test_config["crop_pct"] = protocol.test_crop_pct
+    return train_tf, create_transform(**test_config, is_training=False), test_config["crop_pct"]
+
+
+def _set_bn_momentum(module: FinetuneModule, train_size: int, global_batch: int) -> float:
+    """BN running statistics with decay ``max(1 - 10/s, 0.9)``, ``s`` steps per epoch (SimCLR B.8, BYOL D.3):
+    PyTorch's momentum is one minus that decay."""
+    momentum = min(0.1, 10 / max(1, train_size // global_batch))
+    for m in module.backbone.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+    return momentum
+
+
 def _fit(ctx: RunContext, backbone: Backbone, splits: Splits, resolution: int, protocol: FinetuneProtocolConfig, *,
          subdir: str = "", final: bool = False) -> tuple[FinetuneModule, L.Trainer, ClassificationData, str | None]:
-    """Fine-tune ``backbone`` with ``protocol``: on train (val picks the best epoch) or, ``final``, on train+val."""
+    """Fine-tune ``backbone`` with ``protocol``: on train (val scores it, after its last step or per epoch as
+    ``protocol.select`` says) or, ``final``, on train+val."""
     cfg = ctx.cfg
-    train_tf = create_transform(**backbone.data_config(train=True, resolution=resolution), is_training=True,
-                                auto_augment=protocol.randaugment)
-    test_tf = eval_transform(backbone, resolution)
+    train_tf, test_tf, _ = _finetune_transforms(backbone, resolution, protocol)
     train = ConcatDataset([splits.train, splits.val]) if final else splits.train
-    data = ClassificationData(Transformed(train, train_tf), Transformed(splits.val, test_tf),
-                              Transformed(splits.test, test_tf), batch_size=cfg.trainer.batch_size,
-                              eval_batch_size=cfg.trainer.eval_batch_size, num_workers=cfg.trainer.num_workers)
     module = FinetuneModule(backbone, splits.num_classes, protocol)
     callbacks = [EMAWeightAveraging(decay=protocol.ema_decay)] if protocol.ema_decay else []
-    if final:  # val is training data now: keep the last epoch, skip validation
+    length = dict(max_steps=protocol.steps, max_epochs=-1) if protocol.steps else {}
+    if final:  # val is training data now: keep the last step, skip validation
         trainer = build_trainer(ctx, callbacks=callbacks, monitor="train/loss_epoch", mode="min", subdir=subdir,
-                                limit_val_batches=0)
+                                limit_val_batches=0, **length)
     else:
-        trainer = build_trainer(ctx, callbacks=callbacks, monitor=f"val/{cfg.task.metric}", subdir=subdir)
+        if protocol.select == "last":  # one validation, after the last step
+            length.update(dict(val_check_interval=protocol.steps, check_val_every_n_epoch=None) if protocol.steps
+                          else dict(check_val_every_n_epoch=cfg.trainer.max_epochs))
+        trainer = build_trainer(ctx, callbacks=callbacks, monitor=f"val/{cfg.task.metric}", subdir=subdir, **length)
+    # protocol.batch_size is global: each process takes its share.
+    batch = max(1, protocol.batch_size // trainer.world_size) if protocol.batch_size else cfg.trainer.batch_size
+    data = ClassificationData(Transformed(train, train_tf), Transformed(splits.val, test_tf),
+                              Transformed(splits.test, test_tf), batch_size=batch,
+                              eval_batch_size=cfg.trainer.eval_batch_size, num_workers=cfg.trainer.num_workers)
+    if protocol.bn_momentum_from_steps:
+        _set_bn_momentum(module, len(train), batch * trainer.world_size)
     resumed_from = resume_path(ctx, subdir)
     trainer.fit(module, datamodule=data, ckpt_path=resumed_from)
     return module, trainer, data, resumed_from
 
 
-def _sweep(ctx: RunContext, splits: Splits, resolution: int) -> tuple[FinetuneProtocolConfig, list[list[float]]]:
-    """Train every (lr, weight decay) of the grid on train; the pair with the best val metric wins."""
+def _sweep(ctx: RunContext, splits: Splits, resolution: int) -> tuple[FinetuneProtocolConfig, list[list[float]],
+                                                                       list[float]]:
+    """Train every (lr, weight decay) of the grid on train; the pair with the best val metric wins.
+
+    With ``protocol.wd_over_lr`` the optimiser's weight decay is ``wd / lr`` (SimCLR B.8, BYOL D.3: the
+    grid's weight decays "are divided by the learning rate"); rows ``[lr, wd, val score]`` hold the grid
+    value ``wd``. Returns the refit's settings, every row and the chosen row.
+    """
     p = ctx.cfg.protocol
     rows = []
     for lr in p.lr_grid:
         for wd in p.wd_grid:
-            candidate = dataclasses.replace(p, lr=lr, weight_decay=wd, sweep=False)
+            candidate = dataclasses.replace(p, lr=lr, weight_decay=wd / lr if p.wd_over_lr else wd, sweep=False)
             _, trainer, _, _ = _fit(ctx, _backbone(ctx), splits, resolution, candidate,
                                     subdir=f"sweep/lr{lr:g}-wd{wd:g}")
             score = trainer.checkpoint_callback.best_model_score
             rows.append([lr, wd, float(score) if score is not None else float("nan")])
-            log.info("finetune sweep lr=%g wd=%g: val/%s %.2f", lr, wd, ctx.cfg.task.metric, rows[-1][2])
-    lr, wd, _ = max(rows, key=lambda r: float("-inf") if math.isnan(r[2]) else r[2])
-    return dataclasses.replace(p, lr=lr, weight_decay=wd, sweep=False), rows
+            log.info("finetune sweep lr=%g wd=%g (optimiser weight decay %g): val/%s %.2f", lr, wd,
+                     candidate.weight_decay, ctx.cfg.task.metric, rows[-1][2])
+    chosen = max(rows, key=lambda r: float("-inf") if math.isnan(r[2]) else r[2])
+    lr, wd, _ = chosen
+    return dataclasses.replace(p, lr=lr, weight_decay=wd / lr if p.wd_over_lr else wd, sweep=False), rows, chosen
 
 
 def run_finetune(ctx: RunContext) -> TaskOutput:
     backbone, splits, resolution = _build(ctx)
-    cfg = ctx.cfg
-    extra: dict = {"resolution": resolution}
-    if cfg.protocol.sweep:
-        best, rows = _sweep(ctx, splits, resolution)
+    cfg, p = ctx.cfg, ctx.cfg.protocol
+    resolution = cfg.task.resolution or p.image_size or resolution  # an explicit task.resolution wins
+    crop_pct = _finetune_transforms(backbone, resolution, p)[2]
+    # "paper": the papers' fine-tune sizes (train crops 224; test resize 256, centre crop 224), see transfer.compare.
+    preprocess = "paper" if (resolution, crop_pct) == (224, 0.875) else "checkpoint"
+    extra: dict = {"resolution": resolution, "test_crop_pct": crop_pct, "preprocess": preprocess}
+    if p.sweep:
+        best, rows, chosen = _sweep(ctx, splits, resolution)
         ctx.logger.table("finetune/sweep", ["lr", "weight_decay", f"val/{cfg.task.metric}"], rows)
-        extra.update(best_lr=best.lr, best_weight_decay=best.weight_decay, sweep=rows)
+        extra.update(best_lr=chosen[0], best_weight_decay=chosen[1], optimiser_weight_decay=best.weight_decay,
+                     sweep=rows)
         module, trainer, data, resumed_from = _fit(ctx, backbone, splits, resolution, best, subdir="final",
                                                    final=True)
         tested = trainer.test(module, datamodule=data, verbose=False)
     else:
-        module, trainer, data, resumed_from = _fit(ctx, backbone, splits, resolution, cfg.protocol)
-        tested = trainer.test(module, datamodule=data, ckpt_path="best", verbose=False)
+        module, trainer, data, resumed_from = _fit(ctx, backbone, splits, resolution, p)
+        tested = trainer.test(module, datamodule=data, ckpt_path="best" if p.select == "best_epoch" else None,
+                              verbose=False)
     metrics = {k: float(v) for k, v in tested[0].items()} if tested else {}
-    if cfg.protocol.sweep:
+    extra["global_batch"] = data.batch_size * trainer.world_size  # of the fit that was tested
+    if p.sweep:
         metrics[f"val/best_{cfg.task.metric}"] = max(r[2] for r in extra["sweep"])
     return TaskOutput(metrics=metrics, counts=dict(splits.counts), weights=backbone.weights.as_dict(),
                       primary_metric=f"test/{cfg.task.metric}", extra={**extra, "resumed_from": resumed_from,
-                             **progress_of(trainer)})
+                             **progress_of(trainer), **_not_comparable(splits)})
 
 
-PROTOCOL_RUNNERS = {"linear": run_linear, "knn": run_knn, "finetune": run_finetune}
+PROTOCOL_RUNNERS = {"linear": run_linear, "knn": run_knn, "finetune": run_finetune, "finetune_strong": run_finetune}
 
 
 def run(ctx: RunContext) -> TaskOutput:

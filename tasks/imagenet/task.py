@@ -85,10 +85,13 @@ def run(ctx: RunContext) -> TaskOutput:
     if published is not None:
         metrics["published/top1"] = published
         metrics[f"{task.split}/top1_minus_published"] = metrics[f"{task.split}/top1"] - published
+    partial = [f"task.allow_partial=true: {counts['classes']} of {len(WNIDS)} ImageNet-1k classes evaluated"] \
+        if counts.get("classes", len(WNIDS)) < len(WNIDS) else []
     return TaskOutput(metrics=metrics, counts=counts, weights=backbone.weights.as_dict(),
                       primary_metric=f"{task.split}/top1",
                       extra={"resolution": resolution, "data_config": data_config,
-                             "published_top1_source": backbone.spec.source})
+                             "published_top1_source": backbone.spec.source,
+                             **({"not_comparable": partial} if partial else {})})
 
 
 TASKS.add("imagenet", TaskAdapter(config_class=ImageNetTaskConfig, run=run, protocols=("eval",),

@@ -9,7 +9,7 @@ from suite_helpers import QUICK, run_cli
 def test_finetune_with_two_processes(tmp_path):
     run_dir = tmp_path / "run"
     quick = [a for a in QUICK if not a.startswith("logger.")]
-    proc = run_cli(*quick, "protocol=finetune", "trainer.max_epochs=1", "trainer.devices=2",
+    proc = run_cli(*quick, "protocol=finetune_strong", "trainer.max_epochs=1", "trainer.devices=2",
                    "trainer.accelerator=cpu", "trainer.batch_size=16", "task.limit_per_split=64",
                    "logger.wandb.mode=offline", f"run.dir={run_dir}", cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

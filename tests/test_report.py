@@ -28,10 +28,10 @@ BACKBONES = ("rs50", "resnet50")
 TINY = ["task=digits", "backbone.weights=random", "protocol=knn", "task.resolution=32", "++task.limit_per_split=60",
         "trainer.num_workers=0", "trainer.progress_bar=false"]
 # Made-up rows for the demo task, which has no published numbers: the report must show whatever the file holds.
-DIGITS_BASELINES = ("# version: 1\n" + ",".join(COLUMNS) + "\n"
-                    'simclr,resnet50,"ImageNet-1k, self-supervised",digits,knn,test row,test/top1,71.5,test fixture\n'
-                    'byol,resnet50,"ImageNet-1k, self-supervised",digits,knn,test row,test/top1,80.25,test fixture\n'
-                    'byol,resnet50,"ImageNet-1k, self-supervised",digits,linear,test row,test/top1,90.0,test fixture\n')
+DIGITS_BASELINES = ("# version: 2\n" + ",".join(COLUMNS) + "\n"
+                    "simclr,resnet50,imagenet1k_supervised,digits,knn,test row,,test/top1,71.5,test fixture\n"
+                    "byol,resnet50,imagenet1k_supervised,digits,knn,test row,,test/top1,80.25,test fixture\n"
+                    "byol,resnet50,imagenet1k_supervised,digits,linear,test row,,test/top1,90.0,test fixture\n")
 
 
 def check_png(path: Path) -> np.ndarray:
@@ -84,14 +84,18 @@ def sweep(tmp_path_factory):
 
 
 @pytest.mark.e2e
-def test_sweep_runs_every_backbone_and_stores_the_baselines(sweep):
+def test_sweep_runs_every_backbone_and_stores_the_baselines_as_context(sweep):
+    # Random weights and task.limit_per_split: these runs stand next to no published number.
     assert sweep["code"] == 0
     found = find_results(sweep["root"])
     assert sorted(r["backbone"] for _, r in found) == sorted(BACKBONES)
-    published = baselines_for("digits", "knn", "test/top1", path=sweep["csv"])
+    rows = baselines_for("digits", metric="test/top1", path=sweep["csv"])
     for _, r in found:
-        assert sorted(b["value"] for b in r["baselines"]) == sorted(b.value for b in published)
-        assert all(b["difference"] == pytest.approx(r["metrics"]["test/top1"] - b["value"]) for b in r["baselines"])
+        assert r["comparable"] is False
+        reasons = " | ".join(r["comparison"]["reasons"])
+        assert "task.limit_per_split=60" in reasons and "backbone.weights=random" in reasons
+        assert sorted(b["value"] for b in r["baselines"]) == sorted(b.value for b in rows)
+        assert all(not b["comparable"] and b["difference"] is None for b in r["baselines"])
 
 
 @pytest.mark.e2e
@@ -103,10 +107,11 @@ def test_offline_wandb_run_holds_score_baselines_table_and_grouping(sweep):
         backbone = run["config"]["backbone_name"]
         res = results[backbone]
         assert run["summary"]["test/top1"] == pytest.approx(res["metrics"]["test/top1"])
+        assert run["summary"]["comparable"] is False and "limit_per_split" in run["summary"]["comparison/reasons"]
         for b in res["baselines"]:
-            assert run["summary"][f"baseline/{b['label']}/{b['metric']}"] == b["value"]
+            assert run["summary"][f"context/{b['label']}/{b['metric']}"] == b["value"]
         assert run["table"]["columns"][:2] == ["method", "arch"]
-        assert [row[5] for row in run["table"]["data"]] == [res["metrics"]["test/top1"],
+        assert [row[6] for row in run["table"]["data"]] == [res["metrics"]["test/top1"],
                                                             *(b["value"] for b in res["baselines"])]
         assert (run["group"], run["job_type"]) == ("digits", "knn")
         assert run["config"]["task_name"] == "digits" and run["config"]["protocol_name"] == "knn"
@@ -119,10 +124,13 @@ def test_report_over_the_sweep_shows_runs_and_baselines(sweep, tmp_path):
     md = (out / "report.md").read_text()
     section = md.split("## digits", 1)[1]
     for _, r in find_results(sweep["root"]):
-        assert f"| {r['backbone']} | this suite | {r['metrics']['test/top1']:.2f} |" in section
+        assert f"| {r['backbone']} | this suite | {r['metrics']['test/top1']:.2f} (not comparable) |" in section
+        assert "knn not comparable: task.limit_per_split=60" in section
     for b in baselines_for("digits", "knn", "test/top1", path=sweep["csv"]):
-        assert f"| {b.method} ({b.arch}) | published | {b.value:.2f} |" in section
-    assert "90.00" not in section  # the linear row does not belong to a k-NN comparison
+        assert f"| {b.method} ({b.arch}), knn | context | {b.value:.2f} |" in section
+    # The linear row is context too, and its name says it is a linear-probe number.
+    assert "| byol (resnet50), linear | context | 90.00 |" in section
+    assert "| published |" not in section
     check_png(out / "charts" / "digits.png")
     page = (out / "report.html").read_text()
     assert 'src="data:image/png;base64,' in page and 'src="http' not in page
@@ -150,12 +158,12 @@ def test_online_without_network_falls_back_offline_and_writes_results(tmp_path, 
 
 
 def _write_run(root: Path, task: str, backbone: str, protocol: str, metrics: dict, stamp: str,
-               primary: str | None = None) -> Path:
+               primary: str | None = None, extra: dict | None = None, weights: str = "pretrained") -> Path:
     run_dir = root / task / f"{backbone}-{protocol}" / stamp
     run_dir.mkdir(parents=True)
     results = {"schema_version": SCHEMA_VERSION, "task": task, "backbone": backbone, "protocol": protocol,
-               "weights": {"source": "pretrained"}, "metrics": metrics, "counts": {}, "packages": {},
-               "wall_time_s": 1.0, "primary_metric": primary, "extra": {}}
+               "weights": {"source": weights}, "metrics": metrics, "counts": {}, "packages": {},
+               "wall_time_s": 1.0, "primary_metric": primary, "extra": extra or {}}
     path = write_results(run_dir, results)
     os.utime(path, (int(stamp), int(stamp)))  # the newest run of a cell is told by the file time
     return path
@@ -165,8 +173,10 @@ def _write_run(root: Path, task: str, backbone: str, protocol: str, metrics: dic
 def runs(tmp_path):
     root = tmp_path / "runs"
     _write_run(root, "cifar100", "rs50", "linear", {"test/top1": 70.0, "test/top5": 90.0}, "1000", "test/top1")
-    _write_run(root, "cifar100", "rs50", "linear", {"test/top1": 72.5, "test/top5": 91.0}, "2000", "test/top1")
+    _write_run(root, "cifar100", "rs50", "linear", {"test/top1": 72.5, "test/top5": 91.0}, "2000", "test/top1",
+               extra={"preprocess": "paper"})
     _write_run(root, "cifar100", "rs101", "finetune", {"test/top1": 84.0}, "1500", "test/top1")
+    _write_run(root, "cifar100", "resnet50", "linear", {"test/top1": 60.0}, "1700", "test/top1", weights="random")
     _write_run(root, "digits", "rs50", "knn", {"test/top1": 55.0, "test/mean_per_class": 54.0}, "1200")
     return root
 
@@ -180,10 +190,18 @@ def test_matrix_covers_backbones_tasks_protocols_with_packaged_baselines(runs, t
     assert "digits · knn test/mean_per_class | digits · knn test/top1" in overview
     assert "| rs50 | — | 72.50 (newest of 2) | 54.00 | 55.00 |" in overview
     assert "| rs101 | 84.00 | — | — | — |" in overview
+    assert "| resnet50 | — | 60.00 (not comparable) | — | — |" in overview
     cifar = next(t for t in tasks if t.task == "cifar100")
-    published = baselines_for("cifar100", "linear", "test/top1") + baselines_for("cifar100", "finetune", "test/top1")
+    # Published: measured as the rs50 linear run (supervised, linear, the papers' preprocessing). Every other
+    # cifar100 test/top1 row is context, shown once.
+    published = [b for b in baselines_for("cifar100", "linear", "test/top1") if b.pretrain == "imagenet1k_supervised"]
     assert sorted(v for e in cifar.entries if e.kind == "published" for v in e.values.values()) == \
         sorted(b.value for b in published)
+    assert sorted(v for e in cifar.entries if e.kind in ("published", "context") for v in e.values.values()) == \
+        sorted(b.value for b in baselines_for("cifar100", metric="test/top1"))
+    context = [e for e in cifar.entries if e.kind == "context"]
+    assert all(e.name.endswith((", linear", ", finetune", ", scratch")) and "context, differs" in e.detail
+               for e in context)
     assert all(e.source for e in cifar.entries)
     assert set(charts) == {"cifar100", "digits"}
     for path in charts.values():

@@ -15,7 +15,7 @@ from transfer.run import main
 @pytest.mark.e2e
 def test_killed_finetune_resumes_from_its_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    args = [*QUICK, "protocol=finetune", "trainer.max_epochs=3", "trainer.batch_size=16",
+    args = [*QUICK, "protocol=finetune_strong", "trainer.max_epochs=3", "trainer.batch_size=16",
             "task.limit_per_split=64", f"run.dir={run_dir}"]
     proc = subprocess.Popen([sys.executable, "-m", "transfer.run", *args], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,

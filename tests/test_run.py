@@ -34,7 +34,7 @@ def test_demo_linear_probe_end_to_end(tmp_path, capsys):
 @pytest.mark.e2e
 def test_demo_finetune_one_epoch_with_offline_wandb(tmp_path):
     args = [a for a in QUICK if not a.startswith("logger.")]
-    code = main([*args, "protocol=finetune", "trainer.max_epochs=1", "trainer.batch_size=32",
+    code = main([*args, "protocol=finetune_strong", "trainer.max_epochs=1", "trainer.batch_size=32",
                  "task.limit_per_split=96", "logger.wandb.mode=offline", f"run.root={tmp_path}"])
     assert code == 0
     results = _only_results(tmp_path)

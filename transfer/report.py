@@ -131,9 +131,11 @@ def build_comparison(found: list[tuple[Path, dict[str, Any]]], *,
                                            row["conditions"]) if x)
             if kind == CONTEXT:
                 detail += f" — context, differs from {' / '.join(seen['context'][c] for c in placed)}"
+            # A context row's name carries its protocol: it may sit in another protocol's column.
+            name = f"{row['method']} ({row['arch']})" + (f", {row['protocol']}" if kind == CONTEXT else "")
             e = entries.setdefault((kind, "|".join(str(row[k]) for k in ("method", "arch", "pretrain", "protocol",
                                                                            "setting", "conditions"))),
-                                   Entry(f"{row['method']} ({row['arch']})", kind, detail, row["source"]))
+                                   Entry(name, kind, detail, row["source"]))
             e.values.update({c: row["value"] for c in placed})
         order = {SUITE: 0, PUBLISHED: 1, CONTEXT: 2}
         ordered = sorted(entries.values(), key=lambda e: (order[e.kind], e.name))

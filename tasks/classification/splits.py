@@ -79,10 +79,6 @@ class FoundSizes:
     test: int
     val: int | None = None  # None: the copy has no validation split
 
-    def describe(self) -> str:
-        val = "none" if self.val is None else f"{self.val:,}"
-        return f"train {self.train:,} / val {val} / test {self.test:,}"
-
 
 def size_differences(expected: SplitSizes, found: FoundSizes) -> list[str]:
     """Each split whose size differs, as ``"train 7,169 (published 1,020)"``; empty when they match.
@@ -121,7 +117,7 @@ def check_split_sizes(task: str, expected: SplitSizes, found: FoundSizes, *, ori
                         f"{'; '.join(differences)} (published sizes: {expected.source}).{where} Scores on other "
                         f"splits cannot stand next to published numbers. To run anyway, pass "
                         f"task.check_split_sizes=false; the run is then marked not comparable.")
-    reason = (f"task.check_split_sizes=false: {task} copy {origin} has {found.describe()}, not the published "
+    reason = (f"task.check_split_sizes=false: {task} copy {origin} differs from the published splits: "
               f"{'; '.join(differences)} ({expected.source})")
     log.warning("not comparable: %s", reason)
     return [reason]

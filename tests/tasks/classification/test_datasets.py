@@ -17,8 +17,9 @@ N_TRAIN, N_TEST = PER_CLASS["train"] * len(CLASSES), PER_CLASS["test"] * len(CLA
 
 
 def config(data_dir, **kw) -> ClassificationTaskConfig:
+    # The tiny copies have other split sizes than CIFAR-100's published 50,000 / 10,000.
     return ClassificationTaskConfig(name="cifar100", dataset="cifar100", data_dir=str(data_dir),
-                                    max_bad_fraction=0.2, **kw)
+                                    max_bad_fraction=0.2, **{"check_split_sizes": False, **kw})
 
 
 @pytest.mark.parametrize("layout", ["saved_to_disk", "parquet_files", "image_folder"])

@@ -7,9 +7,10 @@ import pytest
 
 from transfer.run import main as run_main
 
+# The tiny copies have none of the published split sizes: task.check_split_sizes=false runs them anyway.
 COMMON = ["backbone=rs50", "backbone.weights=random", "task.resolution=32", "trainer.precision=32-true",
           "trainer.num_workers=0", "trainer.eval_batch_size=8", "trainer.batch_size=8", "trainer.progress_bar=false",
-          "logger.wandb.mode=disabled"]
+          "logger.wandb.mode=disabled", "task.check_split_sizes=false"]
 
 
 def run(tmp_path, name: str, *overrides: str) -> dict:
@@ -45,8 +46,8 @@ def test_knn_on_an_image_folder(tmp_path, image_folder):
 @pytest.mark.e2e
 def test_finetune_sweep_picks_on_val_then_refits(tmp_path, parquet_files):
     results = run(tmp_path, "ft", "task=cifar100", f"task.data_dir={parquet_files}", "task.max_bad_fraction=0.2",
-                  "protocol=finetune", "protocol.sweep=true", "protocol.lr_grid=[0.001,0.01]", "protocol.wd_grid=[0.0]",
-                  "protocol.mixup=0.2", "protocol.ema_decay=0.9", "trainer.max_epochs=1")
+                  "protocol=finetune_strong", "protocol.sweep=true", "protocol.lr_grid=[0.001,0.01]",
+                  "protocol.wd_grid=[0.0]", "protocol.mixup=0.2", "protocol.ema_decay=0.9", "trainer.max_epochs=1")
     rows = results["extra"]["sweep"]
     assert [r[:2] for r in rows] == [[0.001, 0.0], [0.01, 0.0]]
     best = max(rows, key=lambda r: r[2])

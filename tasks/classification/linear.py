@@ -153,10 +153,11 @@ def sweep_l2(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, 
 class L2Search:
     """The outcome of :func:`search_l2`.
 
-    ``curve`` holds every ``(l2, val score)`` fitted, sorted by l2. ``edge`` is the end of the requested
-    grid the first sweep's best sat at (``"weak"``: the smallest l2, ``"strong"``: the largest), None when it
-    was inside. ``searched`` are the smallest and largest l2 fitted after any extension; ``at_edge`` is True
-    when the best still sits at one of them, so a better l2 may lie outside what was searched.
+    ``curve`` holds every ``(l2, val score)`` fitted, sorted by l2. ``edge`` names the end(s) of the requested
+    grid where the first sweep's curve had not come down from its best (``"weak"``: the smallest l2,
+    ``"strong"``: the largest, ``"weak+strong"``), None when the best was bracketed by worse values on both
+    sides. ``searched`` are the smallest and largest l2 fitted; ``at_edge`` is True when, even after the
+    extension, an end of ``searched`` still scores as well as the best: a better l2 may then lie outside.
     """
 
     best: LinearModel
@@ -178,48 +179,52 @@ def _log_step(grid: list[float]) -> float:
 def search_l2(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], num_classes: int,
               grid: list[float], score: Callable[[torch.Tensor, torch.Tensor], float], *,
               extend_decades: float = 4.0, refine_steps: int = 0, **fit_kwargs) -> L2Search:
-    """:func:`sweep_l2` over ``grid``, then make sure the chosen l2 is not at an end of what was searched.
+    """:func:`sweep_l2` over ``grid``, then make sure no l2 outside what was searched could score better.
 
-    When the best l2 sits at an end of the grid, the grid is extended beyond that end, one decade at a time
-    at the grid's own spacing, until the best is inside or ``extend_decades`` have been added on that side.
-    A new value replaces the best only when it scores strictly higher, so a flat tail stops the extension.
-    ``refine_steps`` then halves the spacing around the peak that many times (the refinement
-    CLIP_benchmark's linear probe does around its peak); 0 keeps the grid's own values.
+    An end of the grid is *open* while its score is not below the best score (the curve has not come down
+    there). Each open end is extended, one decade at a time at the grid's own spacing, until it closes or
+    ``extend_decades`` have been added on that side. The best is the first-found highest score (ties keep the
+    stronger penalty of the first sweep); a new value replaces it only when strictly better. ``refine_steps``
+    then halves the spacing around the peak that many times, the refinement CLIP_benchmark's linear probe does
+    around its peak; 0 keeps the grid's own values (the papers' protocol).
     """
     step = _log_step(grid)
     best, curve = sweep_l2(train, val, num_classes, grid, score, **fit_kwargs)
-    best_score = max(s for l2, s in curve if l2 == best.l2)
-    low, high = min(grid), max(grid)
-    edge = "weak" if best.l2 == low else "strong" if best.l2 == high else None
-    basis = principal_basis(train[0]) if edge or refine_steps else None
+    scores = dict(curve)
+    best_score = scores[best.l2]
+    basis = principal_basis(train[0])  # reused by every further fit
 
     def fit_and_score(l2: float, init: LinearModel | None) -> LinearModel:
         nonlocal best, best_score
         model = fit_logistic(*train, num_classes, l2, init=init, basis=basis, **fit_kwargs)
-        curve.append((l2, score(model.logits(val[0]), val[1])))
-        if curve[-1][1] > best_score:  # strictly better: a flat tail does not pull the best outwards
-            best, best_score = model, curve[-1][1]
+        scores[l2] = score(model.logits(val[0]), val[1])
+        if scores[l2] > best_score:  # strictly better: ties keep the first-found (stronger) penalty
+            best, best_score = model, scores[l2]
         return model
 
+    def open_ends() -> list[str]:
+        low, high = min(scores), max(scores)
+        return [side for side, end in (("weak", low), ("strong", high)) if scores[end] >= best_score]
+
+    first_open = open_ends()
     per_decade = max(1, round(1 / step))
     added = {"weak": 0.0, "strong": 0.0}
-    while True:
-        side = "weak" if best.l2 == low else "strong" if best.l2 == high else None
-        if side is None or added[side] >= extend_decades - 1e-9:
-            break
+    while sides := [s for s in open_ends() if added[s] < extend_decades - 1e-9]:
         exps = [(i + 1) * step for i in range(per_decade)]
-        if side == "weak":  # weaker penalties, in order, warm-started from the current best
+        if sides[0] == "weak":  # weaker penalties, in order, warm-started from the best fit
+            low = min(scores)
             new, model = [low / 10 ** e for e in exps], best
-        else:  # stronger penalties, strongest first, from scratch (as the first sweep starts)
-            new, model = [high * 10 ** e for e in exps], None
-        for l2 in sorted(new, reverse=True):
+        else:  # stronger penalties, strongest first, from scratch as the first sweep starts
+            high = max(scores)
+            new, model = sorted((high * 10 ** e for e in exps), reverse=True), None
+        for l2 in new:
             model = fit_and_score(l2, model)
-        low, high = min(low, *new), max(high, *new)
-        added[side] += per_decade * step
+        added[sides[0]] += per_decade * step
     for _ in range(refine_steps):
         step /= 2
         center = best
         for l2 in (center.l2 * 10 ** step, center.l2 / 10 ** step):
             fit_and_score(l2, center)
-    searched = (min(l2 for l2, _ in curve), max(l2 for l2, _ in curve))
-    return L2Search(best=best, curve=sorted(curve), edge=edge, searched=searched, at_edge=best.l2 in searched)
+    curve = sorted(scores.items())
+    return L2Search(best=best, curve=curve, edge="+".join(first_open) or None, searched=(curve[0][0], curve[-1][0]),
+                    at_edge=bool(open_ends()))

@@ -1,0 +1,93 @@
+"""``protocol=finetune`` is the papers' fine-tune protocol (SimCLR App. B.8, BYOL App. D.3): a grid of lr x wd with
+wd divided by lr, a fixed number of steps at a global batch, each point scored on val after its last step, the best
+refit on train+val, then tested. ``finetune_strong`` keeps the suite's stronger recipe under its own name."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from tasks.classification import task as classification
+from transfer.config import compose, validate
+from transfer.protocols import PAPER_LR_GRID, PAPER_WD_GRID, FinetuneProtocolConfig
+from transfer.run import main as run_main
+
+
+def test_the_finetune_recipe_is_the_papers_protocol():
+    p = validate(compose(["task=cifar100", "protocol=finetune", "logger.wandb.mode=disabled"])).protocol
+    assert p == FinetuneProtocolConfig()  # the recipe file and the schema agree (video refuses any difference)
+    assert (p.steps, p.batch_size, p.image_size, p.test_crop_pct) == (20_000, 256, 224, 0.875)
+    assert p.sweep and p.wd_over_lr and p.select == "last" and p.bn_momentum_from_steps
+    assert len(p.lr_grid) == 7 and p.lr_grid[0] == 1e-4 and p.lr_grid[-1] == 0.1
+    assert p.wd_grid[0] == 0.0 and len(p.wd_grid) == 8 and p.wd_grid[1] == 1e-6 and p.wd_grid[-1] == 1e-3
+    ratios = [b / a for a, b in zip(PAPER_LR_GRID, PAPER_LR_GRID[1:])] + \
+        [b / a for a, b in zip(PAPER_WD_GRID[1:], PAPER_WD_GRID[2:])]
+    assert all(r == pytest.approx(10 ** 0.5, rel=2e-3) for r in ratios)  # log-spaced, half a decade apart
+    assert (p.randaugment, p.label_smoothing, p.color_jitter, p.mixup, p.cutmix) == (None, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_the_strong_recipe_keeps_its_own_name_and_values():
+    p = validate(compose(["task=cifar100", "protocol=finetune_strong", "logger.wandb.mode=disabled"])).protocol
+    assert p.name == "finetune_strong" and not p.sweep and p.steps is None and p.select == "best_epoch"
+    assert (p.randaugment, p.label_smoothing, p.weight_decay) == ("rand-m10-n2", 0.1, 1e-4)
+
+
+def test_the_sweep_divides_each_weight_decay_by_its_learning_rate(monkeypatch):
+    tried = []
+
+    def fake_fit(ctx, backbone, splits, resolution, protocol, **kwargs):
+        tried.append((protocol.lr, protocol.weight_decay))
+        score = 50.0 + 10 * protocol.lr - protocol.weight_decay  # best: the largest lr, then the smallest decay
+        return None, SimpleNamespace(checkpoint_callback=SimpleNamespace(best_model_score=torch.tensor(score))), \
+            None, None
+
+    monkeypatch.setattr(classification, "_fit", fake_fit)
+    monkeypatch.setattr(classification, "_backbone", lambda ctx: None)
+    protocol = dataclasses.replace(FinetuneProtocolConfig(), lr_grid=[0.01, 0.1], wd_grid=[0.0, 1e-4])
+    ctx = SimpleNamespace(cfg=SimpleNamespace(protocol=protocol, task=SimpleNamespace(metric="top1")))
+    best, rows, chosen = classification._sweep(ctx, None, 32)
+    assert tried == [(0.01, 0.0), (0.01, pytest.approx(1e-2)), (0.1, 0.0), (0.1, pytest.approx(1e-3))]
+    assert [r[:2] for r in rows] == [[0.01, 0.0], [0.01, 1e-4], [0.1, 0.0], [0.1, 1e-4]]
+    assert chosen[:2] == [0.1, 0.0] and (best.lr, best.weight_decay, best.sweep) == (0.1, 0.0, False)
+    off = dataclasses.replace(protocol, wd_over_lr=False)
+    tried.clear()
+    classification._sweep(SimpleNamespace(cfg=SimpleNamespace(protocol=off, task=ctx.cfg.task)), None, 32)
+    assert [wd for _, wd in tried] == [0.0, 1e-4, 0.0, 1e-4]
+
+
+@pytest.mark.parametrize("train_size, batch, momentum", [(1_020, 256, 0.1), (45_000, 256, 10 / 175),
+                                                         (1_000_000, 256, 10 / 3906)])
+def test_batch_norm_statistics_decay_with_the_steps_per_epoch(train_size, batch, momentum):
+    module = SimpleNamespace(backbone=nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    assert classification._set_bn_momentum(module, train_size, batch) == pytest.approx(momentum)
+    assert module.backbone[1].momentum == pytest.approx(momentum)  # TF decay max(1 - 10/s, 0.9) = 1 - momentum
+
+
+@pytest.mark.e2e
+def test_a_paper_finetune_run_sweeps_refits_on_train_val_and_tests(tmp_path, parquet_files):
+    run_dir = tmp_path / "ft"
+    code = run_main(["task=cifar100", f"task.data_dir={parquet_files}", "task.max_bad_fraction=0.2",
+                     "task.check_split_sizes=false", "protocol=finetune", "protocol.steps=3", "protocol.batch_size=8",
+                     "protocol.lr_grid=[0.01,0.1]", "protocol.wd_grid=[0.001]", "backbone=rs50",
+                     "backbone.weights=random", "task.resolution=32", "trainer.precision=32-true",
+                     "trainer.num_workers=0", "trainer.eval_batch_size=8", "trainer.progress_bar=false",
+                     "logger.wandb.mode=disabled", f"run.dir={run_dir}"])
+    assert code == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    extra = results["extra"]
+    assert [r[:2] for r in extra["sweep"]] == [[0.01, 0.001], [0.1, 0.001]]
+    best = max(extra["sweep"], key=lambda r: r[2])
+    assert extra["best_lr"] == best[0] and extra["optimiser_weight_decay"] == pytest.approx(0.001 / best[0])
+    assert extra["global_step"] == 3 and extra["global_batch"] == 8  # the refit: protocol.steps at the batch
+    for lr in (0.01, 0.1):  # each grid point trained its 3 steps and was scored once, after the last
+        assert (run_dir / "checkpoints" / "sweep" / f"lr{lr:g}-wd0.001" / "last.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "final" / "last.ckpt").is_file()
+    assert "test/top1" in results["metrics"] and results["metrics"]["val/best_top1"] == pytest.approx(best[2])
+    assert extra["preprocess"] == "checkpoint"  # task.resolution=32, not the papers' 224 / 256
+    reasons = " | ".join(results["comparison"]["reasons"])
+    assert "protocol.steps=3" in reasons and "task.check_split_sizes=false" in reasons
+    assert not any(b["comparable"] for b in results["baselines"])

@@ -65,6 +65,14 @@ def test_rows_for_tasks_outside_the_suite_are_declared_and_reported():
     print(f"baseline rows for tasks outside the suite (context only): {counts}")
 
 
+def test_docs_list_the_protocol_of_every_task_with_published_rows():
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "comparison.md").read_text()
+    section = docs.split("## The protocol of each published row, per task", 1)[1]
+    assert all(f"`{task}`" in section for task in {r.task for r in load_baselines()})
+
+
 def test_every_adapter_declares_lower_case_split_name_keys():
     load_adapters()
     for name in TASKS.names():

@@ -66,8 +66,8 @@ PUBLISHED_SPLITS: dict[str, SplitSizes] = {
                                                  "rest as test (SimCLR App. B.8)."),
     "flowers102": SplitSizes(1_020, 6_149, val=1_020,
                              where="the official files: task.data_dir=PATH holding setid.mat, imagelabels.mat "
-                                   "and jpg/ from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/, or a Hub copy "
-                                   "with the official splits (task.hub_id=dpdl-benchmark/oxford_flowers102)."),
+                                   "and jpg/ from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/, or the default "
+                                   "Hub copy with the official splits, dpdl-benchmark/oxford_flowers102."),
 }
 
 

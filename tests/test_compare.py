@@ -230,3 +230,26 @@ def test_disabled_logger_still_returns_rows(tmp_path):
     logger = RunLogger(WandbConfig(mode="disabled"), tmp_path, name="n", group="g", job_type="j", config={})
     assert logger.run is None
     assert log_comparison(logger, _results()) == baseline_rows(_results())
+
+
+@pytest.mark.e2e
+def test_a_kinetics400_run_records_what_the_video_rows_are_matched_on(tmp_path):
+    from transfer.run import main
+    from video.synthetic import write_dataset
+
+    root = write_dataset(tmp_path / "data", "csv", classes=5, per_class=1, damaged=False)  # 5: top-5 too
+    run_dir = tmp_path / "run"
+    # The recipe's 32 frames x stride 2 (fps 32 fits the 2-second synthetic clips); a tiny schedule and size.
+    code = main(["task=kinetics400", "backbone=rs50", "backbone.weights=random", f"task.data_dir={root}",
+                 "task.num_classes=5", "task.fps=32", "task.train_size=32", "task.eval_size=32", "task.test_clips=1",
+                 "task.test_crops=1", "task.inflation.stage_temporal_kernels=[1,1,1,3]", "trainer.max_steps=1",
+                 "trainer.max_epochs=1", "trainer.batch_size=5", "trainer.eval_batch_size=5",
+                 "trainer.num_workers=0", "trainer.progress_bar=false", "logger.wandb.mode=disabled",
+                 f"run.dir={run_dir}"])
+    assert code == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["extra"]["clip"] == [32, 2] and "k400_resnet3drs_50_tpu.yaml" in results["extra"]["scratch_recipe"]
+    assert results["comparable"] and results["comparison"]["baseline_protocol"] == "scratch"
+    rs50 = {r["metric"]: r for r in results["baselines"] if r["arch"] == "r3d_rs50"}
+    assert {m: (r["value"], r["comparable"]) for m, r in rs50.items()} == {"test/top1": (78.2, True),
+                                                                           "test/top5": (93.7, True)}

@@ -147,6 +147,21 @@ def test_random_weights_without_a_published_scratch_recipe_are_not_comparable():
     assert not verdict["comparable"] and "not a published from-scratch recipe" in verdict["comparison"]["reasons"][0]
 
 
+def test_conditions_read_the_runs_extra_then_its_protocol_config():
+    metrics = {"test/ap": 50.0, "test/ap50": 80.0, "test/ap75": 55.0}
+    frozen = {**asdict(PROTOCOLS.get("finetune")()), "freeze_backbone": True}
+    # The detection adapter records no detector yet (and runs FPN): every VOC row is context, saying why.
+    verdict = assess(_results("voc_detection", "finetune", metrics, protocol_config=frozen))
+    assert verdict["comparable"] and not any(r["comparable"] for r in verdict["baselines"])
+    assert all("detector: row faster_rcnn_r50_c4, run not recorded" in r["context"] for r in verdict["baselines"])
+    # A run recording the R50-C4 detector with a frozen backbone matches BYOL's frozen supervised row only.
+    verdict = assess(_results("voc_detection", "finetune", metrics, protocol_config=frozen,
+                              extra={"detector": "faster_rcnn_r50_c4"}))
+    comparable = [r for r in verdict["baselines"] if r["comparable"]]
+    assert [(r["method"], r["metric"], r["value"]) for r in comparable] == [("supervised", "test/ap50", 74.4)]
+    assert verdict["comparison"]["facts"] == {"detector": "faster_rcnn_r50_c4", "freeze_backbone": "true"}
+
+
 def test_eval_protocol_is_compared_with_the_supervised_rows():
     verdict = assess(_results("imagenet", "eval", {"val/top1": 80.0}, backbone="rs152"))
     comparable = [r for r in verdict["baselines"] if r["comparable"]]

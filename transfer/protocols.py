@@ -84,9 +84,11 @@ class FinetuneProtocolConfig:
     stronger recipe (RandAugment, label smoothing, epochs), which has no published counterpart.
     """
 
+    # freeze_backbone is left out: frozen and fine-tuned transfer are both published (detection), and the rows
+    # say which they are with a freeze_backbone condition.
     PUBLISHED_KEYS: ClassVar[tuple[str, ...]] = (
         "weight_decay", "momentum", "nesterov", "warmup_epochs", "label_smoothing", "randaugment", "color_jitter",
-        "ema_decay", "mixup", "cutmix", "dropout", "freeze_backbone", "sweep", "lr_grid", "wd_grid", "wd_over_lr",
+        "ema_decay", "mixup", "cutmix", "dropout", "sweep", "lr_grid", "wd_grid", "wd_over_lr",
         "steps", "batch_size", "image_size", "test_crop_pct", "bn_momentum_from_steps", "select")
 
     name: str = "finetune"

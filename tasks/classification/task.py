@@ -137,7 +137,7 @@ def _finetune_transforms(backbone: Backbone, resolution: int, protocol: Finetune
     test_config = backbone.data_config(resolution=resolution)
     if protocol.test_crop_pct is not None:
         test_config["crop_pct"] = protocol.test_crop_pct
-    return train_tf, create_transform(**test_config, is_training=False), test_config["crop_pct"]
+    return train_tf, create_transform(**test_config, is_training=False)
 
 
 def _set_bn_momentum(module: FinetuneModule, train_size: int, global_batch: int) -> float:
@@ -155,7 +155,7 @@ def _fit(ctx: RunContext, backbone: Backbone, splits: Splits, resolution: int, p
     """Fine-tune ``backbone`` with ``protocol``: on train (val scores it, after its last step or per epoch as
     ``protocol.select`` says) or, ``final``, on train+val."""
     cfg = ctx.cfg
-    train_tf, test_tf, _ = _finetune_transforms(backbone, resolution, protocol)
+    train_tf, test_tf = _finetune_transforms(backbone, resolution, protocol)
     train = ConcatDataset([splits.train, splits.val]) if final else splits.train
     module = FinetuneModule(backbone, splits.num_classes, protocol)
     callbacks = [EMAWeightAveraging(decay=protocol.ema_decay)] if protocol.ema_decay else []
@@ -208,7 +208,7 @@ def run_finetune(ctx: RunContext) -> TaskOutput:
     backbone, splits, resolution = _build(ctx)
     cfg, p = ctx.cfg, ctx.cfg.protocol
     resolution = cfg.task.resolution or p.image_size or resolution  # an explicit task.resolution wins
-    crop_pct = _finetune_transforms(backbone, resolution, p)[2]
+    crop_pct = p.test_crop_pct if p.test_crop_pct is not None else backbone.spec.crop_pct
     # "paper": the papers' fine-tune sizes (train crops 224; test resize 256, centre crop 224), see transfer.compare.
     preprocess = "paper" if (resolution, crop_pct) == (224, 0.875) else "checkpoint"
     extra: dict = {"resolution": resolution, "test_crop_pct": crop_pct, "preprocess": preprocess}

@@ -162,7 +162,11 @@ def build_from_spec(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Splits:
     not_comparable = limit_reason(cfg.limit_per_split)
     if spec.sizes is not None:
         size = lambda name: len(source.splits[name].labels) + source.splits[name].skipped  # noqa: E731
-        found = FoundSizes(train=size(train_name), test=size(test_name), val=size(val_name) if val_name else None)
+        training = [source.splits[n] for n in (train_name, val_name) if n]
+        per_class = np.bincount(np.concatenate([s.labels for s in training]), minlength=num_classes)
+        found = FoundSizes(train=size(train_name), test=size(test_name), val=size(val_name) if val_name else None,
+                           per_class=(int(per_class.min()), int(per_class.max())) if per_class.size else None,
+                           train_skipped=sum(s.skipped for s in training))
         not_comparable += check_split_sizes(cfg.name, spec.sizes, found, origin=source.origin,
                                             enforce=cfg.check_split_sizes)
     train = source.splits[train_name].dataset

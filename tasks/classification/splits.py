@@ -41,6 +41,7 @@ class SplitSizes:
     train: int
     test: int
     val: int | None = None
+    train_per_class: int | None = None  # every class has exactly this many training (train+val) images
     source: str = BYOL_TABLE_10
     where: str = ""  # how to get a copy with these splits, for the error message
 
@@ -62,8 +63,9 @@ PUBLISHED_SPLITS: dict[str, SplitSizes] = {
     "dtd": SplitSizes(1_880, 1_880, val=1_880, where="DTD split 1: labels/train1.txt, val1.txt, test1.txt."),
     "oxford_pets": SplitSizes(3_680, 3_669, where="Oxford-IIIT Pet: annotations/trainval.txt and test.txt."),
     # 3,060 = 30 training images per class x 102 classes (101 + background); the remaining 6,084 are test.
-    "caltech101": SplitSizes(3_060, 6_084, where="Caltech-101 with 30 training images per class and the "
-                                                 "rest as test (SimCLR App. B.8)."),
+    "caltech101": SplitSizes(3_060, 6_084, train_per_class=30,
+                             where="Caltech-101 with 30 training images per class and the rest as test (SimCLR "
+                                   "App. B.8; the ssl-transfer repository ships such a split, caltech101-splits/)."),
     "flowers102": SplitSizes(1_020, 6_149, val=1_020,
                              where="the official files: task.data_dir=PATH holding setid.mat, imagelabels.mat "
                                    "and jpg/ from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/, or the default "
@@ -78,6 +80,10 @@ class FoundSizes:
     train: int
     test: int
     val: int | None = None  # None: the copy has no validation split
+    # Fewest and most readable training (train+val) images of a class, and how many training images were
+    # unreadable (their class is unknown): checked against SplitSizes.train_per_class.
+    per_class: tuple[int, int] | None = None
+    train_skipped: int = 0
 
 
 def size_differences(expected: SplitSizes, found: FoundSizes) -> list[str]:
@@ -98,6 +104,11 @@ def size_differences(expected: SplitSizes, found: FoundSizes) -> list[str]:
             out.append(f"val {'none' if found.val is None else f'{found.val:,}'} (published {expected.val:,})")
     if found.test != expected.test:
         out.append(f"test {found.test:,} (published {expected.test:,})")
+    if expected.train_per_class is not None and found.per_class is not None:
+        fewest, most = found.per_class
+        # An unreadable image lowers its (unknown) class's count: allow that many missing, never more.
+        if most != expected.train_per_class or fewest < expected.train_per_class - found.train_skipped:
+            out.append(f"{fewest}-{most} training images per class (published {expected.train_per_class})")
     return out
 
 

@@ -71,6 +71,18 @@ def test_a_copy_with_other_sizes_stops_the_run_naming_both_and_the_opt_out(name,
     assert f"train 19 (published {train:,})" in splits.not_comparable[0]
 
 
+def test_caltech101_needs_30_training_images_in_every_class():
+    sizes = SPECS["caltech101"].sizes
+    assert sizes.train_per_class == 30 and sizes.train == 30 * 102
+    exact = FoundSizes(train=3_060, test=6_084, per_class=(30, 30))
+    assert size_differences(sizes, exact) == []
+    uneven = dataclasses.replace(exact, per_class=(25, 35))  # the right total, drawn unevenly
+    assert size_differences(sizes, uneven) == ["25-35 training images per class (published 30)"]
+    # One unreadable training image: its class may be one short, no more.
+    assert size_differences(sizes, dataclasses.replace(exact, per_class=(29, 30), train_skipped=1)) == []
+    assert size_differences(sizes, dataclasses.replace(exact, per_class=(28, 30), train_skipped=1)) != []
+
+
 def test_the_flowers_hub_copy_used_before_is_refused_on_counts():
     # nelorth/oxford-flowers: 7,169 train (official test images among them), 1,020 test, no val.
     with pytest.raises(DataError) as err:

@@ -30,7 +30,11 @@ def test_linear_probe_reuses_its_feature_cache(tmp_path, saved_to_disk):
     assert first["counts"]["skipped_images"] == 1 == second["counts"]["skipped_images"]
     assert second["metrics"] == first["metrics"]
     assert {"test/top1", "test/top5", "test/mean_per_class"} - set(first["metrics"]) == {"test/top5"}  # 3 classes
-    assert first["primary_metric"] == "test/top1" and len(first["extra"]["l2_curve"]) == 40
+    # The 40-value grid, plus the values beyond an end where the val curve had not come down (l2_search).
+    in_grid = [l2 for l2, _ in first["extra"]["l2_curve"] if 1e-6 * (1 - 1e-9) <= l2 <= 1e5 * (1 + 1e-9)]
+    assert first["primary_metric"] == "test/top1" and len(in_grid) == 40
+    searched = first["extra"]["l2_search"]["searched"]
+    assert searched[0] == min(c[0] for c in first["extra"]["l2_curve"]) and searched[1] >= 1e5 * (1 - 1e-9)
     assert first["extra"]["best_l2"] in [c[0] for c in first["extra"]["l2_curve"]]
 
 

@@ -24,7 +24,8 @@ def test_demo_linear_probe_end_to_end(tmp_path, capsys):
     assert 0 <= results["metrics"]["test/top1"] <= 100
     assert results["metrics"]["test/top1"] > 10  # above chance (10 classes) even with random features
     assert results["weights"]["source"] == "random"
-    assert len(results["extra"]["l2_curve"]) == 45
+    # The 45-value grid, plus the values beyond an end where the val curve had not come down (l2_search).
+    assert len([l2 for l2, _ in results["extra"]["l2_curve"] if 1e-6 * (1 - 1e-9) <= l2 <= 1e5 * (1 + 1e-9)]) == 45
     out = capsys.readouterr().out
     assert "test/top1" in out and "| digits" in out
     run_dir = Path(results["run_dir"])

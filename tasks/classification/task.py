@@ -94,9 +94,9 @@ def run_linear(ctx: RunContext) -> TaskOutput:
         log.warning("linear: the best l2 sat at the %s end of the grid [%g, %g]; searched [%g, %g] instead, best "
                     "l2 %g", search.edge, p.l2_min, p.l2_max, *search.searched, best)
     if search.at_edge:
-        edge_reasons.append(f"the best l2 {best:g} is at the end of the searched range [{search.searched[0]:g}, "
-                            f"{search.searched[1]:g}] (protocol.extend_decades={p.extend_decades:g}): a better l2 "
-                            "may lie outside it")
+        edge_reasons.append(f"the val score at an end of the searched l2 range [{search.searched[0]:g}, "
+                            f"{search.searched[1]:g}] is as high as at the chosen l2 {best:g} (protocol."
+                            f"extend_decades={p.extend_decades:g}): a better l2 may lie outside it")
         log.warning("not comparable: %s", edge_reasons[-1])
     trainval = tuple(torch.cat([feats["train"][i], feats["val"][i]]) for i in range(2))
     model = fit_logistic(*trainval, splits.num_classes, best, init=chosen, **fit)  # warm: the train-only fit

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from transfer.errors import ConfigError
 
 METRICS = ("top1", "mean_per_class")
+# auto: "paper" for linear and k-NN on the data sets of the SimCLR / BYOL / ssl-transfer tables, else "checkpoint".
+PREPROCESS = ("auto", "paper", "checkpoint")
 
 
 @dataclass
@@ -24,6 +26,11 @@ class ClassificationTaskConfig:
     split_seed: int = 0
     max_bad_fraction: float = 0.01  # unreadable images above this fraction stop the run
     limit_per_split: int | None = None  # keep the first N images of each split (quick checks)
+    # Evaluation preprocessing of linear / k-NN: "paper" resizes the shorter side to 224 (task.resolution when
+    # set, bicubic) and centre-crops it, as SimCLR App. B.8, BYOL App. D.2 and ssl-transfer linear.py do;
+    # "checkpoint" uses the weights' own resolution and crop; "auto" (docs/classification.md).
+    preprocess: str = "auto"
+    max_image_pixels: int | None = None  # images above this are refused as too large; default Pillow's limit
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -34,3 +41,8 @@ class ClassificationTaskConfig:
             raise ConfigError(f"task.resolution={self.resolution} is too small; use 16 or more.")
         if not 0 <= self.max_bad_fraction < 1:
             raise ConfigError(f"task.max_bad_fraction={self.max_bad_fraction} must be in [0, 1).")
+        if self.preprocess not in PREPROCESS:
+            raise ConfigError(f"task.preprocess={self.preprocess!r}; valid: {', '.join(PREPROCESS)}.")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ConfigError(f"task.max_image_pixels={self.max_image_pixels} must be a positive pixel count, "
+                              "or null for Pillow's limit.")

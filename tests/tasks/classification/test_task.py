@@ -30,6 +30,8 @@ def test_linear_probe_reuses_its_feature_cache(tmp_path, saved_to_disk):
     assert second["metrics"] == first["metrics"]
     assert {"test/top1", "test/top5", "test/mean_per_class"} - set(first["metrics"]) == {"test/top5"}  # 3 classes
     assert first["primary_metric"] == "test/top1" and len(first["extra"]["l2_curve"]) == 40
+    assert first["extra"]["preprocess"] == "paper"  # cifar100 is compared with the SimCLR/BYOL linear rows
+    assert first["counts"]["undecodable_images"] == 0 and first["counts"]["images_test_scored"] == 9
     assert first["extra"]["best_l2"] in [c[0] for c in first["extra"]["l2_curve"]]
 
 
@@ -40,6 +42,7 @@ def test_knn_on_an_image_folder(tmp_path, image_folder):
     assert results["primary_metric"] == "test/mean_per_class"
     assert 0 <= results["metrics"]["test/mean_per_class"] <= 100
     assert results["counts"]["images_test"] == 9 and results["counts"]["skipped_images"] == 1
+    assert results["counts"]["images_test_scored"] == 9
 
 
 @pytest.mark.e2e

@@ -11,14 +11,18 @@ from PIL import Image
 from timm.data import create_transform
 
 from transfer.backbones import build_backbone
+from transfer.errors import DataError
 from transfer.images import (
     ImageDecodeError,
     ImageTooLargeError,
     PaddedToRanks,
+    TooLarge,
     Undecodable,
     check_header,
     collate_images,
     decode_image,
+    load_image,
+    unpack,
 )
 
 H, W = 40, 48
@@ -198,3 +202,17 @@ def test_collate_drops_and_names_undecodable_and_padding_items():
     empty = collate_images([(Undecodable("b.png", "x"), 0)])
     assert len(empty.images) == 0 and len(empty.labels) == 0 and empty.undecodable == ["b.png"]
     assert len(PaddedToRanks([(x, 0)] * 9, ranks=2)) == 10 and len(PaddedToRanks([(x, 0)] * 8, ranks=2)) == 8
+
+
+def test_dataset_items_carry_markers_and_the_loop_raises_for_too_large(tmp_path):
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(truncated_jpeg())
+    big = tmp_path / "big.png"
+    Image.new("L", (60, 50)).save(big)
+    assert isinstance(load_image(str(cut)), Undecodable)
+    marker = load_image(str(big), max_pixels=2000)
+    assert isinstance(marker, TooLarge) and str(big) in marker.message
+    assert load_image(str(big), max_pixels=5000, transform=lambda im: im.size) == (60, 50)
+    batch = collate_images([(torch.zeros(3), 0), (load_image(str(cut)), 1), (marker, 2)])
+    with pytest.raises(DataError, match="too large to decode"):
+        unpack(batch)  # in the process iterating the loader: one clear error, not a worker traceback

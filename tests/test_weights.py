@@ -114,7 +114,9 @@ def _wrapped_states(model: torch.nn.Module) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("strict", [True, False])
-def test_compiled_and_ddp_wrapped_checkpoints_load_fully(tmp_path, rs50_state, strict):
+def test_compiled_and_ddp_wrapped_checkpoints_load_fully(tmp_path, rs50_state, strict, caplog):
+    import logging
+
     import timm
 
     model = timm.create_model("resnetrs50")
@@ -130,6 +132,9 @@ def test_compiled_and_ddp_wrapped_checkpoints_load_fully(tmp_path, rs50_state, s
         load = backbone.weights.load
         assert (load.loaded, load.missing, load.unexpected) == (load.expected, 0, 0), kind
         assert load.prefix_removed == expected_prefix[kind]
+    with caplog.at_level(logging.INFO, logger="transfer.backbones"):
+        build_backbone("rs50", weights=str(path), strict=strict)
+    assert f"loaded {load.expected} of {load.expected} backbone tensors (0 missing, 0 unexpected" in caplog.text
 
 
 def test_non_strict_load_that_matches_nothing_is_refused(tmp_path, rs50_state):

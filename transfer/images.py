@@ -23,9 +23,11 @@ mode                   8-bit RGB
 ``F``                  float gray: values in [0, 1] scaled by 255; otherwise read as 0..255, clipped
 =====================  ===========================================================================
 
-In a ``DataLoader`` a sample that cannot be decoded is returned as an :class:`Undecodable` in place of the
-image; :func:`collate_images` drops it and returns its name with the batch, so the process that iterates
-the loader counts it (worker processes cannot change the parent's counters). :class:`PaddedToRanks` pads an
+In a ``DataLoader``, :func:`load_image` returns an :class:`Undecodable` in place of an image that cannot be
+decoded (and a :class:`TooLarge` for one above the limit); :func:`collate_images` drops them and returns
+their names with the batch, so the process that iterates the loader counts them (worker processes cannot
+change the parent's counters) and :func:`unpack` raises there for a too-large image, as one clear error
+rather than a worker's traceback. :class:`PaddedToRanks` pads an
 evaluation set to a multiple of the number of DDP processes with placeholders that the same collate drops,
 so ``DistributedSampler`` never repeats a real sample into a score.
 """
@@ -217,31 +219,64 @@ class Undecodable:
 
 
 @dataclass(frozen=True)
+class TooLarge:
+    """Stands in a dataset item for an image above the size limit; ``message`` is the error to raise."""
+
+    message: str
+
+
+# Items that stand in for an image: transforms pass them through, collate_images drops them.
+MARKERS = (Undecodable, TooLarge)
+
+
+def load_image(source, *, name: str | None = None, max_pixels: int | None = None,
+               transform=None):
+    """:func:`decode_image` (then ``transform``) for a dataset item: returns an :class:`Undecodable` or
+    :class:`TooLarge` marker instead of raising, since an exception would kill a loader worker."""
+    try:
+        image = decode_image(source, max_pixels=max_pixels, name=name)
+    except ImageDecodeError as e:
+        log.warning("skipping undecodable image %s (%s)", e.name, e.reason)
+        return Undecodable(e.name, e.reason)
+    except ImageTooLargeError as e:
+        return TooLarge(str(e))
+    return transform(image) if transform is not None else image
+
+
+@dataclass(frozen=True)
 class Padding:
     """A placeholder item that only makes an evaluation set divide evenly over DDP processes."""
 
 
 class ImageBatch(NamedTuple):
     """A collated batch: ``images`` (B, ...) and ``labels`` (B,) of the decodable samples; the names of the
-    samples that could not be decoded (dropped from the batch)."""
+    samples that could not be decoded and the errors of those too large (both dropped from the batch)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     undecodable: list[str]
+    too_large: list[str]
 
 
 def collate_images(samples: list[tuple]) -> ImageBatch:
-    """Collate ``(image, label)`` samples, dropping :class:`Undecodable` and :class:`Padding` items.
-
-    A batch with nothing decodable has ``images`` of length 0.
-    """
-    good = [s for s in samples if not isinstance(s[0], (Undecodable, Padding))]
+    """Collate ``(image, label)`` samples, dropping :class:`Undecodable`, :class:`TooLarge` and
+    :class:`Padding` items. A batch with nothing decodable has ``images`` of length 0."""
+    good = [s for s in samples if not isinstance(s[0], (Undecodable, TooLarge, Padding))]
     bad = [s[0].name for s in samples if isinstance(s[0], Undecodable)]
+    large = [s[0].message for s in samples if isinstance(s[0], TooLarge)]
     if good:
         images, labels = default_collate(good)
     else:
         images, labels = torch.empty(0), torch.empty(0, dtype=torch.int64)
-    return ImageBatch(images, torch.as_tensor(labels, dtype=torch.int64), bad)
+    return ImageBatch(images, torch.as_tensor(labels, dtype=torch.int64), bad, large)
+
+
+def unpack(batch: ImageBatch) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``(images, labels, undecodable names)`` of a batch; raises :class:`DataError` (in the process that
+    iterates the loader) when a worker found an image above the size limit."""
+    if batch.too_large:
+        raise DataError(batch.too_large[0])
+    return batch.images, batch.labels, batch.undecodable
 
 
 class PaddedToRanks(Dataset):

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, Subset
 from tasks.classification.config import ClassificationTaskConfig
 from tasks.classification.sources import Source, check_damage, load_source
 from transfer.errors import DataError
-from transfer.images import Undecodable, decode_image
+from transfer.images import MARKERS, Undecodable, decode_image
 from transfer.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class Transformed(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | Undecodable, int]:
         image, label = self.base[i]
-        return (image if isinstance(image, Undecodable) else self.transform(image)), label
+        return (image if isinstance(image, MARKERS) else self.transform(image)), label
 
 
 def hold_out(train: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from tasks.classification.sources import item_ids
 from transfer.backbones import Backbone
 from transfer.errors import TransferError
-from transfer.images import collate_images
+from transfer.images import collate_images, unpack
 from transfer.weights import write_safetensors
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,8 @@ def extract(backbone: Backbone, dataset: Dataset, *, batch_size: int, num_worker
                         pin_memory=device.type == "cuda", persistent_workers=False, collate_fn=collate_images)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     feats, tags, bad = [], [], []
-    for images, tag, undecodable in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+        images, tag, undecodable = unpack(batch)
         bad.extend(undecodable)
         if not len(images):
             continue

@@ -20,7 +20,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from tasks.classification.metrics import classification_metrics
 from transfer.backbones import Backbone
-from transfer.images import PaddedToRanks, collate_images, gather_names
+from transfer.images import PaddedToRanks, collate_images, gather_names, unpack
 from transfer.optim import sgd_warmup_cosine
 from transfer.protocols import FinetuneProtocolConfig
 
@@ -51,7 +51,7 @@ class FinetuneModule(L.LightningModule):
         return self.head(self.backbone(x))  # (B, 3, H, W) -> (B, num_classes)
 
     def training_step(self, batch, batch_idx):
-        x, y, undecodable = batch
+        x, y, undecodable = unpack(batch)
         self.undecodable.update(undecodable)
         if not len(x):  # nothing decodable: a zero loss keeps every DDP process stepping together
             return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
@@ -64,7 +64,7 @@ class FinetuneModule(L.LightningModule):
         return loss
 
     def _eval_step(self, batch, split: str) -> None:
-        x, y, undecodable = batch
+        x, y, undecodable = unpack(batch)
         self.undecodable.update(undecodable)
         if len(x):
             self._outputs[split].append((self(x).float(), y))  # (B, num_classes), (B,)

@@ -27,7 +27,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
 from transfer.errors import DataError
-from transfer.images import ImageDecodeError, Undecodable, check_header, decode_image
+from transfer.images import ImageDecodeError, TooLarge, Undecodable, check_header, load_image
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,11 @@ class HubRows(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[Image.Image | Undecodable, int]:
+    def __getitem__(self, i: int) -> tuple[Image.Image | Undecodable | TooLarge, int]:
         row = int(self.indices[i])
         cell = self.ds[row][self.image_column]
         name = f"{self.split}[{row}]" + (f" {cell['path']}" if isinstance(cell, dict) and cell.get("path") else "")
-        return _decode(cell, name, self.max_pixels), int(self.labels[i])
+        return load_image(cell, name=name, max_pixels=self.max_pixels), int(self.labels[i])
 
 
 class FileImages(Dataset):
@@ -89,17 +89,8 @@ class FileImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[Image.Image | Undecodable, int]:
-        return _decode(self.paths[i], self.paths[i], self.max_pixels), int(self.labels[i])
-
-
-def _decode(source, name: str, max_pixels: int | None) -> Image.Image | Undecodable:
-    """The decoded image, or an :class:`Undecodable` naming it: a loader worker must not die on one file."""
-    try:
-        return decode_image(source, max_pixels=max_pixels, name=name)
-    except ImageDecodeError as e:
-        log.warning("skipping undecodable image %s (%s)", name, e.reason)
-        return Undecodable(name, e.reason)
+    def __getitem__(self, i: int) -> tuple[Image.Image | Undecodable | TooLarge, int]:
+        return load_image(self.paths[i], max_pixels=self.max_pixels), int(self.labels[i])
 
 
 def readable(value, *, max_pixels: int | None = None, name: str | None = None) -> bool:

@@ -10,7 +10,6 @@ one that fails to decode becomes an :class:`transfer.images.Undecodable` item, w
 """
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +21,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from transfer.errors import DataError
-from transfer.images import ImageDecodeError, Undecodable, decode_image
-
-log = logging.getLogger(__name__)
+from transfer.images import TooLarge, Undecodable, load_image
 
 # The 1000 ILSVRC-2012 wnids in class-index order (timm ships the list: timm/data/_info/imagenet_synsets.txt).
 WNIDS: tuple[str, ...] = tuple(ImageNetInfo("imagenet-1k").label_names())
@@ -42,16 +39,6 @@ or a Hugging Face copy of ILSVRC/imagenet-1k: a datasets.save_to_disk folder, or
 (DATA_DIR/data/validation-*.parquet)."""
 
 
-def _load(source, name: str, transform: Callable | None, max_pixels: int | None):
-    """The transformed image, or an :class:`Undecodable` naming it (a loader worker must not die on it)."""
-    try:
-        image = decode_image(source, max_pixels=max_pixels, name=name)
-    except ImageDecodeError as e:
-        log.warning("skipping undecodable image %s (%s)", name, e.reason)
-        return Undecodable(name, e.reason)
-    return transform(image) if transform else image
-
-
 class ImageNetFolder(ImageFolder):
     """``split/<wnid>/*.JPEG`` with the ImageNet-1k class index of each wnid, even when folders are missing.
 
@@ -65,9 +52,9 @@ class ImageNetFolder(ImageFolder):
         index = {w: i for i, w in enumerate(WNIDS)}
         return present, {w: index[w] for w in present}
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | Image.Image | Undecodable, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | Image.Image | Undecodable | TooLarge, int]:
         path, label = self.samples[i]
-        return _load(path, path, self.transform, self.max_pixels), label
+        return load_image(path, max_pixels=self.max_pixels, transform=self.transform), label
 
 
 class HFImages(Dataset):
@@ -83,11 +70,11 @@ class HFImages(Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | Image.Image | Undecodable, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | Image.Image | Undecodable | TooLarge, int]:
         row = self.ds[i]
         cell = row["image"]
         name = f"row {i}" + (f" {cell['path']}" if cell.get("path") else "")
-        return _load(cell, name, self.transform, self.max_pixels), int(row["label"])
+        return load_image(cell, name=name, max_pixels=self.max_pixels, transform=self.transform), int(row["label"])
 
 
 def find_split_dir(data_dir: Path, split: str) -> Path | None:

@@ -24,7 +24,7 @@ from tasks.imagenet.data import EXPECTED_TREE, WNIDS, build_imagenet
 from transfer.backbones import BACKBONES, build_backbone
 from transfer.engine import build_trainer, seed_everything
 from transfer.errors import ConfigError, DataError, WeightsError
-from transfer.images import PaddedToRanks, collate_images, gather_names
+from transfer.images import PaddedToRanks, collate_images, gather_names, unpack
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
 
 SPLITS = ("val", "train")
@@ -69,7 +69,7 @@ class ClassifierEval(L.LightningModule):
         self.scored = 0  # images scored, over all processes, after the epoch
 
     def test_step(self, batch, batch_idx) -> None:
-        x, y, undecodable = batch
+        x, y, undecodable = unpack(batch)
         self.undecodable.update(undecodable)
         self.scored += len(y)
         if not len(x):

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         t_bare = bare_forward(backbone, args.images, args.batch, args.resolution, dtype)
 
         # 2. Linear probe (45-value sweep + refit) on these features vs one extraction pass.
-        x, y = (t.clone() for t in feats["out"])  # leave inference mode: the fit needs autograd
+        x, y = feats["out"].features.clone(), feats["out"].labels.clone()  # leave inference mode for autograd
         n_val = len(x) // 5
         train, val = (x[n_val:], y[n_val:]), (x[:n_val], y[:n_val])
         grid = l2_grid(1e-6, 1e5, 45)

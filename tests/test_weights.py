@@ -25,6 +25,7 @@ def _assert_same(backbone, state):
     own = backbone.model.state_dict()
     for key, value in own.items():
         assert torch.equal(value, state[key]), key
+    assert backbone.weights.load is not None  # a file load always carries its report
 
 
 def test_safetensors_round_trip_is_bit_exact(tmp_path, rs50_state):
@@ -78,14 +79,96 @@ def test_strict_load_lists_missing_unexpected_and_mis_shaped_keys(tmp_path, rs50
     assert "layer4.2.bn3.bias: file (7,) vs model (2048,)" in text
 
 
-def test_non_strict_load_takes_matching_keys(tmp_path, rs50_state):
+def test_non_strict_partial_load_needs_the_threshold_and_is_reported(tmp_path, rs50_state):
     partial = {k: v for k, v in rs50_state.items() if not k.startswith("layer4")}
     path = tmp_path / "partial.safetensors"
     write_safetensors(partial, path)
     with pytest.raises(WeightsError, match="missing"):
         build_backbone("rs50", weights=str(path))
-    backbone = build_backbone("rs50", weights=str(path), strict=False)
+    with pytest.raises(WeightsError, match=r"min_loaded_fraction=0.9\)") as err:  # the default threshold
+        build_backbone("rs50", weights=str(path), strict=False)
+    assert "lower backbone.min_loaded_fraction" in str(err.value)
+    backbone = build_backbone("rs50", weights=str(path), strict=False, min_loaded_fraction=0.5)
     assert torch.equal(backbone.model.state_dict()["layer3.0.conv1.weight"], rs50_state["layer3.0.conv1.weight"])
+    load = backbone.weights.as_dict()["load"]
+    counted = [k for k in rs50_state if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    in_layer4 = [k for k in counted if k.startswith("layer4")]
+    assert load == {"strict": False, "expected": len(counted), "loaded": len(counted) - len(in_layer4),
+                    "missing": len(in_layer4), "unexpected": 0, "prefix_removed": ""}
+
+
+def _wrapped_states(model: torch.nn.Module) -> dict[str, dict]:
+    """State dicts as the wrappers themselves write them: torch.compile, DataParallel (DDP's ``module.``),
+    both nested, and a Lightning module holding the network as ``model``."""
+    import lightning as L
+
+    class Lit(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.compile(model)
+
+    return {"compiled": torch.compile(model).state_dict(),
+            "ddp": torch.nn.DataParallel(model).state_dict(),
+            "ddp_of_compiled": torch.nn.DataParallel(torch.compile(model)).state_dict(),
+            "lightning_of_compiled": Lit().state_dict()}
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_compiled_and_ddp_wrapped_checkpoints_load_fully(tmp_path, rs50_state, strict, caplog):
+    import logging
+
+    import timm
+
+    model = timm.create_model("resnetrs50")
+    model.load_state_dict(rs50_state)
+    expected_prefix = {"compiled": "_orig_mod.", "ddp": "module.", "ddp_of_compiled": "module._orig_mod.",
+                       "lightning_of_compiled": "model._orig_mod."}
+    for kind, state in _wrapped_states(model).items():
+        assert all(k.startswith(expected_prefix[kind]) for k in state), kind  # the real wrappers' layout
+        path = tmp_path / f"{kind}.pth"
+        torch.save({"state_dict": state, "epoch": 1}, path)
+        backbone = build_backbone("rs50", weights=str(path), strict=strict)
+        _assert_same(backbone, rs50_state)
+        load = backbone.weights.load
+        assert (load.loaded, load.missing, load.unexpected) == (load.expected, 0, 0), kind
+        assert load.prefix_removed == expected_prefix[kind]
+    with caplog.at_level(logging.INFO, logger="transfer.backbones"):
+        build_backbone("rs50", weights=str(path), strict=strict)
+    assert f"loaded {load.expected} of {load.expected} backbone tensors (0 missing, 0 unexpected" in caplog.text
+
+
+def test_non_strict_load_that_matches_nothing_is_refused(tmp_path, rs50_state):
+    # Keys under a prefix no wrapper uses: a non-strict load would take none of them and run on random weights.
+    path = tmp_path / "foreign.safetensors"
+    write_safetensors({f"net.trunk.{k}": v for k, v in rs50_state.items()}, path)
+    with pytest.raises(WeightsError) as err:
+        build_backbone("rs50", weights=str(path), strict=False, min_loaded_fraction=0.0)
+    text = str(err.value)
+    assert "only 0 of the backbone's" in text and "Nothing matched" in text and "File keys look like net.trunk." in text
+
+
+def test_projection_head_keys_are_reported_as_unexpected(tmp_path, rs50_state):
+    state = {f"backbone.{k}": v for k, v in rs50_state.items()}
+    state.update({"projector.0.weight": torch.zeros(4, 2048), "projector.0.bias": torch.zeros(4)})
+    path = tmp_path / "ssl.safetensors"
+    write_safetensors(state, path)
+    with pytest.raises(WeightsError, match=r"unexpected \(2\): projector.0.bias, projector.0.weight"):
+        build_backbone("rs50", weights=str(path))
+    backbone = build_backbone("rs50", weights=str(path), strict=False)
+    _assert_same(backbone, rs50_state)
+    load = backbone.weights.load
+    assert (load.missing, load.unexpected, load.prefix_removed) == (0, 2, "backbone.")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_by_name(tmp_path, rs50_state, bad):
+    state = dict(rs50_state)
+    state["layer2.1.conv2.weight"] = state["layer2.1.conv2.weight"].clone()
+    state["layer2.1.conv2.weight"][0, 0, 0, 0] = bad
+    path = tmp_path / "diverged.safetensors"
+    write_safetensors(state, path)
+    with pytest.raises(WeightsError, match=r"NaN or Inf values in 1 tensor\(s\): layer2.1.conv2.weight"):
+        build_backbone("rs50", weights=str(path))
 
 
 def test_classifier_keys_are_optional(tmp_path, rs50_state):

@@ -32,12 +32,17 @@ class BackboneConfig:
     name: str = "rs50"
     weights: str = "pretrained"  # pretrained | random | /path/to/file
     strict: bool = True
+    # strict=false refuses a load covering less than this fraction of the backbone's tensors (docs/weights.md;
+    # the default is transfer.weights.DEFAULT_MIN_LOADED_FRACTION)
+    min_loaded_fraction: float = 0.9
     drop_path_rate: float = 0.0
 
     def __post_init__(self) -> None:
         from transfer.backbones import BACKBONES
 
         BACKBONES.get(self.name)
+        if not 0.0 <= self.min_loaded_fraction <= 1.0:
+            raise ConfigError(f"backbone.min_loaded_fraction={self.min_loaded_fraction} must be in [0, 1].")
         if self.weights not in WEIGHT_KEYWORDS and not Path(os.path.expanduser(self.weights)).exists():
             raise ConfigError(f"backbone.weights={self.weights!r} is neither 'pretrained', 'random' nor an "
                               "existing file. Pass one of those, e.g. backbone.weights=/path/to/model.safetensors.")

@@ -2,13 +2,21 @@
 
 Every file is read without running pickled code: safetensors first, other files through
 ``torch.load(..., weights_only=True)``.
+
+Loading (:func:`load_strict`) recognises the key prefixes that training wrappers add — ``module.`` (DDP,
+DataParallel), ``_orig_mod.`` (``torch.compile``), ``model.``, ``backbone.``, ``encoder.`` (Lightning modules
+and self-supervised frameworks), in any nesting such as ``module._orig_mod.`` — by choosing the chain
+under which the most keys match the model. It refuses NaN/Inf tensors, and returns a :class:`LoadReport`:
+how many of the backbone's tensors were loaded, missing, unexpected. A non-strict load that loaded none of
+them, or less than ``min_loaded_fraction``, is refused.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,20 +26,52 @@ from safetensors.torch import load_file, save_file
 from transfer.errors import WeightsError
 from transfer.io import atomic_path, sha256_file
 
+log = logging.getLogger(__name__)
+
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar")
 WRAPPER_KEYS = ("state_dict", "model")
+# Key prefixes added by training wrappers: DDP / DataParallel, torch.compile, Lightning and SSL frameworks.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
+# BatchNorm's step counters: not weights (they only matter with momentum=None), so not counted as backbone tensors.
+COUNTERS_SUFFIX = "num_batches_tracked"
+DEFAULT_MIN_LOADED_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a load took from the file, counted over the backbone's tensors (its state-dict entries, without
+    the classifier when that is dropped and without BatchNorm's ``num_batches_tracked`` counters)."""
+
+    strict: bool
+    expected: int  # backbone tensors of the model
+    loaded: int  # of those, taken from the file
+    missing: int  # of those, absent from the file (left at their initial values)
+    unexpected: int  # file tensors the model has no place for
+    prefix_removed: str  # the wrapper prefix chain stripped from the file's keys ("" for none)
+
+    @property
+    def fraction(self) -> float:
+        return self.loaded / self.expected if self.expected else 1.0
+
+    def summary(self) -> str:
+        removed = f", prefix {self.prefix_removed!r} removed" if self.prefix_removed else ""
+        return (f"loaded {self.loaded} of {self.expected} backbone tensors ({self.missing} missing, "
+                f"{self.unexpected} unexpected{removed}; {'strict' if self.strict else 'non-strict'})")
 
 
 @dataclass(frozen=True)
 class WeightsInfo:
-    """Where a backbone's weights came from: ``random``, ``hub:<id>``, ``url:<url>`` or ``file:<path>``."""
+    """Where a backbone's weights came from: ``random``, ``hub:<id>``, ``url:<url>`` or ``file:<path>``;
+    ``load`` says what was loaded from it (None for random weights)."""
 
     source: str
     path: str | None = None
     sha256: str | None = None
+    load: LoadReport | None = None
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "path": self.path, "sha256": self.sha256}
+        return {"source": self.source, "path": self.path, "sha256": self.sha256,
+                "load": asdict(self.load) if self.load else None}
 
 
 def is_state_dict_file(path: str | os.PathLike) -> bool:
@@ -41,7 +81,8 @@ def is_state_dict_file(path: str | os.PathLike) -> bool:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a tensor-only ``.pth``/``.bin`` file.
 
-    A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped, as is DDP's ``module.`` prefix.
+    A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped; key prefixes (``module.`` …) are
+    left for :func:`load_strict`, which knows the model's keys.
     """
     path = Path(path)
     if not path.is_file():
@@ -80,9 +121,37 @@ def unwrap_state_dict(obj: object, *, origin: str) -> dict[str, torch.Tensor]:
     if len(sd) != len(obj):
         bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)][:5]
         raise WeightsError(f"{origin!r}: entries that are not tensors: {bad}")
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def strip_wrapper_prefixes(sd: Mapping[str, torch.Tensor], model_keys) -> tuple[dict[str, torch.Tensor], str]:
+    """``sd`` with the chain of :data:`WRAPPER_PREFIXES` under which most keys match ``model_keys`` removed.
+
+    Returns (state dict, the chain removed, "" when none helps). Keys outside the chain are kept as they are
+    (a projection head: unexpected); on a clash the stripped key wins.
+    """
+    own = set(model_keys)
+    chains = {""}
+    for key in sd:
+        chain, rest = "", key
+        while (p := next((p for p in WRAPPER_PREFIXES if rest.startswith(p)), None)) is not None:
+            chain, rest = chain + p, rest[len(p):]
+            chains.add(chain)
+
+    def matches(chain: str) -> int:
+        return sum(1 for k in sd if k.startswith(chain) and k[len(chain):] in own)
+
+    best = max(sorted(chains, key=len), key=matches)  # ties: the shortest chain, "" first
+    if not best:
+        return dict(sd), ""
+    out = {k[len(best):]: v for k, v in sd.items() if k.startswith(best)}
+    out.update({k: v for k, v in sd.items() if not k.startswith(best) and k not in out})
+    return out, best
+
+
+def non_finite(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``sd`` holding NaN or Inf."""
+    return [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def write_safetensors(sd: Mapping[str, torch.Tensor], path: str | os.PathLike,
@@ -95,12 +164,18 @@ def write_safetensors(sd: Mapping[str, torch.Tensor], path: str | os.PathLike,
 
 
 def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, origin: str,
-                optional_prefixes: tuple[str, ...] = (), strict: bool = True) -> None:
-    """Load ``sd`` into ``model``; missing, unexpected or mis-shaped keys are an error listing them.
+                optional_prefixes: tuple[str, ...] = (), strict: bool = True,
+                min_loaded_fraction: float = DEFAULT_MIN_LOADED_FRACTION) -> LoadReport:
+    """Load ``sd`` into ``model`` and report what was loaded.
 
-    Keys under ``optional_prefixes`` (the ImageNet classifier, dropped for transfer) may be absent.
+    Wrapper prefixes are removed first (:func:`strip_wrapper_prefixes`). Keys under ``optional_prefixes``
+    (the ImageNet classifier, dropped for transfer) may be absent. Raises :class:`WeightsError` for
+    mis-shaped keys; for NaN/Inf tensors (naming them); when ``strict`` and keys are missing or unexpected
+    (listing them); and, when not ``strict``, when it would load none of the backbone's tensors or fewer
+    than ``min_loaded_fraction`` of them.
     """
     own = model.state_dict()
+    sd, prefix = strip_wrapper_prefixes(sd, own)
     missing = [k for k in own if k not in sd and not k.startswith(optional_prefixes)]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -109,9 +184,37 @@ def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, origi
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
             if keys:
-                more = f" … and {len(keys) - 10} more" if len(keys) > 10 else ""
-                parts.append(f"{label} ({len(keys)}): {', '.join(keys[:10])}{more}")
+                parts.append(f"{label} ({len(keys)}): {_some(keys)}")
         raise WeightsError(f"weights from {origin!r} do not match the model: " + "; ".join(parts)
                            + ". Check that the file belongs to this backbone (timm key layout), or pass "
-                             "backbone.strict=false to load the matching keys only.")
-    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+                             "backbone.strict=false to load the matching keys only (a non-strict load must "
+                             "still cover backbone.min_loaded_fraction of the backbone).")
+    taken = {k: v for k, v in sd.items() if k in own}
+    broken = non_finite(taken)
+    if broken:
+        raise WeightsError(f"weights from {origin!r} hold NaN or Inf values in {len(broken)} tensor(s): "
+                           f"{_some(broken)}. The checkpoint is damaged (a diverged run or a bad conversion); "
+                           "use another checkpoint.")
+    counted = [k for k in own if not k.startswith(optional_prefixes) and not k.endswith(COUNTERS_SUFFIX)]
+    loaded = sum(1 for k in counted if k in taken)
+    report = LoadReport(strict=strict, expected=len(counted), loaded=loaded, missing=len(counted) - loaded,
+                        unexpected=len(unexpected), prefix_removed=prefix)
+    if not strict and (loaded == 0 or report.fraction < min_loaded_fraction):
+        fix = ("Nothing matched, so the run would use random weights: use weights that belong to this backbone "
+               "or convert them (python -m transfer.convert)." if not loaded else
+               "Use weights that belong to this backbone, or, to accept a partial load on purpose, lower "
+               "backbone.min_loaded_fraction.")
+        file_keys = [k for k in sd if not k.endswith(COUNTERS_SUFFIX)]
+        raise WeightsError(
+            f"weights from {origin!r}: a non-strict load would take only {loaded} of the backbone's "
+            f"{len(counted)} tensors ({100 * report.fraction:.1f} %; backbone.min_loaded_fraction="
+            f"{min_loaded_fraction}), leaving the rest at their random initialisation. File keys look like "
+            f"{_some(file_keys, 3)}; the model's like {_some(counted, 3)} (wrapper prefixes recognised: "
+            f"{', '.join(WRAPPER_PREFIXES)}). {fix}")
+    model.load_state_dict(taken, strict=False)
+    return report
+
+
+def _some(keys: list[str], n: int = 10) -> str:
+    more = f" … and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more

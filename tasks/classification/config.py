@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from transfer.errors import ConfigError
 
 METRICS = ("top1", "mean_per_class")
+# auto: "paper" for linear and k-NN on the data sets of the SimCLR / BYOL / ssl-transfer tables, else "checkpoint".
+PREPROCESS = ("auto", "paper", "checkpoint")
 
 
 @dataclass
@@ -27,6 +29,11 @@ class ClassificationTaskConfig:
     # Stop when the copy's split sizes differ from the published ones (tasks/classification/splits.py);
     # false runs anyway and marks the run not comparable.
     check_split_sizes: bool = True
+    # Evaluation preprocessing of linear / k-NN: "paper" resizes the shorter side to 224 (task.resolution when
+    # set, bicubic) and centre-crops it, as SimCLR App. B.8, BYOL App. D.2 and ssl-transfer linear.py do;
+    # "checkpoint" uses the weights' own resolution and crop; "auto" (docs/classification.md).
+    preprocess: str = "auto"
+    max_image_pixels: int | None = None  # images above this are refused as too large; default Pillow's limit
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -39,3 +46,8 @@ class ClassificationTaskConfig:
             raise ConfigError(f"task.limit_per_split={self.limit_per_split} must be at least 1, or null (all).")
         if not 0 <= self.max_bad_fraction < 1:
             raise ConfigError(f"task.max_bad_fraction={self.max_bad_fraction} must be in [0, 1).")
+        if self.preprocess not in PREPROCESS:
+            raise ConfigError(f"task.preprocess={self.preprocess!r}; valid: {', '.join(PREPROCESS)}.")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ConfigError(f"task.max_image_pixels={self.max_image_pixels} must be a positive pixel count, "
+                              "or null for Pillow's limit.")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from tasks.classification.config import ClassificationTaskConfig
-from tasks.classification.sources import Source, load_source
+from tasks.classification.sources import Source, check_damage, load_source
 from tasks.classification.splits import (
     PUBLISHED_SPLITS,
     FoundSizes,
@@ -24,6 +25,7 @@ from tasks.classification.splits import (
     has_flowers102_files,
 )
 from transfer.errors import DataError
+from transfer.images import MARKERS, Undecodable, decode_image
 from transfer.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ class Splits:
     # Why scores on these splits cannot stand next to published numbers (a subset, other split sizes);
     # the adapter records them as results.json extra.not_comparable.
     not_comparable: list[str] = field(default_factory=list)
+    source_id: str = ""  # digest of the data read (sources.Source.identity): part of the feature cache key
+    label_column: str = ""  # where the labels came from: part of the feature cache key
 
 
 DATASETS: Registry[Callable[[ClassificationTaskConfig], Splits]] = Registry("dataset")
@@ -58,7 +62,7 @@ class ArrayImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(self.images[i]).convert("RGB"), int(self.labels[i])
+        return decode_image(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
 class Transformed(Dataset):
@@ -70,9 +74,9 @@ class Transformed(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | Undecodable, int]:
         image, label = self.base[i]
-        return self.transform(image), label
+        return (image if isinstance(image, MARKERS) else self.transform(image)), label
 
 
 def hold_out(train: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
@@ -105,8 +109,10 @@ def build_digits(cfg: ClassificationTaskConfig) -> Splits:
     order = np.random.default_rng(0).permutation(len(full))
     test, val, train = order[:360], order[360:720], order[720:]
     pick = lambda idx: limit(Subset(full, sorted(idx.tolist())), cfg.limit_per_split)  # noqa: E731
+    source_id = hashlib.sha256(images.tobytes() + np.asarray(digits.target, dtype=np.int64).tobytes()).hexdigest()
     return Splits(train=pick(train), val=pick(val), test=pick(test), num_classes=10,
-                  class_names=[str(i) for i in range(10)], not_comparable=limit_reason(cfg.limit_per_split))
+                  class_names=[str(i) for i in range(10)], not_comparable=limit_reason(cfg.limit_per_split),
+                  source_id=source_id, label_column="target")
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,8 @@ def build_from_spec(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Splits:
     else:
         source = load_source(data_dir=cfg.data_dir, hub_id=cfg.hub_id or spec.hub_id,
                              image_column=cfg.image_column or spec.image_column,
-                             label_column=cfg.label_column or spec.label_column, scan=cfg.scan_images)
+                             label_column=cfg.label_column or spec.label_column, scan=cfg.scan_images,
+                             max_pixels=cfg.max_image_pixels)
     train_name, test_name = _pick(source, spec.train), _pick(source, spec.test)
     if train_name is None or test_name is None:
         raise DataError(f"{source.origin}: needs a train split (one of {list(spec.train)}) and a test split "
@@ -178,7 +185,7 @@ def build_from_spec(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Splits:
     splits = Splits(train=limit(train, cfg.limit_per_split), val=limit(val, cfg.limit_per_split),
                     test=limit(source.splits[test_name].dataset, cfg.limit_per_split), num_classes=num_classes,
                     class_names=source.class_names, val_held_out=val_name is None, counts=counts,
-                    not_comparable=not_comparable)
+                    not_comparable=not_comparable, source_id=source.identity, label_column=source.label_column)
     counts.update({f"images_{k}": len(getattr(splits, k)) for k in ("train", "val", "test")})
     return splits
 
@@ -186,13 +193,9 @@ def build_from_spec(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Splits:
 def _check_damage(source: Source, max_bad_fraction: float) -> None:
     skipped = sum(s.skipped for s in source.splits.values())
     total = skipped + sum(len(s.labels) for s in source.splits.values())
-    if skipped:
-        examples = [e for s in source.splits.values() for e in s.skipped_examples][:5]
-        log.warning("%s: skipped %d unreadable image(s) of %d, e.g. %s", source.origin, skipped, total, examples)
-        if skipped > max_bad_fraction * total:
-            raise DataError(f"{source.origin}: {skipped} of {total} images are unreadable, more than "
-                            f"task.max_bad_fraction={max_bad_fraction}; e.g. {examples}. Re-download the "
-                            "damaged files, or raise task.max_bad_fraction to skip them.")
+    examples = [e for s in source.splits.values() for e in s.skipped_examples][:5]
+    check_damage(bad=skipped, total=total, examples=examples, max_bad_fraction=max_bad_fraction,
+                 origin=source.origin)
 
 
 # The many-shot transfer suite of SimCLR (arXiv 2002.05709, Appendix B.8) and BYOL (arXiv 2006.07733,

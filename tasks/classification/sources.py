@@ -2,23 +2,32 @@
 
 Every layout ends as named source splits (``train``, ``validation``, ``test`` …) of ``(PIL image, label)``
 items, after a scan that skips unreadable images and counts them. The scan only parses image headers
-(``PIL.Image.verify``), so it costs a small fraction of a decode.
+(``PIL.Image.verify``), so it costs a small fraction of a decode; an image whose header parses but whose
+data does not decode (a truncated JPEG) is caught when it is read: the item is then an
+:class:`transfer.images.Undecodable`, which :func:`transfer.images.collate_images` drops and counts. Every
+image is decoded by :func:`transfer.images.decode_image` (every Pillow mode to 8-bit RGB, EXIF orientation).
+
+Each :class:`Source` also carries ``identity``, a digest of the data it was read from (the files' names,
+sizes and modification times for a local copy, the ``datasets`` fingerprints for a Hub copy), which the
+feature cache key includes.
 """
 from __future__ import annotations
 
-import io
+import hashlib
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
 from transfer.errors import DataError
+from transfer.images import ImageDecodeError, TooLarge, Undecodable, check_header, load_image
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +37,6 @@ LAYOUTS = """\
      DATA_DIR/data/test-00000-of-00001.parquet);
   3. an ImageFolder tree: DATA_DIR/train/<class>/*.jpg, DATA_DIR/test/<class>/*.jpg
      (optionally DATA_DIR/val/<class>/*.jpg)."""
-SCAN_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -46,77 +54,145 @@ class Source:
     splits: dict[str, SourceSplit]
     class_names: list[str]
     origin: str  # what was read, for messages
+    identity: str = ""  # digest of the data read (files, sizes, mtimes; or datasets fingerprints)
+    label_column: str = ""  # the column the labels came from ("" for class folders)
 
 
 class HubRows(Dataset):
-    """Rows ``indices`` of a Hugging Face data set as ``(RGB PIL image, label)``."""
+    """Rows ``indices`` of a Hugging Face data set as ``(RGB PIL image, label)``, or ``(Undecodable, label)``."""
 
-    def __init__(self, ds, image_column: str, label_column: str, indices: Sequence[int]):
-        self.ds, self.image_column, self.label_column = ds, image_column, label_column
+    def __init__(self, ds, image_column: str, indices: Sequence[int], labels: np.ndarray, *, split: str,
+                 max_pixels: int | None = None):
+        self.ds, self.image_column, self.split, self.max_pixels = ds, image_column, split, max_pixels
         self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)  # (N,) of the rows kept, in order
+        self.item_ids = [f"{split}[{i}]" for i in self.indices]
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        row = self.ds[int(self.indices[i])]
-        return _open(row[self.image_column]).convert("RGB"), int(row[self.label_column])
+    def __getitem__(self, i: int) -> tuple[Image.Image | Undecodable | TooLarge, int]:
+        row = int(self.indices[i])
+        cell = self.ds[row][self.image_column]
+        name = f"{self.split}[{row}]" + (f" {cell['path']}" if isinstance(cell, dict) and cell.get("path") else "")
+        return load_image(cell, name=name, max_pixels=self.max_pixels), int(self.labels[i])
 
 
 class FileImages(Dataset):
     """Image files with labels (an ImageFolder tree after the scan)."""
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int]):
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], *, max_pixels: int | None = None):
         self.paths, self.labels = list(paths), np.asarray(labels, dtype=np.int64)
+        self.max_pixels = max_pixels
+        self.item_ids = self.paths
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        with Image.open(self.paths[i]) as im:
-            return im.convert("RGB"), int(self.labels[i])
+    def __getitem__(self, i: int) -> tuple[Image.Image | Undecodable | TooLarge, int]:
+        return load_image(self.paths[i], max_pixels=self.max_pixels), int(self.labels[i])
 
 
-def _open(value) -> Image.Image:
-    """A PIL image from a decoded image, or a Hugging Face ``{"bytes", "path"}`` cell."""
-    if isinstance(value, Image.Image):
-        return value
-    if value.get("bytes") is not None:
-        return Image.open(io.BytesIO(value["bytes"]))
-    return Image.open(value["path"])
+def readable(value, *, max_pixels: int | None = None, name: str | None = None) -> bool:
+    """True when the image header parses (cheap: no full decode).
 
-
-def readable(value) -> bool:
-    """True when the image header parses (cheap: no full decode)."""
+    An image above the size limit is not unreadable: :class:`transfer.images.ImageTooLargeError` propagates.
+    """
     try:
-        with _open(value) as im:
-            im.verify()
+        check_header(value, max_pixels=max_pixels, name=name)
         return True
-    except SCAN_ERRORS:
+    except ImageDecodeError:
         return False
 
 
+def labels_of(ds: Dataset) -> np.ndarray:
+    """(N,) int64 labels of every item of ``ds``, read without decoding an image.
+
+    ``ds`` is a base data set with a ``labels`` array, or ``Subset`` / ``ConcatDataset`` layers over them, or
+    a wrapper that keeps items in place and names its data set ``base`` (``datasets.Transformed``).
+    """
+    if hasattr(ds, "base"):
+        return labels_of(ds.base)
+    if isinstance(ds, Subset):
+        return labels_of(ds.dataset)[np.asarray(ds.indices, dtype=np.int64)]
+    if isinstance(ds, ConcatDataset):
+        return np.concatenate([labels_of(d) for d in ds.datasets]) if ds.datasets else np.zeros(0, np.int64)
+    if hasattr(ds, "labels"):
+        return np.asarray(ds.labels, dtype=np.int64)
+    raise TypeError(f"{type(ds).__name__} has no labels array")
+
+
+def items_digest(ds: Dataset) -> str:
+    """sha256 over the identity of every item of ``ds`` in order (file paths, Hub row ids or array indices)."""
+    h = hashlib.sha256()
+    for item in item_ids(ds):
+        h.update(str(item).encode() + b"\n")
+    return h.hexdigest()
+
+
+def item_ids(ds: Dataset) -> list:
+    """What names each item of ``ds``: its file path, Hub row (``split[row]``) or array index."""
+    if hasattr(ds, "base"):
+        return item_ids(ds.base)
+    if isinstance(ds, Subset):
+        ids = item_ids(ds.dataset)
+        return [ids[int(i)] for i in ds.indices]
+    if isinstance(ds, ConcatDataset):
+        return [x for d in ds.datasets for x in item_ids(d)]
+    return list(getattr(ds, "item_ids", range(len(ds))))
+
+
+def files_identity(root: Path, files: Iterable[Path]) -> str:
+    """sha256 over (path relative to ``root``, size, mtime in ns) of ``files``: changes when a file is added,
+    removed, moved, replaced or edited."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        st = os.stat(f)
+        h.update(f"{Path(f).relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def check_damage(*, bad: int, total: int, examples: Sequence[str], max_bad_fraction: float, origin: str,
+                 what: str = "unreadable") -> None:
+    """Raise :class:`DataError` when ``bad`` of ``total`` images exceed ``max_bad_fraction``; warn otherwise."""
+    if not bad:
+        return
+    log.warning("%s: skipped %d %s image(s) of %d, e.g. %s", origin, bad, what, total, list(examples)[:5])
+    if bad > max_bad_fraction * total:
+        raise DataError(f"{origin}: {bad} of {total} images are {what}, more than task.max_bad_fraction="
+                        f"{max_bad_fraction}; e.g. {list(examples)[:5]}. Re-download the damaged files, or raise "
+                        "task.max_bad_fraction to skip them.")
+
+
 def load_source(*, data_dir: str | None, hub_id: str | None, image_column: str, label_column: str,
-                scan: bool = True) -> Source:
-    """Open the data set from ``data_dir`` when given, else from the Hub by ``hub_id``; scan every split."""
+                scan: bool = True, max_pixels: int | None = None) -> Source:
+    """Open the data set from ``data_dir`` when given, else from the Hub by ``hub_id``; scan every split.
+
+    ``max_pixels``: the image size limit of :func:`transfer.images.decode_image` (default Pillow's).
+    """
     if data_dir:
         root = Path(data_dir).expanduser()
         if not root.is_dir():
             raise DataError(f"task.data_dir={data_dir!r} is not a directory. Accepted layouts:\n{LAYOUTS}")
         if _is_saved_dataset(root):
-            return _from_hf(_load_from_disk(root), image_column, label_column, str(root), scan)
+            identity = files_identity(root, (p for p in root.rglob("*") if p.is_file()))
+            return _from_hf(_load_from_disk(root), image_column, label_column, str(root), scan, max_pixels,
+                            identity)
         parquet = sorted(root.rglob("*.parquet"))
         if parquet:
-            return _from_hf(_load_parquet(root, parquet), image_column, label_column, str(root), scan)
+            return _from_hf(_load_parquet(root, parquet), image_column, label_column, str(root), scan, max_pixels,
+                            files_identity(root, parquet))
         if (root / "train").is_dir():
-            return _from_folders(root, scan)
+            return _from_folders(root, scan, max_pixels)
         found = sorted(p.name for p in root.iterdir())[:10]
         raise DataError(f"task.data_dir={str(root)!r} is in none of the accepted layouts (found: "
                         f"{found or 'nothing'}). Accepted layouts:\n{LAYOUTS}")
     if not hub_id:
         raise DataError("this data set has no Hugging Face Hub copy on record; download it yourself and pass "
                         f"task.data_dir=PATH. Accepted layouts:\n{LAYOUTS}")
-    return _from_hf(_load_hub(hub_id), image_column, label_column, f"hub:{hub_id}", scan)
+    dsd = _load_hub(hub_id)
+    identity = hashlib.sha256(repr(sorted((k, v._fingerprint) for k, v in dsd.items())).encode()).hexdigest()
+    return _from_hf(dsd, image_column, label_column, f"hub:{hub_id}", scan, max_pixels, identity)
 
 
 def _is_saved_dataset(root: Path) -> bool:
@@ -171,13 +247,15 @@ def _column(ds, wanted: str, kind: str, origin: str) -> str:
                     f"Name it with task.{kind}_column=NAME.")
 
 
-def _from_hf(dsd, image_column: str, label_column: str, origin: str, scan: bool) -> Source:
+def _from_hf(dsd, image_column: str, label_column: str, origin: str, scan: bool, max_pixels: int | None,
+             identity: str) -> Source:
     import datasets
 
-    splits, names = {}, None
+    splits, names, label_cols = {}, None, set()
     for split_name, ds in dsd.items():
         image_col = _column(ds, image_column, "image", origin)
         label_col = _column(ds, label_column, "label", origin)
+        label_cols.add(label_col)
         feature = ds.features[label_col]
         if names is None and isinstance(feature, datasets.ClassLabel):
             names = list(feature.names)
@@ -187,24 +265,26 @@ def _from_hf(dsd, image_column: str, label_column: str, origin: str, scan: bool)
         if scan:
             for i, cell in enumerate(tqdm(raw.select_columns([image_col]), desc=f"scan {split_name}",
                                           unit="img", leave=False)):
-                if not readable(cell[image_col]):
+                where = f"{split_name}[{i}]" + (f" {cell[image_col].get('path')}"
+                                                if cell[image_col].get("path") else "")
+                if not readable(cell[image_col], max_pixels=max_pixels, name=where):
                     good[i] = False
-                    bad.append(f"{split_name}[{i}]" + (f" {cell[image_col].get('path')}"
-                                                       if cell[image_col].get("path") else ""))
+                    bad.append(where)
         keep = np.flatnonzero(good)
-        splits[split_name] = SourceSplit(HubRows(raw, image_col, label_col, keep), labels[keep], len(bad), bad[:5])
+        splits[split_name] = SourceSplit(HubRows(raw, image_col, keep, labels[keep], split=split_name,
+                                                 max_pixels=max_pixels), labels[keep], len(bad), bad[:5])
     if names is None:
         present = np.concatenate([s.labels for s in splits.values()])
         names = [str(i) for i in range(int(present.max()) + 1)] if len(present) else []
-    return Source(splits, names, origin)
+    return Source(splits, names, origin, identity=identity, label_column="+".join(sorted(label_cols)))
 
 
-def _from_folders(root: Path, scan: bool) -> Source:
+def _from_folders(root: Path, scan: bool, max_pixels: int | None) -> Source:
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{root / 'train'} has no class folders. Accepted layouts:\n{LAYOUTS}")
     index = {c: i for i, c in enumerate(classes)}
-    splits = {}
+    splits, listed = {}, []
     for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         paths, labels, bad = [], [], []
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
@@ -214,11 +294,12 @@ def _from_folders(root: Path, scan: bool) -> Source:
             for f in sorted(class_dir.iterdir()):
                 if f.suffix.lower() not in IMG_EXTENSIONS:
                     continue
-                if scan and not readable({"path": str(f), "bytes": None}):
+                listed.append(f)
+                if scan and not readable(str(f), max_pixels=max_pixels):
                     bad.append(str(f))
                     continue
                 paths.append(str(f))
                 labels.append(index[class_dir.name])
-        splits[split_dir.name] = SourceSplit(FileImages(paths, labels), np.asarray(labels, dtype=np.int64),
-                                             len(bad), bad[:5])
-    return Source(splits, classes, str(root))
+        splits[split_dir.name] = SourceSplit(FileImages(paths, labels, max_pixels=max_pixels),
+                                             np.asarray(labels, dtype=np.int64), len(bad), bad[:5])
+    return Source(splits, classes, str(root), identity=files_identity(root, listed))

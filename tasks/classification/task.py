@@ -1,4 +1,9 @@
-"""The classification adapter: linear probe and k-NN on cached features, or full fine-tuning."""
+"""The classification adapter: linear probe and k-NN on cached features, or full fine-tuning.
+
+Linear probe and k-NN extract features in one process (under a multi-process launch each process does the
+same work and rank 0 writes the results); fine-tuning runs DDP through Lightning, with val and test padded
+so that no image is scored twice (``tasks/classification/finetune.py``).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -12,11 +17,12 @@ from timm.data import create_transform
 from torch.utils.data import ConcatDataset
 
 from tasks.classification.config import ClassificationTaskConfig
-from tasks.classification.datasets import DATASETS, Splits, Transformed
-from tasks.classification.features import cache_key, cached_features
+from tasks.classification.datasets import DATASETS, SPECS, Splits, Transformed
+from tasks.classification.features import cache_key, cached_features, digest
 from tasks.classification.finetune import ClassificationData, FinetuneModule
 from tasks.classification.linear import fit_logistic, l2_grid, search_l2
 from tasks.classification.metrics import SCORERS, classification_metrics
+from tasks.classification.sources import check_damage, items_digest, labels_of
 from transfer.backbones import Backbone, build_backbone
 from transfer.engine import (
     autocast_dtype,
@@ -26,10 +32,31 @@ from transfer.engine import (
     resume_path,
     seed_everything,
 )
+from transfer.errors import ConfigError
 from transfer.protocols import FinetuneProtocolConfig
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
 
 log = logging.getLogger(__name__)
+FROZEN = ("linear", "knn")
+# Data sets of the SimCLR (arXiv 2002.05709, Table 8 / App. B.8), BYOL (arXiv 2006.07733, Table 3 / App. D.2) and
+# ssl-transfer (linear.py) many-shot tables: their frozen-feature rows use the "paper" preprocessing.
+PAPER_DATASETS = frozenset(SPECS)
+# SimCLR App. B.8 / BYOL App. D.2 / ssl-transfer linear.py: resize the shorter side to 224 (bicubic), centre-crop 224.
+PAPER_RESOLUTION = 224
+
+
+def preprocess_of(cfg) -> str:
+    """``paper`` or ``checkpoint``: ``task.preprocess``, with ``auto`` resolved by protocol and data set."""
+    if cfg.task.preprocess != "auto":
+        return cfg.task.preprocess
+    return "paper" if cfg.protocol.name in FROZEN and cfg.task.dataset in PAPER_DATASETS else "checkpoint"
+
+
+def check(cfg) -> None:
+    """Checks of the whole run config that need no data (called by ``transfer.config.validate``)."""
+    if cfg.task.preprocess == "paper" and cfg.protocol.name not in FROZEN:
+        raise ConfigError(f"task.preprocess=paper applies to the frozen protocols ({', '.join(FROZEN)}), not "
+                          f"protocol={cfg.protocol.name}; use task.preprocess=auto or checkpoint.")
 
 
 def _build(ctx: RunContext) -> tuple[Backbone, Splits, int]:
@@ -37,12 +64,34 @@ def _build(ctx: RunContext) -> tuple[Backbone, Splits, int]:
     seed_everything(cfg.trainer)
     splits = DATASETS.get(cfg.task.dataset)(cfg.task)  # data first: a missing data set fails before model work
     backbone = _backbone(ctx)
-    resolution = cfg.task.resolution or backbone.spec.test_res
+    paper = preprocess_of(cfg) == "paper"
+    resolution = cfg.task.resolution or (PAPER_RESOLUTION if paper else backbone.spec.test_res)
     return backbone, splits, resolution
 
 
-def eval_transform(backbone: Backbone, resolution: int):
-    return create_transform(**backbone.data_config(resolution=resolution), is_training=False)
+def eval_data_config(backbone: Backbone, resolution: int, preprocess: str = "checkpoint") -> dict:
+    """timm ``create_transform`` keywords: the checkpoint's own crop, or the papers' (shorter side to
+    ``resolution``, bicubic, centre crop, no margin). Mean and std always belong to the weights."""
+    config = backbone.data_config(resolution=resolution)
+    if preprocess == "paper":
+        config.update(interpolation="bicubic", crop_pct=1.0, crop_mode="center")
+    return config
+
+
+def eval_transform(backbone: Backbone, resolution: int, preprocess: str = "checkpoint"):
+    return create_transform(**eval_data_config(backbone, resolution, preprocess), is_training=False)
+
+
+def _damage_check(ctx: RunContext, splits: Splits):
+    """``check(undecodable_names)``: the images that failed at load time plus those the scan skipped, against
+    ``task.max_bad_fraction`` of the images this run reads."""
+    skipped = splits.counts.get("skipped_images", 0)
+    total = skipped + len(splits.train) + len(splits.val) + len(splits.test)
+
+    def check_undecodable(names) -> None:
+        check_damage(bad=skipped + len(names), total=total, examples=sorted(names), what="unreadable or undecodable",
+                     max_bad_fraction=ctx.cfg.task.max_bad_fraction, origin=f"task {ctx.cfg.task.name}")
+    return check_undecodable
 
 
 def _weights_id(ctx: RunContext, backbone: Backbone) -> str:
@@ -50,27 +99,44 @@ def _weights_id(ctx: RunContext, backbone: Backbone) -> str:
     return w.sha256 or f"{w.source}-seed{ctx.cfg.trainer.seed}"
 
 
+def feature_key(ctx: RunContext, backbone: Backbone, splits: Splits, split: str, *, transform, resolution: int,
+                preprocess: str, dtype: torch.dtype | None) -> dict[str, str]:
+    """The feature cache key of ``split``: everything that determines its features and labels."""
+    data = getattr(splits, split)
+    return cache_key(backbone=ctx.cfg.backbone.name, weights=_weights_id(ctx, backbone), dataset=ctx.cfg.task.name,
+                     split=split, data=splits.source_id, items=items_digest(data), labels=digest(labels_of(data)),
+                     label_column=splits.label_column, classes=digest(list(splits.class_names)),
+                     transform=repr(transform), resolution=resolution, preprocess=preprocess,
+                     precision=str(dtype or torch.float32))
+
+
 def _features(ctx: RunContext, backbone: Backbone, splits: Splits, resolution: int) -> dict:
-    """Features of train, val and test, each from the cache when present."""
+    """Features of train, val and test, each from the cache when present (key: docs/classification.md)."""
     cfg = ctx.cfg
     accelerator = resolve_accelerator(cfg.trainer)
     device = torch.device("cuda" if accelerator in ("cuda", "gpu") else "cpu")
-    transform = eval_transform(backbone, resolution)
-    out, hits = {}, 0
+    preprocess = preprocess_of(cfg)
+    transform = eval_transform(backbone, resolution, preprocess)
+    dtype = autocast_dtype(cfg.trainer, accelerator)
+    check_undecodable = _damage_check(ctx, splits)
+    out, hits, undecodable = {}, 0, set()
     for split in ("train", "val", "test"):
-        key = cache_key(backbone=cfg.backbone.name, weights=_weights_id(ctx, backbone), dataset=cfg.task.name,
-                        source=f"{cfg.task.data_dir}|{cfg.task.hub_id}|{cfg.task.limit_per_split}",
-                        split=split, resolution=resolution, transform=transform, size=len(getattr(splits, split)),
-                        held_out=f"{splits.val_held_out}-{cfg.task.val_fraction}-{cfg.task.split_seed}")
-        feats, labels, hit = cached_features(
-            backbone, Transformed(getattr(splits, split), transform), key=key,
+        data = getattr(splits, split)
+        labels = labels_of(data)
+        key = feature_key(ctx, backbone, splits, split, transform=transform, resolution=resolution,
+                          preprocess=preprocess, dtype=dtype)
+        feats = cached_features(
+            backbone, Transformed(data, transform), key=key, expected_labels=labels,
             cache_dir=ctx.cache_dir if cfg.protocol.cache else None, batch_size=cfg.trainer.eval_batch_size,
-            num_workers=cfg.trainer.num_workers, device=device, dtype=autocast_dtype(cfg.trainer, accelerator),
+            num_workers=cfg.trainer.num_workers, device=device, dtype=dtype,
             channels_last=cfg.trainer.channels_last, desc=f"features {split}")
-        hits += hit
-        out[split] = (feats.to(device), labels.to(device))
+        hits += feats.cache_hit
+        undecodable.update(feats.undecodable)
+        check_undecodable(undecodable)  # fail before the next split's extraction, not after the whole run
+        out[split] = (feats.features.to(device), feats.labels.to(device))
     log.info("features: %d of 3 splits read from the cache", hits)
-    out["cache_hits"] = hits
+    out["counts"] = {"feature_cache_hits": hits, "undecodable_images": len(undecodable),
+                     "images_test_scored": len(out["test"][1])}
     return out
 
 
@@ -104,10 +170,11 @@ def run_linear(ctx: RunContext) -> TaskOutput:
     metrics["val/best"] = max(score for _, score in curve)
     ctx.logger.table("linear/l2_sweep", ["l2", f"val/{task.metric}"], [list(c) for c in curve])
     ctx.logger.summary({"linear/l2_at_grid_edge": search.edge or "none"})
-    return TaskOutput(metrics=metrics, counts={**splits.counts, "feature_cache_hits": feats["cache_hits"]},
+    return TaskOutput(metrics=metrics, counts={**splits.counts, **feats["counts"]},
                       weights=backbone.weights.as_dict(), primary_metric=f"test/{task.metric}",
                       extra={"best_l2": best, "l2_curve": curve, "l2_search": search.as_dict(),
-                             "resolution": resolution, **_not_comparable(splits, *edge_reasons)})
+                             "resolution": resolution, "preprocess": preprocess_of(ctx.cfg),
+                             **_not_comparable(splits, *edge_reasons)})
 
 
 def run_knn(ctx: RunContext) -> TaskOutput:
@@ -119,14 +186,16 @@ def run_knn(ctx: RunContext) -> TaskOutput:
     bank = tuple(torch.cat([feats["train"][i], feats["val"][i]]) for i in range(2))
     scores = knn_predict(bank[0], bank[1], feats["test"][0], splits.num_classes, k=p.k, temperature=p.temperature)
     metrics = classification_metrics(scores, feats["test"][1], splits.num_classes, "test")
-    return TaskOutput(metrics=metrics, counts={**splits.counts, "feature_cache_hits": feats["cache_hits"]},
+    return TaskOutput(metrics=metrics, counts={**splits.counts, **feats["counts"]},
                       weights=backbone.weights.as_dict(), primary_metric=f"test/{task.metric}",
-                      extra={"resolution": resolution, **_not_comparable(splits)})
+                      extra={"resolution": resolution, "preprocess": preprocess_of(ctx.cfg),
+                             **_not_comparable(splits)})
 
 
 def _backbone(ctx: RunContext) -> Backbone:
     b = ctx.cfg.backbone
-    return build_backbone(b.name, weights=b.weights, strict=b.strict, drop_path_rate=b.drop_path_rate)
+    return build_backbone(b.name, weights=b.weights, strict=b.strict, drop_path_rate=b.drop_path_rate,
+                          min_loaded_fraction=b.min_loaded_fraction)
 
 
 def _finetune_transforms(backbone: Backbone, resolution: int, protocol: FinetuneProtocolConfig):
@@ -157,7 +226,7 @@ def _fit(ctx: RunContext, backbone: Backbone, splits: Splits, resolution: int, p
     cfg = ctx.cfg
     train_tf, test_tf = _finetune_transforms(backbone, resolution, protocol)
     train = ConcatDataset([splits.train, splits.val]) if final else splits.train
-    module = FinetuneModule(backbone, splits.num_classes, protocol)
+    module = FinetuneModule(backbone, splits.num_classes, protocol, check_damage=_damage_check(ctx, splits))
     callbacks = [EMAWeightAveraging(decay=protocol.ema_decay)] if protocol.ema_decay else []
     length = dict(max_steps=protocol.steps, max_epochs=-1) if protocol.steps else {}
     if final:  # val is training data now: keep the last step, skip validation
@@ -180,21 +249,23 @@ def _fit(ctx: RunContext, backbone: Backbone, splits: Splits, resolution: int, p
     return module, trainer, data, resumed_from
 
 
-def _sweep(ctx: RunContext, splits: Splits, resolution: int) -> tuple[FinetuneProtocolConfig, list[list[float]],
-                                                                       list[float]]:
+def _sweep(ctx: RunContext, splits: Splits, resolution: int,
+           undecodable: set[str]) -> tuple[FinetuneProtocolConfig, list[list[float]], list[float]]:
     """Train every (lr, weight decay) of the grid on train; the pair with the best val metric wins.
 
     With ``protocol.wd_over_lr`` the optimiser's weight decay is ``wd / lr`` (SimCLR B.8, BYOL D.3: the
     grid's weight decays "are divided by the learning rate"); rows ``[lr, wd, val score]`` hold the grid
-    value ``wd``. Returns the refit's settings, every row and the chosen row.
+    value ``wd``. Undecodable images met in any fit are added to ``undecodable``. Returns the refit's
+    settings, every row and the chosen row.
     """
     p = ctx.cfg.protocol
     rows = []
     for lr in p.lr_grid:
         for wd in p.wd_grid:
             candidate = dataclasses.replace(p, lr=lr, weight_decay=wd / lr if p.wd_over_lr else wd, sweep=False)
-            _, trainer, _, _ = _fit(ctx, _backbone(ctx), splits, resolution, candidate,
-                                    subdir=f"sweep/lr{lr:g}-wd{wd:g}")
+            module, trainer, _, _ = _fit(ctx, _backbone(ctx), splits, resolution, candidate,
+                                         subdir=f"sweep/lr{lr:g}-wd{wd:g}")
+            undecodable.update(module.undecodable)
             score = trainer.checkpoint_callback.best_model_score
             rows.append([lr, wd, float(score) if score is not None else float("nan")])
             log.info("finetune sweep lr=%g wd=%g (optimiser weight decay %g): val/%s %.2f", lr, wd,
@@ -212,8 +283,9 @@ def run_finetune(ctx: RunContext) -> TaskOutput:
     # "paper": the papers' fine-tune sizes (train crops 224; test resize 256, centre crop 224), see transfer.compare.
     preprocess = "paper" if (resolution, crop_pct) == (224, 0.875) else "checkpoint"
     extra: dict = {"resolution": resolution, "test_crop_pct": crop_pct, "preprocess": preprocess}
+    undecodable: set[str] = set()
     if p.sweep:
-        best, rows, chosen = _sweep(ctx, splits, resolution)
+        best, rows, chosen = _sweep(ctx, splits, resolution, undecodable)
         ctx.logger.table("finetune/sweep", ["lr", "weight_decay", f"val/{cfg.task.metric}"], rows)
         extra.update(best_lr=chosen[0], best_weight_decay=chosen[1], optimiser_weight_decay=best.weight_decay,
                      sweep=rows)
@@ -228,7 +300,10 @@ def run_finetune(ctx: RunContext) -> TaskOutput:
     extra["global_batch"] = data.batch_size * trainer.world_size  # of the fit that was tested
     if p.sweep:
         metrics[f"val/best_{cfg.task.metric}"] = max(r[2] for r in extra["sweep"])
-    return TaskOutput(metrics=metrics, counts=dict(splits.counts), weights=backbone.weights.as_dict(),
+    undecodable.update(module.undecodable)
+    counts = {**splits.counts, "undecodable_images": len(undecodable),
+              "images_test_scored": module.scored.get("test", 0)}
+    return TaskOutput(metrics=metrics, counts=counts, weights=backbone.weights.as_dict(),
                       primary_metric=f"test/{cfg.task.metric}", extra={**extra, "resumed_from": resumed_from,
                              **progress_of(trainer), **_not_comparable(splits)})
 
@@ -240,6 +315,6 @@ def run(ctx: RunContext) -> TaskOutput:
     return PROTOCOL_RUNNERS[ctx.cfg.protocol.name](ctx)
 
 
-TASKS.add("classification", TaskAdapter(config_class=ClassificationTaskConfig, run=run,
+TASKS.add("classification", TaskAdapter(config_class=ClassificationTaskConfig, run=run, check=check,
                                         protocols=tuple(PROTOCOL_RUNNERS),
                                         metrics=("test/top1", "test/top5", "test/mean_per_class")))

@@ -3,6 +3,10 @@
 Class index = position of the WordNet id in the sorted list of the 1000 ILSVRC-2012 wnids, as in
 torchvision's ``ImageFolder`` over the full tree and in timm's ImageNet info; the Hugging Face
 ``ILSVRC/imagenet-1k`` labels follow the same order.
+
+Images are decoded by :func:`transfer.images.decode_image` (every Pillow mode to RGB, EXIF orientation);
+one that fails to decode becomes an :class:`transfer.images.Undecodable` item, which
+:func:`transfer.images.collate_images` drops and the evaluation counts.
 """
 from __future__ import annotations
 
@@ -11,11 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from PIL import Image
 from timm.data import ImageNetInfo
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from transfer.errors import DataError
+from transfer.images import TooLarge, Undecodable, load_image
 
 # The 1000 ILSVRC-2012 wnids in class-index order (timm ships the list: timm/data/_info/imagenet_synsets.txt).
 WNIDS: tuple[str, ...] = tuple(ImageNetInfo("imagenet-1k").label_names())
@@ -34,27 +40,41 @@ or a Hugging Face copy of ILSVRC/imagenet-1k: a datasets.save_to_disk folder, or
 
 
 class ImageNetFolder(ImageFolder):
-    """``split/<wnid>/*.JPEG`` with the ImageNet-1k class index of each wnid, even when folders are missing."""
+    """``split/<wnid>/*.JPEG`` with the ImageNet-1k class index of each wnid, even when folders are missing.
+
+    Items are ``(image, label)``; the image is an :class:`Undecodable` when the file does not decode.
+    """
+
+    max_pixels: int | None = None
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         present = sorted(p.name for p in Path(directory).iterdir() if p.is_dir())
         index = {w: i for i, w in enumerate(WNIDS)}
         return present, {w: index[w] for w in present}
 
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | Image.Image | Undecodable | TooLarge, int]:
+        path, label = self.samples[i]
+        return load_image(path, max_pixels=self.max_pixels, transform=self.transform), label
+
 
 class HFImages(Dataset):
-    """Items ``(PIL image, label)`` of a Hugging Face image data set with ``image`` and ``label`` columns."""
+    """Items ``(image, label)`` of a Hugging Face image data set with ``image`` and ``label`` columns; the
+    image is an :class:`Undecodable` when its bytes do not decode."""
 
-    def __init__(self, ds, transform: Callable | None = None):
-        self.ds, self.transform = ds, transform
+    def __init__(self, ds, transform: Callable | None = None, max_pixels: int | None = None):
+        import datasets
+
+        self.ds = ds.cast_column("image", datasets.Image(decode=False))  # decoded here, failures counted
+        self.transform, self.max_pixels = transform, max_pixels
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | Image.Image | Undecodable | TooLarge, int]:
         row = self.ds[i]
-        image = row["image"].convert("RGB")
-        return (self.transform(image) if self.transform else image), int(row["label"])
+        cell = row["image"]
+        name = f"row {i}" + (f" {cell['path']}" if cell.get("path") else "")
+        return load_image(cell, name=name, max_pixels=self.max_pixels, transform=self.transform), int(row["label"])
 
 
 def find_split_dir(data_dir: Path, split: str) -> Path | None:
@@ -66,19 +86,25 @@ def find_split_dir(data_dir: Path, split: str) -> Path | None:
 
 
 def build_imagenet(data_dir: str | Path, *, split: str = "val", transform: Callable | None = None,
-                   allow_partial: bool = False) -> tuple[Dataset, dict[str, int]]:
-    """The ImageNet-1k ``split`` under ``data_dir``, and counts (images, classes present)."""
+                   allow_partial: bool = False, max_pixels: int | None = None) -> tuple[Dataset, dict[str, int]]:
+    """The ImageNet-1k ``split`` under ``data_dir``, and counts (images, classes present).
+
+    ``max_pixels``: the image size limit of :func:`transfer.images.decode_image` (default Pillow's).
+    """
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"task.data_dir={str(data_dir)!r} is not a directory. Expected:\n{EXPECTED_TREE}")
     split_dir = find_split_dir(root, split)
     if split_dir is not None:
-        return _folder(split_dir, transform, allow_partial)
-    if _is_hf_copy(root):
-        return _hf(root, split, transform)
-    found = sorted(p.name for p in root.iterdir())[:10]
-    raise DataError(f"task.data_dir={str(root)!r} holds neither a {split}/<wnid>/ tree nor a Hugging Face copy "
-                    f"(found: {found or 'nothing'}). Expected:\n{EXPECTED_TREE}")
+        ds, counts = _folder(split_dir, transform, allow_partial)
+    elif _is_hf_copy(root):
+        ds, counts = _hf(root, split, transform)
+    else:
+        found = sorted(p.name for p in root.iterdir())[:10]
+        raise DataError(f"task.data_dir={str(root)!r} holds neither a {split}/<wnid>/ tree nor a Hugging Face copy "
+                        f"(found: {found or 'nothing'}). Expected:\n{EXPECTED_TREE}")
+    ds.max_pixels = max_pixels
+    return ds, counts
 
 
 def _folder(split_dir: Path, transform: Callable | None, allow_partial: bool) -> tuple[Dataset, dict[str, int]]:

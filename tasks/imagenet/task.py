@@ -3,9 +3,15 @@
 ``python -m transfer.run task=imagenet backbone=rs152 task.data_dir=/data/imagenet`` reports
 ``val/top1`` and ``val/top5`` at the checkpoint's own test resolution and crop, next to the published
 top-1 of the registry entry (``published/top1``).
+
+Under DDP the images are padded to a multiple of the number of processes with placeholders
+(:class:`transfer.images.PaddedToRanks`), so no image is scored twice. Images that fail to decode are
+skipped, named in the log, counted (``counts.undecodable_images``) and checked against
+``task.max_bad_fraction``; ``counts.images_scored`` is what the accuracy is over.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import lightning as L
@@ -17,10 +23,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from tasks.imagenet.data import EXPECTED_TREE, WNIDS, build_imagenet
 from transfer.backbones import BACKBONES, build_backbone
 from transfer.engine import build_trainer, seed_everything
-from transfer.errors import ConfigError, WeightsError
+from transfer.errors import ConfigError, DataError, WeightsError
+from transfer.images import PaddedToRanks, collate_images, gather_names, unpack
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
 
 SPLITS = ("val", "train")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +39,9 @@ class ImageNetTaskConfig:
     split: str = "val"
     resolution: int | None = None  # default: the checkpoint's own test resolution
     allow_partial: bool = False  # evaluate even when some of the 1000 class folders are missing
+    # Undecodable images above this fraction stop the run (0.001 of the 50,000 val images: 50 at most).
+    max_bad_fraction: float = 0.001
+    max_image_pixels: int | None = None  # images above this are refused as too large; default Pillow's limit
 
     def __post_init__(self) -> None:
         if not self.data_dir:
@@ -39,6 +50,11 @@ class ImageNetTaskConfig:
             raise ConfigError(f"task.split={self.split!r}; valid: {', '.join(SPLITS)}.")
         if self.resolution is not None and self.resolution < 32:
             raise ConfigError(f"task.resolution={self.resolution} is too small; use 32 or more, or leave it unset.")
+        if not 0 <= self.max_bad_fraction < 1:
+            raise ConfigError(f"task.max_bad_fraction={self.max_bad_fraction} must be in [0, 1).")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ConfigError(f"task.max_image_pixels={self.max_image_pixels} must be a positive pixel count, "
+                              "or null for Pillow's limit.")
 
 
 class ClassifierEval(L.LightningModule):
@@ -49,25 +65,35 @@ class ClassifierEval(L.LightningModule):
         self.model, self.split = model, split
         self.top1 = MulticlassAccuracy(num_classes=len(WNIDS), top_k=1, average="micro")
         self.top5 = MulticlassAccuracy(num_classes=len(WNIDS), top_k=5, average="micro")
+        self.undecodable: set[str] = set()  # gathered over processes at the end
+        self.scored = 0  # images scored, over all processes, after the epoch
 
     def test_step(self, batch, batch_idx) -> None:
-        x, y = batch
+        x, y, undecodable = unpack(batch)
+        self.undecodable.update(undecodable)
+        self.scored += len(y)
+        if not len(x):
+            return
         logits = self.model(x).float()  # (B, 3, H, W) -> (B, 1000)
         self.top1.update(logits, y)
         self.top5.update(logits, y)
 
     def on_test_epoch_end(self) -> None:
+        # torchmetrics sums its states over processes in compute(); the padding placeholders never reach it.
         self.log(f"{self.split}/top1", 100.0 * self.top1.compute(), sync_dist=False)
         self.log(f"{self.split}/top5", 100.0 * self.top5.compute(), sync_dist=False)
+        self.scored = int(self.trainer.strategy.reduce(torch.tensor(self.scored, device=self.device), reduce_op="sum"))
+        self.undecodable = gather_names(self.undecodable)
 
 
 def run(ctx: RunContext) -> TaskOutput:
     cfg, task = ctx.cfg, ctx.cfg.task
     seed_everything(cfg.trainer)
-    dataset, counts = build_imagenet(task.data_dir, split=task.split, allow_partial=task.allow_partial)
+    dataset, counts = build_imagenet(task.data_dir, split=task.split, allow_partial=task.allow_partial,
+                                     max_pixels=task.max_image_pixels)
     try:
         backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
-                                  keep_classifier=True)
+                                  keep_classifier=True, min_loaded_fraction=cfg.backbone.min_loaded_fraction)
     except WeightsError as e:
         raise WeightsError(f"{e} task=imagenet evaluates the weights' own 1000-class ImageNet classifier "
                            f"({BACKBONES.get(cfg.backbone.name).classifier_prefix}*), so the file must include "
@@ -75,11 +101,14 @@ def run(ctx: RunContext) -> TaskOutput:
     resolution = task.resolution or backbone.spec.test_res
     data_config = backbone.data_config(resolution=resolution)
     dataset.transform = create_transform(**data_config, is_training=False)
-    loader = DataLoader(dataset, batch_size=cfg.trainer.eval_batch_size, num_workers=cfg.trainer.num_workers,
-                        shuffle=False, pin_memory=torch.cuda.is_available())
     module = ClassifierEval(backbone, task.split)
     trainer = build_trainer(ctx)
+    loader = DataLoader(PaddedToRanks(dataset, trainer.world_size), batch_size=cfg.trainer.eval_batch_size,
+                        num_workers=cfg.trainer.num_workers, shuffle=False, pin_memory=torch.cuda.is_available(),
+                        collate_fn=collate_images)
     tested = trainer.test(module, dataloaders=loader, verbose=False)
+    _check_damage(module.undecodable, len(dataset), task)
+    counts.update(undecodable_images=len(module.undecodable), images_scored=module.scored)
     metrics = {k: float(v) for k, v in tested[0].items()}
     published = backbone.spec.top1
     if published is not None:
@@ -92,6 +121,17 @@ def run(ctx: RunContext) -> TaskOutput:
                       extra={"resolution": resolution, "data_config": data_config,
                              "published_top1_source": backbone.spec.source,
                              **({"not_comparable": partial} if partial else {})})
+
+
+def _check_damage(undecodable: set[str], total: int, task: ImageNetTaskConfig) -> None:
+    if not undecodable:
+        return
+    examples = sorted(undecodable)[:5]
+    if len(undecodable) > task.max_bad_fraction * total:
+        raise DataError(f"{task.data_dir}: {len(undecodable)} of {total} images could not be decoded, more than "
+                        f"task.max_bad_fraction={task.max_bad_fraction}; e.g. {examples}. Re-download the damaged "
+                        "files, or raise task.max_bad_fraction to score the rest.")
+    log.warning("%s: skipped %d undecodable image(s) of %d, e.g. %s", task.data_dir, len(undecodable), total, examples)
 
 
 TASKS.add("imagenet", TaskAdapter(config_class=ImageNetTaskConfig, run=run, protocols=("eval",),

@@ -1,8 +1,14 @@
 """task=imagenet: the val/<wnid>/ layout, the Hugging Face copy, and an end-to-end run of the classifier."""
 from __future__ import annotations
 
+import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -11,6 +17,7 @@ from PIL import Image
 from tasks.imagenet.data import WNIDS, build_imagenet
 from transfer.backbones import BACKBONES
 from transfer.errors import DataError
+from transfer.images import Undecodable
 from transfer.run import main as run_main
 from transfer.weights import write_safetensors
 
@@ -130,7 +137,8 @@ def test_imagenet_eval_end_to_end(tmp_path, rs50_weights):
     assert metrics["val/top1"] == pytest.approx(100 * 3 / 6, abs=1e-3)
     assert metrics["val/top5"] == pytest.approx(100 * 4 / 6, abs=1e-3)
     assert metrics["published/top1"] == BACKBONES.get("rs50").top1
-    assert results["counts"] == {"images": 6, "classes": 4}
+    assert results["counts"] == {"images": 6, "classes": 4, "undecodable_images": 0, "images_scored": 6}
+    assert results["weights"]["load"]["missing"] == 0 and results["weights"]["load"]["strict"]
     assert results["protocol"] == "eval" and results["extra"]["resolution"] == 32
     assert results["extra"]["data_config"]["crop_pct"] == BACKBONES.get("rs50").crop_pct
 
@@ -147,3 +155,51 @@ def test_imagenet_without_data_dir_shows_the_layout(capsys):
     assert run_main(["task=imagenet", "logger.wandb.mode=disabled"]) == 2
     err = capsys.readouterr().err
     assert "task.data_dir" in err and "n01440764" in err
+
+
+def _truncated_jpeg(path) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3)).astype(np.uint8)).save(buf, "JPEG")
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # the header parses, the data stops
+
+
+def test_truncated_jpeg_becomes_an_undecodable_item(tmp_path):
+    write_tree(tmp_path, {WNIDS[1]: 1})
+    bad = tmp_path / "val" / WNIDS[1] / "ILSVRC2012_val_99999999.JPEG"
+    _truncated_jpeg(bad)
+    ds, _ = build_imagenet(tmp_path, allow_partial=True)
+    items = {path: ds[i][0] for i, (path, _) in enumerate(ds.samples)}
+    assert isinstance(items[str(bad)], Undecodable) and items[str(bad)].name == str(bad)
+    assert sum(isinstance(v, Undecodable) for v in items.values()) == 1
+
+
+@pytest.mark.e2e
+def test_imagenet_eval_skips_and_counts_a_truncated_jpeg(tmp_path, rs50_weights, capsys):
+    write_tree(tmp_path / "data", {WNIDS[FAVOURED]: 3, WNIDS[0]: 1})
+    bad = tmp_path / "data" / "val" / WNIDS[FAVOURED] / "ILSVRC2012_val_99999999.JPEG"
+    _truncated_jpeg(bad)
+    # Default task.max_bad_fraction (0.001): one damaged image of 5 stops the run, naming it.
+    assert _run(tmp_path, rs50_weights / "rs50_head.safetensors") == 2
+    assert str(bad) in capsys.readouterr().err
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert _run(tmp_path, rs50_weights / "rs50_head.safetensors", ["task.max_bad_fraction=0.5"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["counts"]["undecodable_images"] == 1 and results["counts"]["images_scored"] == 4
+    assert results["metrics"]["val/top1"] == pytest.approx(100 * 3 / 4, abs=1e-3)  # over the 4 decodable images
+
+
+@pytest.mark.e2e
+def test_imagenet_eval_with_two_processes_scores_each_image_once(tmp_path, rs50_weights):
+    # 5 images over 2 processes: DistributedSampler would repeat one (the first, a miss) and score 3/6.
+    write_tree(tmp_path / "data", {WNIDS[0]: 1, WNIDS[FAVOURED]: 3, WNIDS[RUNNER_UP]: 1})
+    args = ["task=imagenet", f"task.data_dir={tmp_path / 'data'}", "task.resolution=32", "task.allow_partial=true",
+            "backbone=rs50", f"backbone.weights={rs50_weights / 'rs50_head.safetensors'}", "trainer.precision=32-true",
+            "trainer.num_workers=0", "trainer.eval_batch_size=2", "trainer.devices=2", "trainer.accelerator=cpu",
+            "trainer.progress_bar=false", "logger.wandb.mode=disabled", f"run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, "-m", "transfer.run", *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["counts"]["images_scored"] == 5
+    assert results["metrics"]["val/top1"] == pytest.approx(100 * 3 / 5, abs=1e-3)
+    assert results["metrics"]["val/top5"] == pytest.approx(100 * 4 / 5, abs=1e-3)

@@ -7,6 +7,8 @@ bottom of this file.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -21,8 +23,16 @@ from torch import nn
 from transfer.errors import WeightsError
 from transfer.io import sha256_file
 from transfer.registry import Registry
-from transfer.weights import WeightsInfo, is_state_dict_file, load_strict, read_state_dict
+from transfer.weights import (
+    DEFAULT_MIN_LOADED_FRACTION,
+    WeightsInfo,
+    is_state_dict_file,
+    load_strict,
+    read_state_dict,
+    strip_wrapper_prefixes,
+)
 
+log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Channels and strides of the five feature levels (stem, res2..res5) of a bottleneck ResNet.
@@ -107,11 +117,15 @@ class Backbone(nn.Module):
 
 
 def build_backbone(name: str, *, weights: str = "pretrained", strict: bool = True,
-                   drop_path_rate: float = 0.0, keep_classifier: bool = False) -> Backbone:
+                   drop_path_rate: float = 0.0, keep_classifier: bool = False,
+                   min_loaded_fraction: float = DEFAULT_MIN_LOADED_FRACTION) -> Backbone:
     """Build registry entry ``name`` with ``weights``: ``pretrained``, ``random`` or a file path.
 
     ``keep_classifier=True`` keeps the ImageNet head (then required in the weights file), for ImageNet
     evaluation and for size/latency figures comparable with published ones; ``forward`` then gives logits.
+    ``strict=False`` loads the matching tensors only, and still raises :class:`WeightsError` unless at least
+    ``min_loaded_fraction`` of the backbone's tensors (and at least one) come from the file. What was loaded
+    is logged and kept in ``Backbone.weights.load`` (:class:`transfer.weights.LoadReport`).
     """
     spec = BACKBONES.get(name)
     model = timm.create_model(spec.arch, pretrained=False, drop_path_rate=drop_path_rate, **spec.arch_kwargs)
@@ -121,7 +135,11 @@ def build_backbone(name: str, *, weights: str = "pretrained", strict: bool = Tru
         path, info = _resolve_weights_file(spec, weights)
         sd = _read_or_convert(spec, model, path)
         optional = () if keep_classifier else (spec.classifier_prefix,)
-        load_strict(model, sd, origin=str(path), optional_prefixes=optional, strict=strict)
+        report = load_strict(model, sd, origin=str(path), optional_prefixes=optional, strict=strict,
+                             min_loaded_fraction=min_loaded_fraction)
+        info = dataclasses.replace(info, load=report)
+        incomplete = report.missing or report.unexpected
+        (log.warning if incomplete else log.info)("backbone %s weights %s: %s", name, info.source, report.summary())
     if not keep_classifier:
         model.reset_classifier(0)
     return Backbone(spec, model, info)
@@ -145,8 +163,11 @@ def _read_or_convert(spec: BackboneSpec, model: nn.Module, path: Path) -> dict[s
 
 
 def _looks_foreign(model: nn.Module, sd: dict) -> bool:
-    """True when a state dict shares no key with the model: an official release layout to convert."""
-    return not set(sd) & set(model.state_dict())
+    """True when a state dict shares no key with the model, even without wrapper prefixes: an official
+    release layout to convert."""
+    own = model.state_dict()
+    stripped, _ = strip_wrapper_prefixes(sd, own)
+    return not set(stripped) & set(own)
 
 
 def _resolve_weights_file(spec: BackboneSpec, weights: str) -> tuple[Path, WeightsInfo]:

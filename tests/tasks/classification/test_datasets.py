@@ -90,3 +90,12 @@ def test_every_registered_data_set_has_a_recipe_with_a_paper_metric(name):
     assert cfg.task.dataset == name
     expected = "mean_per_class" if name in {"oxford_pets", "flowers102", "caltech101", "fgvc_aircraft"} else "top1"
     assert cfg.task.metric == expected
+
+
+def test_an_image_above_the_size_limit_is_too_large_not_unreadable(image_folder):
+    big = image_folder / "test" / CLASSES[0] / "big.png"
+    Image.new("RGB", (40, 30)).save(big)
+    with pytest.raises(DataError) as err:
+        DATASETS.get("cifar100")(config(image_folder, max_image_pixels=1000))
+    text = str(err.value)
+    assert str(big) in text and "too large" in text and "not damaged" in text and "task.max_image_pixels" in text

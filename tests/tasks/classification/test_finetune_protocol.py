@@ -42,20 +42,23 @@ def test_the_sweep_divides_each_weight_decay_by_its_learning_rate(monkeypatch):
     def fake_fit(ctx, backbone, splits, resolution, protocol, **kwargs):
         tried.append((protocol.lr, protocol.weight_decay))
         score = 50.0 + 10 * protocol.lr - protocol.weight_decay  # best: the largest lr, then the smallest decay
-        return None, SimpleNamespace(checkpoint_callback=SimpleNamespace(best_model_score=torch.tensor(score))), \
+        module = SimpleNamespace(undecodable={"bad.jpg"})
+        return module, SimpleNamespace(checkpoint_callback=SimpleNamespace(best_model_score=torch.tensor(score))), \
             None, None
 
     monkeypatch.setattr(classification, "_fit", fake_fit)
     monkeypatch.setattr(classification, "_backbone", lambda ctx: None)
     protocol = dataclasses.replace(FinetuneProtocolConfig(), lr_grid=[0.01, 0.1], wd_grid=[0.0, 1e-4])
     ctx = SimpleNamespace(cfg=SimpleNamespace(protocol=protocol, task=SimpleNamespace(metric="top1")))
-    best, rows, chosen = classification._sweep(ctx, None, 32)
+    undecodable = set()
+    best, rows, chosen = classification._sweep(ctx, None, 32, undecodable)
+    assert undecodable == {"bad.jpg"}  # images no fit could decode are gathered over the grid
     assert tried == [(0.01, 0.0), (0.01, pytest.approx(1e-2)), (0.1, 0.0), (0.1, pytest.approx(1e-3))]
     assert [r[:2] for r in rows] == [[0.01, 0.0], [0.01, 1e-4], [0.1, 0.0], [0.1, 1e-4]]
     assert chosen[:2] == [0.1, 0.0] and (best.lr, best.weight_decay, best.sweep) == (0.1, 0.0, False)
     off = dataclasses.replace(protocol, wd_over_lr=False)
     tried.clear()
-    classification._sweep(SimpleNamespace(cfg=SimpleNamespace(protocol=off, task=ctx.cfg.task)), None, 32)
+    classification._sweep(SimpleNamespace(cfg=SimpleNamespace(protocol=off, task=ctx.cfg.task)), None, 32, set())
     assert [wd for _, wd in tried] == [0.0, 1e-4, 0.0, 1e-4]
 
 

@@ -114,10 +114,9 @@ def digits_backbone_features():
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
     backbone = build_backbone("rs50", weights="random")
     transform = create_transform(**backbone.data_config(resolution=32), is_training=False)
-    feats, labels = extract(backbone, Transformed(ArrayImages(images, d.target), transform), batch_size=128,
-                            num_workers=0, device=torch.device("cpu"), dtype=None, channels_last=False,
-                            desc="digits features")
-    feats, labels = feats.clone(), labels.clone()
+    out = extract(backbone, Transformed(ArrayImages(images, d.target), transform), batch_size=128,
+                  num_workers=0, device=torch.device("cpu"), dtype=None, channels_last=False, desc="digits features")
+    feats, labels = out.features.clone(), out.labels.clone()
     order = torch.tensor(np.random.default_rng(0).permutation(len(feats)))
     test, train = order[:360], order[360:]
     return (feats[train], labels[train]), (feats[test], labels[test])

@@ -35,6 +35,8 @@ def test_linear_probe_reuses_its_feature_cache(tmp_path, saved_to_disk):
     assert first["primary_metric"] == "test/top1" and len(in_grid) == 40
     searched = first["extra"]["l2_search"]["searched"]
     assert searched[0] == min(c[0] for c in first["extra"]["l2_curve"]) and searched[1] >= 1e5 * (1 - 1e-9)
+    assert first["extra"]["preprocess"] == "paper"  # cifar100 is compared with the SimCLR/BYOL linear rows
+    assert first["counts"]["undecodable_images"] == 0 and first["counts"]["images_test_scored"] == 9
     assert first["extra"]["best_l2"] in [c[0] for c in first["extra"]["l2_curve"]]
 
 
@@ -45,6 +47,7 @@ def test_knn_on_an_image_folder(tmp_path, image_folder):
     assert results["primary_metric"] == "test/mean_per_class"
     assert 0 <= results["metrics"]["test/mean_per_class"] <= 100
     assert results["counts"]["images_test"] == 9 and results["counts"]["skipped_images"] == 1
+    assert results["counts"]["images_test_scored"] == 9
 
 
 @pytest.mark.e2e

@@ -94,12 +94,23 @@ def write_safetensors(sd: Mapping[str, torch.Tensor], path: str | os.PathLike,
     return sha256_file(path)
 
 
+def check_finite(sd: Mapping[str, torch.Tensor], *, origin: str) -> None:
+    """Weights holding NaN or inf would train or score garbage: refuse them naming the file and the tensors."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" … and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise WeightsError(f"weights from {origin!r} hold NaN or infinite values in {len(bad)} tensor(s): "
+                           f"{', '.join(bad[:5])}{more}. The file is damaged or came from a diverged run; "
+                           "download or convert it again.")
+
+
 def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, origin: str,
                 optional_prefixes: tuple[str, ...] = (), strict: bool = True) -> None:
     """Load ``sd`` into ``model``; missing, unexpected or mis-shaped keys are an error listing them.
 
     Keys under ``optional_prefixes`` (the ImageNet classifier, dropped for transfer) may be absent.
     """
+    check_finite(sd, origin=origin)
     own = model.state_dict()
     missing = [k for k in own if k not in sd and not k.startswith(optional_prefixes)]
     unexpected = [k for k in sd if k not in own]

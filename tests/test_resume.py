@@ -154,7 +154,7 @@ def test_resume_of_a_run_dir_without_a_checkpoint_is_an_error_not_a_fresh_start(
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / ".last.ckpt.vm.99999.abcd.tmp").write_bytes(b"\0")
     cfg = validate(compose([*QUICK, "protocol=finetune", f"run.dir={run}", "resume=true"]))
-    with pytest.raises(ConfigError, match="holds no usable last.ckpt"):
+    with pytest.raises(ConfigError, match="holds no usable checkpoint"):
         plan_run_dir(cfg)
 
 

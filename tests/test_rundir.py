@@ -157,3 +157,29 @@ def test_an_allowed_lr_change_is_the_lr_that_runs_from_the_resumed_step():
     live.step()
     live_sched.step()
     assert live.param_groups[0]["lr"] == pytest.approx(0.01 * warmup_cosine(5, warmup=2, total=10))
+
+
+@pytest.mark.e2e
+def test_a_finished_run_continued_with_a_new_lr_records_what_ran(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [*QUICK, "protocol=finetune", "trainer.batch_size=16", "task.limit_per_split=32", f"run.dir={run}"]
+    assert main([*args, "trainer.max_epochs=1"]) == 0
+    first = json.loads((run / "results.json").read_text())
+
+    changed = [*args, "trainer.max_epochs=2", "protocol.lr=0.1", "resume=true"]
+    capsys.readouterr()
+    assert main(changed) == 2
+    assert "protocol.lr: 0.01 -> 0.1" in capsys.readouterr().err
+    assert json.loads((run / "results.json").read_text()) == first, "a refused resume touches nothing"
+
+    assert main([*changed, "resume_allow_changes=true"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["protocol_config"]["lr"] == 0.1 and results["extra"]["global_step"] == 2 * 2
+    second = results["history"][1]
+    assert second["changed"] == {"protocol.lr": [0.01, 0.1], "trainer.max_epochs": [1, 2]}
+    fit = second["fits"][0]
+    assert fit["first_epoch"] == 1 and fit["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
+    assert {group["initial_lr"] for group in fit["optimizer"][0]} == {0.1}, "the optimiser runs the new lr"
+    assert json.loads((run / "history" / "results.0.json").read_text()) == first
+    assert "lr: 0.01" in (run / "history" / "config.0.yaml").read_text()
+    assert "lr: 0.1" in (run / "config.yaml").read_text() == (run / "history" / "config.1.yaml").read_text()

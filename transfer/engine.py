@@ -7,6 +7,7 @@ epoch), ``epoch<NNN>.ckpt`` the best epoch by the adapter's monitor (every epoch
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from transfer.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT, checkpoint_problem
 from transfer.tasks import RunContext
 
 FINAL_WEIGHTS = "final.safetensors"
+log = logging.getLogger(__name__)
 
 
 def cpu_supports_bf16() -> bool:
@@ -132,6 +134,7 @@ def resume_path(ctx: RunContext, subdir: str = "") -> str | None:
         return None
     path = Path(ctx.run_dir) / CHECKPOINT_DIR / subdir / LAST_CHECKPOINT
     if not path.exists():
+        log.info("resume=true: no %s in %s; this part trains from its start", LAST_CHECKPOINT, path.parent)
         return None
     if problem := checkpoint_problem(path):
         raise TransferError(f"cannot resume from {str(path)!r}: {problem}. Move it aside to train this part "

@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # The engine's first ModelCheckpoint is the best epoch on purpose (last.ckpt is the second).
+    warnings.filterwarnings("ignore", message=".*multiple `ModelCheckpoint` callbacks.*")
+    # A fresh run never gets a directory holding checkpoints (rundir refuses it); only a resume does.
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
     multirun = any(a in ("-m", "--multirun") for a in argv)
     show_cfg = "--cfg" in argv
     overrides = [a for a in argv if a not in ("-m", "--multirun", "--cfg")]

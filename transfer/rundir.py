@@ -71,19 +71,23 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+CHECKPOINT_SUFFIXES = (".ckpt", ".pth")  # Lightning's and Detectron2's training checkpoints (torch zip files)
+
+
 def usable_checkpoints(run_dir: Path) -> list[Path]:
-    """Every ``last.ckpt`` under ``run_dir/checkpoints`` that can be resumed from."""
+    """Every complete training checkpoint under ``run_dir/checkpoints`` (Lightning's ``last.ckpt`` is the one
+    the shared engine resumes from; Detectron2 keeps its own ``.pth`` files there)."""
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    return sorted(p for p in root.rglob(LAST_CHECKPOINT) if checkpoint_problem(p) is None)
+    return sorted(p for p in root.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES and checkpoint_problem(p) is None)
 
 
 def _holds_a_run(path: Path) -> str | None:
     if (path / RESULTS_FILE).exists():
         return RESULTS_FILE
     ckpts = path / CHECKPOINT_DIR
-    if ckpts.is_dir() and any(p.suffix in (".ckpt", ".safetensors") for p in ckpts.rglob("*")):
+    if ckpts.is_dir() and any(p.suffix in (*CHECKPOINT_SUFFIXES, ".safetensors") for p in ckpts.rglob("*")):
         return "checkpoints"
     return None
 
@@ -175,7 +179,7 @@ def plan_run_dir(cfg, *, sweep_index: int | None = None) -> RunDirPlan:
         if cfg.resume and not usable_checkpoints(path):
             found = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())[:5] \
                 if path.is_dir() else []
-            raise ConfigError(f"resume=true but run.dir={str(path)!r} holds no usable {LAST_CHECKPOINT} under "
+            raise ConfigError(f"resume=true but run.dir={str(path)!r} holds no usable checkpoint under "
                               f"{CHECKPOINT_DIR}/ (found: {found or 'nothing'}); the run stopped before its "
                               "first checkpoint, or this is not its directory. Run without resume=true to start "
                               "it afresh.")

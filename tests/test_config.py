@@ -43,7 +43,8 @@ def test_every_protocol_recipe_composes_with_a_task_that_takes_it(protocol, tmp_
 
 
 def test_overrides_reach_the_typed_config(tmp_path):
-    cfg = validate(compose(["trainer.max_epochs=3", "trainer.devices=2", "logger.wandb.mode=disabled",
+    cfg = validate(compose(["trainer.max_epochs=3", "trainer.devices=2", "trainer.accelerator=cpu",
+                            "logger.wandb.mode=disabled",
                             f"run.dir={tmp_path}", "backbone.weights=random", "task.resolution=48"]))
     assert (cfg.trainer.max_epochs, cfg.trainer.devices, cfg.logger.wandb.mode) == (3, 2, "disabled")
     assert cfg.run.dir == str(tmp_path) and cfg.task.resolution == 48

@@ -180,9 +180,30 @@ def test_orphan_temporaries_are_removed_but_a_live_writer_is_left_alone(tmp_path
         old_style = tmp_path / ".history.json.q8w7e6.tmp"
         for f in (orphan, foreign, writing, old_style):
             f.write_bytes(b"partial")
+        shared = sorted(remove_orphan_temporaries(tmp_path, any_host=False))
+        assert shared == [orphan], "a shared folder loses only this host's dead writers' files"
         removed = remove_orphan_temporaries(tmp_path)
-        assert sorted(removed) == sorted([orphan, foreign, old_style])
+        assert sorted(removed) == sorted([foreign, old_style])
         assert writing.exists()
     finally:
         live.kill()
         live.wait()
+
+
+def test_the_next_run_clears_what_killed_writers_of_this_host_left_nearby(tmp_path):
+    from transfer.io import _HOST
+    from transfer.rundir import open_run_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    parent = tmp_path / "digits" / "rs50-finetune"
+    killed = parent / "killed" / "checkpoints" / f".last.ckpt.{_HOST}.{dead}.k2j4.tmp"
+    cache = tmp_path / ".cache" / "features" / f".rs50-digits-train.safetensors.{_HOST}.{dead}.f00d.tmp"
+    elsewhere = parent / "other-host" / f".results.json.otherhost.{dead}.beef.tmp"  # may be a live writer there
+    for f in (killed, cache, elsewhere):
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"partial")
+    cfg = validate(compose([*QUICK, "protocol=finetune", f"run.root={tmp_path}"]))
+    open_run_dir(cfg, plan_run_dir(cfg), writer=True)
+    assert not killed.exists() and not cache.exists()
+    assert elsewhere.exists()

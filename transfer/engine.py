@@ -289,8 +289,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
+        with atomic_path(path) as tmp:
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save(checkpoint, f)
+            except RuntimeError as e:  # torch's zip writer reports the failed write as "unexpected pos"
+                cause = _os_error_in(e)
+                if cause is None:
+                    raise
+                raise cause from None
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def seed_everything(cfg: TrainerConfig) -> None:

@@ -89,11 +89,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_orphan_temporaries(root: str | os.PathLike) -> list[Path]:
+def remove_orphan_temporaries(root: str | os.PathLike, *, any_host: bool = True) -> list[Path]:
     """Delete the temporary files under ``root`` whose writer is gone (killed mid-write); return them.
 
-    A temporary file of a process that is still running on this host is kept. Files of another host are
-    removed too: call this only on a folder that one run owns (its run directory), not on a shared cache.
+    A temporary file of a process that is still running on this host is always kept. ``any_host=True``
+    also removes the temporaries of other hosts (whose liveness cannot be checked): only for a folder
+    that this run owns, its run directory. For shared folders (a cache, other runs' directories) use
+    ``any_host=False``, which removes only this host's temporaries whose process has ended.
     """
     removed = []
     root = Path(root)
@@ -102,6 +104,8 @@ def remove_orphan_temporaries(root: str | os.PathLike) -> list[Path]:
     for tmp in root.rglob(".*.tmp"):
         m = _TEMPORARY.match(tmp.name)
         if m and m["host"] == _HOST and (int(m["pid"]) == os.getpid() or _alive(int(m["pid"]))):
+            continue
+        if not any_host and not (m and m["host"] == _HOST):
             continue
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -82,7 +82,7 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = range(self.size)
-        return iter([(epoch, i) for i in order])
+        return ((epoch, i) for i in order)  # epoch and order fixed now: the iterator may be drained later
 
 
 class SeededSamples(Dataset):

@@ -345,6 +345,10 @@ def open_run_dir(cfg, plan: RunDirPlan, *, writer: bool) -> RunRecord:
     if plan.note:
         log.info("%s", plan.note)
     remove_orphan_temporaries(plan.path)
+    # What killed writers of this host left in the neighbouring runs and the shared cache goes as well.
+    neighbours = [p for p in plan.path.parent.iterdir() if p.is_dir() and p != plan.path]
+    for folder in (*neighbours, Path(cfg.run.cache_dir or Path(cfg.run.root) / ".cache")):
+        remove_orphan_temporaries(folder, any_host=False)
     results = plan.path / RESULTS_FILE
     if results.exists():  # a finished run resumed: its results stay beside the config that produced them
         try:

@@ -185,7 +185,8 @@ def plan_run_dir(cfg, *, sweep_index: int | None = None) -> RunDirPlan:
                               "it afresh.")
     elif cfg.resume:
         path, skipped = _pick_resumable(parent)
-        note = f"resume=true: continuing {path} ({len(usable_checkpoints(path))} checkpoint(s)){skipped}"
+        newest = max(usable_checkpoints(path), key=lambda p: p.stat().st_mtime)
+        note = f"resume=true: continuing {path} (newest checkpoint {newest.relative_to(path)}){skipped}"
     else:
         name = launch_name(sweep_index)
         path = parent / name if name else _timestamped(parent, sweep_index)

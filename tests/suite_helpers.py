@@ -21,3 +21,16 @@ def run_cli(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None
 # Settings that keep a digits run to seconds on a CPU: tiny images, W&B off.
 QUICK = ["task=digits", "backbone.weights=random", "task.resolution=32", "logger.wandb.mode=disabled",
          "trainer.num_workers=0", "trainer.progress_bar=false"]
+
+
+def fake_task(monkeypatch, run) -> None:
+    """Make every task of ``python -m transfer.run`` (in this process) call ``run(ctx)`` instead of its adapter:
+    a stand-in that returns a chosen TaskOutput at once, for tests of what the runner does around a task."""
+    import dataclasses
+
+    import transfer.run
+    from transfer.tasks import TASKS, load_adapters
+
+    load_adapters()
+    fake = dataclasses.replace(TASKS.get("classification"), run=run)
+    monkeypatch.setattr(transfer.run, "TASKS", type("Tasks", (), {"get": staticmethod(lambda name: fake)}))

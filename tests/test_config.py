@@ -43,7 +43,8 @@ def test_every_protocol_recipe_composes_with_a_task_that_takes_it(protocol, tmp_
 
 
 def test_overrides_reach_the_typed_config(tmp_path):
-    cfg = validate(compose(["trainer.max_epochs=3", "trainer.devices=2", "logger.wandb.mode=disabled",
+    cfg = validate(compose(["trainer.max_epochs=3", "trainer.devices=2", "trainer.accelerator=cpu",
+                            "logger.wandb.mode=disabled",
                             f"run.dir={tmp_path}", "backbone.weights=random", "task.resolution=48"]))
     assert (cfg.trainer.max_epochs, cfg.trainer.devices, cfg.logger.wandb.mode) == (3, 2, "disabled")
     assert cfg.run.dir == str(tmp_path) and cfg.task.resolution == 48
@@ -97,3 +98,55 @@ def test_protocol_recipe_values_equal_the_schema_defaults(protocol):
     schema = PROTOCOLS.get(protocol)
     recipe = OmegaConf.to_container(OmegaConf.load(RECIPES_DIR / "protocol" / f"{protocol}.yaml"))
     assert recipe == {k: v for k, v in asdict(schema()).items() if k in recipe}
+
+
+# Each of these passed validation once and failed only after a run directory and a W&B run existed.
+BAD_VALUES = [
+    (["trainer.accelerator=tpu"], "trainer.accelerator='tpu'"),
+    (["trainer.strategy=nonsense"], "trainer.strategy='nonsense'"),
+    (["trainer.accelerator=gpu"], "no CUDA device is visible"),
+    (["trainer.accelerator=cuda", "trainer.devices=2"], "no CUDA device is visible"),
+    (["trainer.accelerator=cpu", "trainer.precision=16-mixed"], "trainer.precision='16-mixed' needs a CUDA device"),
+    (["trainer.accelerator=cpu", "trainer.strategy=fsdp"], "trainer.strategy='fsdp' needs CUDA"),
+    (["trainer.num_nodes=2"], "trainer.num_nodes=2 needs a launcher"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0"),
+    (["trainer.max_steps=-5"], "trainer.max_steps=-5"),
+    (["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5"),
+    (["trainer.limit_eval_batches=0"], "trainer.limit_eval_batches=0"),
+    (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0"),
+    (["trainer.seed=-1"], "trainer.seed=-1"),
+    (["logger.wandb.init_timeout=0"], "logger.wandb.init_timeout=0"),
+    (["resume=maybe"], "resume='maybe' must be true or false"),
+    (["resume_allow_changes=perhaps"], "resume_allow_changes='perhaps'"),
+    (["resume=true"], "resume=true but no interrupted run"),
+    (["run.dir={tmp}/a-file"], "is not a folder"),
+]
+
+
+@pytest.mark.parametrize("overrides, fragment", BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
+def test_bad_value_exits_2_with_one_line_and_no_run_directory(overrides, fragment, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from transfer.config import LAUNCHER_VARIABLES
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
+    for var in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "a-file").write_text("not a folder")
+    root = tmp_path / "runs"
+    code = main(["protocol=finetune", *[o.format(tmp=tmp_path) for o in overrides], f"run.root={root}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert fragment in err
+    assert not root.exists(), "nothing may be written before the whole configuration is checked"
+
+
+def test_bad_value_through_the_command_line_is_one_line(tmp_path):
+    from suite_helpers import run_cli
+
+    proc = run_cli("trainer.strategy=nonsense", "protocol=finetune", f"run.root={tmp_path / 'runs'}", cwd=tmp_path,
+                   timeout=600)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "trainer.strategy='nonsense'" in proc.stderr
+    assert not (tmp_path / "runs").exists()

@@ -79,11 +79,20 @@ class TrainerConfig:
             raise ConfigError(f"trainer.precision={self.precision!r}; valid: {', '.join(PRECISIONS)}.")
         if not (self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1)):
             raise ConfigError(f"trainer.devices={self.devices!r} must be a positive count or 'auto'.")
-        for key in ("num_nodes", "batch_size", "eval_batch_size", "max_epochs"):
+        for key in ("num_nodes", "batch_size", "eval_batch_size", "max_epochs", "log_every_n_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key}={getattr(self, key)} must be at least 1.")
         if self.num_workers < 0:
             raise ConfigError(f"trainer.num_workers={self.num_workers} must be 0 or more.")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"trainer.max_steps={self.max_steps} must be a positive step count, or -1 for no limit.")
+        for key in ("limit_train_batches", "limit_eval_batches"):
+            value = getattr(self, key)
+            if value <= 0 or (value > 1 and not float(value).is_integer()):
+                raise ConfigError(f"trainer.{key}={value} must be a fraction in (0, 1] of the batches or a whole "
+                                  "number of batches.")
+        if not 0 <= self.seed < 2**32:  # Lightning would replace an out-of-range seed with a random one
+            raise ConfigError(f"trainer.seed={self.seed} must be in [0, 2**32).")
 
 
 @dataclass
@@ -98,6 +107,8 @@ class WandbConfig:
     def __post_init__(self) -> None:
         if self.mode not in WANDB_MODES:
             raise ConfigError(f"logger.wandb.mode={self.mode!r}; valid: {', '.join(WANDB_MODES)}.")
+        if not self.init_timeout > 0:
+            raise ConfigError(f"logger.wandb.init_timeout={self.init_timeout} must be a positive number of seconds.")
 
 
 @dataclass
@@ -121,6 +132,9 @@ class RunConfig:
     logger: LoggerConfig
     run: RunDirConfig
     resume: bool = False
+    # resume=true refuses a configuration that differs from the run's config.yaml (listing the keys);
+    # true continues with the new values, which take effect from the resumed epoch and are recorded.
+    resume_allow_changes: bool = False
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.structured(self))
@@ -133,6 +147,45 @@ def check_accelerator(cfg: TrainerConfig) -> None:
     if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={cfg.accelerator!r} but no CUDA device is visible; "
                           "use trainer.accelerator=auto or cpu.")
+
+
+# Variables set by the launchers Lightning understands (torchrun, SLURM, MPI, LSF) or by hand per node.
+LAUNCHER_VARIABLES = ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "LSB_JOBID", "MASTER_ADDR")
+
+
+def check_trainer(cfg: TrainerConfig) -> None:
+    """What the machine must offer for ``cfg``: checked here so that Lightning never fails after a run began."""
+    import importlib.util
+
+    import torch
+
+    check_accelerator(cfg)
+    cuda = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
+    if cuda and isinstance(cfg.devices, int) and cfg.devices > torch.cuda.device_count():
+        raise ConfigError(f"trainer.devices={cfg.devices} but {torch.cuda.device_count()} CUDA device(s) are "
+                          "visible; use trainer.devices=auto or a smaller count.")
+    if not cuda and cfg.precision == "16-mixed":  # Lightning would silently run bf16-mixed instead
+        raise ConfigError("trainer.precision='16-mixed' needs a CUDA device; on the CPU use bf16-mixed, 32-true or "
+                          "auto.")
+    if cuda and cfg.precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"trainer.precision={cfg.precision!r} but this GPU has no bfloat16 support; use "
+                          "16-mixed, 32-true or auto.")
+    if cfg.strategy == "fsdp" and not cuda:
+        raise ConfigError("trainer.strategy='fsdp' needs CUDA devices; use trainer.strategy=ddp on the CPU.")
+    if cfg.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("trainer.strategy='deepspeed' needs the deepspeed package (pip install deepspeed); or "
+                          "use trainer.strategy=ddp.")
+    if cfg.num_nodes > 1 and not any(os.environ.get(v) for v in LAUNCHER_VARIABLES):
+        raise ConfigError(f"trainer.num_nodes={cfg.num_nodes} needs a launcher that starts one process per device "
+                          "on every node (torchrun or srun; README, 'Many GPUs and nodes'); started alone this "
+                          "process would wait for the others forever.")
+
+
+def _flag(raw: DictConfig, key: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false.")
+    return value
 
 
 def recipe_names(group: str) -> list[str]:
@@ -213,9 +266,10 @@ def validate(raw: DictConfig) -> RunConfig:
         trainer=_typed(TrainerConfig, raw.trainer, "trainer"),
         logger=_typed(LoggerConfig, raw.logger, "logger"),
         run=_typed(RunDirConfig, raw.get("run", {}), "run"),
-        resume=bool(raw.get("resume", False)),
+        resume=_flag(raw, "resume"),
+        resume_allow_changes=_flag(raw, "resume_allow_changes"),
     )
-    check_accelerator(cfg.trainer)
+    check_trainer(cfg.trainer)
     if adapter.check is not None:
         adapter.check(cfg)
     return cfg

@@ -1,6 +1,13 @@
-"""The one place that builds a Lightning Trainer from the config; every task that trains uses it."""
+"""The one place that builds a Lightning Trainer from the config; every task that trains uses it.
+
+Checkpoints: ``checkpoints/<subdir>/last.ckpt`` holds the state after the latest epoch (rewritten every
+epoch), ``epoch<NNN>.ckpt`` the best epoch by the adapter's monitor (every epoch without one) and
+``final.safetensors`` the module's weights when training ends. ``resume=true`` continues from
+``last.ckpt`` and replays the uninterrupted run exactly (:mod:`transfer.reproducible`).
+"""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -8,12 +15,18 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from safetensors.torch import save_file
 
 from transfer.config import TrainerConfig, check_accelerator
-from transfer.io import atomic_path
+from transfer.errors import ConfigError, TransferError
+from transfer.io import atomic_path, sha256_file
+from transfer.reproducible import ReproducibleEpochs
+from transfer.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT, checkpoint_problem
 from transfer.tasks import RunContext
 
-CHECKPOINT_DIR = "checkpoints"
+FINAL_WEIGHTS = "final.safetensors"
+log = logging.getLogger(__name__)
 
 
 def cpu_supports_bf16() -> bool:
@@ -60,16 +73,26 @@ class ChannelsLast(Callback):
 
 def build_trainer(ctx: RunContext, *, callbacks: list[Callback] | None = None, monitor: str | None = None,
                   mode: str = "max", subdir: str = "", **overrides) -> L.Trainer:
-    """A Trainer for ``ctx``: accelerator, devices/nodes (DDP when > 1), precision, checkpoints, progress bar."""
+    """A Trainer for ``ctx``: accelerator, devices/nodes (DDP when > 1), precision, checkpoints, progress bar.
+
+    Every trainer it builds writes ``last.ckpt`` each epoch, the best epoch by ``monitor``, and the final
+    weights, makes its training epochs reproducible from ``trainer.seed`` and records its progress in the
+    run's ``history.json``.
+    """
     cfg = ctx.cfg.trainer
     accelerator = resolve_accelerator(cfg)
     multi = cfg.num_nodes > 1 or (cfg.devices == "auto" and accelerator != "cpu" and torch.cuda.device_count() > 1) \
         or (isinstance(cfg.devices, int) and cfg.devices > 1)
     strategy = cfg.strategy if cfg.strategy != "auto" else ("ddp" if multi else "auto")
     ckpt_dir = Path(ctx.run_dir) / CHECKPOINT_DIR / subdir
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:03d}", auto_insert_metric_name=False,
-                                 save_last=True, monitor=monitor, mode=mode, save_top_k=1 if monitor else -1)
-    all_callbacks = [checkpoint, ProgressRecord(), *(callbacks or [])]
+    # The best epoch first: last.ckpt, written after it, then holds the best-epoch bookkeeping of this epoch.
+    best = RunCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:03d}", auto_insert_metric_name=False,
+                         monitor=monitor, mode=mode, save_top_k=1 if monitor else -1, enable_version_counter=False)
+    last = LastCheckpoint(dirpath=ckpt_dir, filename=LAST_CHECKPOINT.removesuffix(".ckpt"), save_top_k=1,
+                          enable_version_counter=False)
+    record = getattr(ctx, "record", None)
+    all_callbacks = [best, last, ProgressRecord(subdir=subdir, record=record), ReproducibleEpochs(cfg.seed),
+                     FiniteLoss(), FinalWeights(ckpt_dir / FINAL_WEIGHTS), *(callbacks or [])]
     if cfg.progress_bar:
         all_callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.log_every_n_steps // 2)))
     if cfg.channels_last:
@@ -86,41 +109,205 @@ def build_trainer(ctx: RunContext, *, callbacks: list[Callback] | None = None, m
                   default_root_dir=str(ctx.run_dir), callbacks=all_callbacks, logger=logger,
                   enable_model_summary=False)
     kwargs.update(overrides)
-    return L.Trainer(**kwargs)
+    try:
+        return L.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError, RuntimeError) as e:  # settings vs this machine or launcher
+        raise ConfigError(f"the trainer settings cannot run here: {str(e).splitlines()[0]}") from None
 
 
 def progress_of(trainer: L.Trainer) -> dict:
-    """Resume facts for results.json: the first epoch trained by this process and the final step."""
+    """Resume facts for results.json: the first epoch trained by this process, the final step, the files."""
     record = next(c for c in trainer.callbacks if isinstance(c, ProgressRecord))
+    final = next(c for c in trainer.callbacks if isinstance(c, FinalWeights))
+    best = trainer.checkpoint_callback
     return {"first_epoch_this_process": record.first_epoch, "epochs": trainer.current_epoch,
-            "global_step": trainer.global_step}
+            "global_step": trainer.global_step, "best_checkpoint": best.best_model_path if best else None,
+            "final_weights": final.written, "final_weights_sha256": final.sha256}
 
 
 def resume_path(ctx: RunContext, subdir: str = "") -> str | None:
-    """The checkpoint to continue from when ``resume=true``; None starts fresh."""
+    """The checkpoint to continue from when ``resume=true``; None starts this part fresh.
+
+    Raises :class:`TransferError` for a ``last.ckpt`` that exists but cannot be read back.
+    """
     if not ctx.cfg.resume:
         return None
-    path = Path(ctx.run_dir) / CHECKPOINT_DIR / subdir / "last.ckpt"
-    return str(path) if path.exists() else None
+    path = Path(ctx.run_dir) / CHECKPOINT_DIR / subdir / LAST_CHECKPOINT
+    if not path.exists():
+        log.info("resume=true: no %s in %s; this part trains from its start", LAST_CHECKPOINT, path.parent)
+        return None
+    if problem := checkpoint_problem(path):
+        raise TransferError(f"cannot resume from {str(path)!r}: {problem}. Move it aside to train this part "
+                            "from its start, or resume from a copy of the run that holds a complete file.")
+    return str(path)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint whose bookkeeping follows the run directory when it is moved or copied.
+
+    Lightning keeps absolute paths in the checkpoint; from another directory it would write
+    ``last-v1.ckpt`` and test the original location's "best" file. Here the saved paths are re-rooted.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old, new = state_dict.get("dirpath"), self.dirpath
+        if old and new and os.path.normpath(old) != os.path.normpath(new):
+            def move(p):
+                return os.path.join(new, os.path.relpath(p, old)) if isinstance(p, str) and p.startswith(old) else p
+            state_dict = {**state_dict, "dirpath": new,
+                          **{k: move(state_dict.get(k)) for k in ("best_model_path", "kth_best_model_path",
+                                                                  "last_model_path") if k in state_dict},
+                          "best_k_models": {move(k): v for k, v in state_dict.get("best_k_models", {}).items()}}
+        super().load_state_dict(state_dict)
+
+
+class LastCheckpoint(RunCheckpoint):
+    """``last.ckpt`` after every epoch. (Lightning's ``save_last`` with a monitor rewrites it only when the
+    monitored value improves, so it could hold an old epoch.)"""
 
 
 class ProgressRecord(Callback):
-    """Which epoch this process started training at: shows that ``resume=true`` continued a run."""
+    """Which epoch this process started training at, and each fit in the run's history.json."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, subdir: str = "", record=None) -> None:
         self.first_epoch: int | None = None
+        self.subdir, self.record = subdir, record
+        self._fresh: list[list[dict]] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # The optimisers exist (from this process's config) and are not yet overwritten by the checkpoint's.
+        self._fresh = [[_hyper(g) for g in opt.param_groups] for opt in trainer.optimizers]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.ckpt_path:
+            apply_hyperparameters(trainer, self._fresh)
+        if self.record is not None and trainer.is_global_zero:
+            self.record.add_fit({"checkpoints": f"{CHECKPOINT_DIR}/{self.subdir}".rstrip("/"),
+                                 "resumed_from": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+                                 "first_epoch": trainer.current_epoch,
+                                 "optimizer": [[_hyper(g) for g in opt.param_groups] for opt in trainer.optimizers]})
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self.first_epoch is None:
             self.first_epoch = trainer.current_epoch
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.record is not None:
+            self.record.beat()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.record is not None:
+            self.record.beat(force=True)
+
+
+def _hyper(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, bool, str, type(None)))}
+
+
+def apply_hyperparameters(trainer: L.Trainer, fresh: list[list[dict]]) -> None:
+    """After a resume, use this process's optimiser settings, keep the checkpoint's progress.
+
+    Lightning restores each optimiser's param groups (lr, momentum, weight decay) from the checkpoint,
+    which would silently keep the old values when ``resume_allow_changes=true`` changed them. The
+    checkpoint's schedule position is kept: the current lr is rescaled by new/old ``initial_lr``.
+    Without a change every value is already equal and nothing moves.
+    """
+    configs = trainer.lr_scheduler_configs
+    for opt, groups in zip(trainer.optimizers, fresh):
+        scheds = [c.scheduler for c in configs if c.scheduler.optimizer is opt]
+        for j, (group, new) in enumerate(zip(opt.param_groups, groups)):
+            old_initial, new_initial = group.get("initial_lr"), new.get("initial_lr")
+            for k, v in new.items():
+                if k not in ("lr", "initial_lr"):
+                    group[k] = v
+            if old_initial and new_initial and old_initial != new_initial:
+                group["lr"] = group["lr"] * new_initial / old_initial
+                group["initial_lr"] = new_initial
+                for sched in scheds:
+                    if hasattr(sched, "base_lrs"):
+                        sched.base_lrs[j] = new_initial
+                    if hasattr(sched, "_last_lr"):
+                        sched._last_lr[j] = group["lr"]
+            elif old_initial is None and group["lr"] != new["lr"]:  # no scheduler: the lr is the setting
+                group["lr"] = new["lr"]
+
+
+class FiniteLoss(Callback):
+    """Stop a diverged run with one message instead of scoring NaN weights.
+
+    The check costs no synchronisation per step: a flag accumulates on the device and is read at
+    logging steps and at the end of each epoch.
+    """
+
+    def __init__(self) -> None:
+        self._bad: torch.Tensor | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            bad = ~torch.isfinite(loss.detach()).all()
+            self._bad = bad if self._bad is None else self._bad | bad
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self._check(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._check(trainer)
+
+    def _check(self, trainer) -> None:
+        if self._bad is not None and bool(self._bad):
+            raise TransferError(f"training diverged: the loss is not finite (NaN or inf) by epoch "
+                                f"{trainer.current_epoch}, step {trainer.global_step}. Lower the learning rate "
+                                "(protocol.lr), check the input data and weights for NaN, or use "
+                                "trainer.precision=32-true.")
+
+
+class FinalWeights(Callback):
+    """The module's weights when training ends, as safetensors (readable without unpickling anything)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.written: str | None = None
+        self.sha256: str | None = None
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        state = trainer.strategy.lightning_module_state_dict()  # gathers sharded weights; every rank calls it
+        if not trainer.is_global_zero:
+            return
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()
+                   if isinstance(v, torch.Tensor)}
+        with atomic_path(self.path) as tmp:
+            save_file(tensors, str(tmp), metadata={"epochs": str(trainer.current_epoch),
+                                                   "global_step": str(trainer.global_step)})
+        self.written, self.sha256 = str(self.path), sha256_file(self.path)
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file and renamed into place: a killed run never leaves half a file."""
+    """Checkpoints written to a temporary file and renamed into place: a killed run never leaves half a file.
+
+    Written through a Python file object, so a full disk surfaces as ``OSError(ENOSPC)`` (turned into one
+    :class:`~transfer.errors.StorageError` line) rather than torch's ``unexpected pos``.
+    """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save(checkpoint, f)
+            except RuntimeError as e:  # torch's zip writer reports the failed write as "unexpected pos"
+                cause = _os_error_in(e)
+                if cause is None:
+                    raise
+                raise cause from None
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def seed_everything(cfg: TrainerConfig) -> None:

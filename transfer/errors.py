@@ -15,3 +15,7 @@ class ConfigError(TransferError):
 
 class DataError(TransferError):
     """A data set that is missing, in an unknown layout, or too damaged to use."""
+
+
+class StorageError(TransferError):
+    """A file of the run that cannot be written: a full disk, a quota, a read-only folder."""

@@ -42,7 +42,14 @@ def git_revision() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def build_results(cfg, output, wall_time_s: float, run_dir: Path) -> dict[str, Any]:
+def build_results(cfg, output, wall_time_s: float, run_dir: Path, *, record=None) -> dict[str, Any]:
+    """The results.json of a finished task; ``record`` (the run's :class:`transfer.rundir.RunRecord`) adds the
+    processes that worked on the run, and makes ``wall_time_s`` their total."""
+    history = {}
+    if record is not None and record.writer:
+        history = {"wall_time_this_process_s": round(record.wall_time_this_process(), 3),
+                   "process_index": record.index, "history": record.processes}
+        wall_time_s = record.total_wall_time()
     return {
         "schema_version": SCHEMA_VERSION,
         "task": cfg.task.name,
@@ -57,7 +64,9 @@ def build_results(cfg, output, wall_time_s: float, run_dir: Path) -> dict[str, A
         "packages": package_versions(),
         "git_revision": git_revision(),
         "wall_time_s": round(wall_time_s, 3),
+        **history,
         "run_dir": str(run_dir),
+        "status": "complete" if output.metrics else "failed",
     }
 
 

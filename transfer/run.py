@@ -11,76 +11,76 @@ import os
 import sys
 import time
 import warnings
-from datetime import datetime
 from pathlib import Path
-
-from omegaconf import OmegaConf
 
 from transfer.baselines import load_baselines
 from transfer.compare import assess, log_comparison
 from transfer.config import RunConfig, compose, validate
-from transfer.errors import ConfigError, TransferError
-from transfer.io import atomic_write_text
+from transfer.errors import TransferError
 from transfer.registry import UnknownNameError
 from transfer.results import build_results, format_table, write_results
+from transfer.rundir import RESULTS_FILE, RUN_DIR_ENV, config_tree, open_run_dir, plan_run_dir
 from transfer.tasks import TASKS, RunContext
 from transfer.tracking import RunLogger, is_global_zero
 
-RUN_DIR_ENV = "TRANSFER_RUN_DIR"  # shared with the processes Lightning's DDP launcher starts
 log = logging.getLogger("transfer")
 
 
-def _stamp() -> str:
-    # Ranks started by torchrun or SLURM must agree on the run directory without talking to each other.
-    for var in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
-        if os.environ.get(var) and os.environ[var] != "none":
-            return f"job{os.environ[var]}"
-    return datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+def resolve_run_dir(cfg: RunConfig, *, sweep_index: int | None = None) -> Path:
+    """The directory a run of ``cfg`` writes to (see :func:`transfer.rundir.plan_run_dir`)."""
+    return plan_run_dir(cfg, sweep_index=sweep_index).path
 
 
-def resolve_run_dir(cfg: RunConfig) -> Path:
-    if os.environ.get(RUN_DIR_ENV):
-        return Path(os.environ[RUN_DIR_ENV])
-    if cfg.run.dir:
-        return Path(cfg.run.dir).expanduser()
-    parent = Path(cfg.run.root) / cfg.task.name / f"{cfg.backbone.name}-{cfg.protocol.name}"
-    if cfg.resume:
-        previous = sorted(p for p in parent.glob("*") if (p / "checkpoints").is_dir()) if parent.is_dir() else []
-        if not previous:
-            raise ConfigError(f"resume=true but no earlier run with checkpoints is under {parent}; "
-                              "pass the interrupted run's directory as run.dir=PATH.")
-        return previous[-1]
-    return parent / _stamp()
+def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
+    """Compose, validate, run the task and write results.json; returns the results.
 
-
-def run_one(overrides: list[str]) -> dict:
-    """Compose, validate, run the task and write results.json; returns the results."""
+    Everything that can be checked is checked before the run directory or a W&B run exists: the
+    config, the baselines file, the run directory (occupied, nothing to resume, a changed config).
+    The metrics are printed before results.json is written, so a failed write loses no number.
+    """
     cfg = validate(compose(overrides))
     load_baselines()  # a damaged baselines file fails here, not after the task's work is done
-    run_dir = resolve_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_run_dir(cfg, sweep_index=sweep_index)
+    writer = is_global_zero()
+    record = open_run_dir(cfg, plan, writer=writer)
+    run_dir = plan.path
     os.environ[RUN_DIR_ENV] = str(run_dir)
-    if is_global_zero():
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     # Flat task_name/backbone_name/protocol_name keys: W&B groups and filters by config keys (not by tags),
     # and flat keys work in every W&B view and in the Reports API.
     names = {"task_name": cfg.task.name, "backbone_name": cfg.backbone.name, "protocol_name": cfg.protocol.name}
-    logger = RunLogger(cfg.logger.wandb, run_dir, name=f"{cfg.task.name}/{cfg.backbone.name}/{cfg.protocol.name}",
-                       group=cfg.task.name, job_type=cfg.protocol.name,
-                       config={**names, **OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)})
     start = time.time()
+    logger, failure = None, None
     try:
-        ctx = RunContext(cfg=cfg, run_dir=run_dir, logger=logger)
+        logger = RunLogger(cfg.logger.wandb, run_dir, name=f"{cfg.task.name}/{cfg.backbone.name}/{cfg.protocol.name}",
+                           group=cfg.task.name, job_type=cfg.protocol.name,
+                           config={**names, **config_tree(cfg)})
+        ctx = RunContext(cfg=cfg, run_dir=run_dir, logger=logger, record=record)
         output = TASKS.get(cfg.task.adapter).run(ctx)
-        results = build_results(cfg, output, time.time() - start, run_dir)
+        failure = None if output.metrics else (
+            f"task {cfg.task.name!r} produced no metric (counts: {dict(output.counts) or 'none'}); nothing was "
+            "scored. See the log above for what was skipped.")
+        record.finish("complete" if failure is None else "failed", failure)
+        results = build_results(cfg, output, time.time() - start, run_dir, record=record)
         results.update(assess(results))  # comparable or not, and the published rows measured the same way
-        if is_global_zero():
-            write_results(run_dir, results)
+        if failure:
+            results["error"] = failure
+        if writer:
+            if results["metrics"]:
+                print("\n" + format_table([results]), flush=True)  # before the write: a full disk loses nothing
+            path = write_results(run_dir, results)
             logger.summary({**results["metrics"], **{f"counts/{k}": v for k, v in results["counts"].items()},
                             "wall_time_s": results["wall_time_s"]})
             log_comparison(logger, results)
+            print(f"results: {path}", flush=True)
+        if failure:
+            raise TransferError(f"{failure} Counts are in {run_dir / RESULTS_FILE}.")
+    except BaseException as e:
+        if not (failure and isinstance(e, TransferError) and failure in str(e)):  # that one is recorded already
+            record.finish("failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise
     finally:
-        logger.finish()
+        if logger is not None:
+            logger.finish()
         os.environ.pop(RUN_DIR_ENV, None)
     return results
 
@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # The engine's first ModelCheckpoint is the best epoch on purpose (last.ckpt is the second).
+    warnings.filterwarnings("ignore", message=".*multiple `ModelCheckpoint` callbacks.*")
+    # A fresh run never gets a directory holding checkpoints (rundir refuses it); only a resume does.
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
     multirun = any(a in ("-m", "--multirun") for a in argv)
     show_cfg = "--cfg" in argv
     overrides = [a for a in argv if a not in ("-m", "--multirun", "--cfg")]
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             if multirun:
                 print(f"[{i + 1}/{len(jobs)}] {' '.join(job)}", flush=True)
             try:
-                results.append(run_one(job))
+                results.append(run_one(job, sweep_index=i if multirun else None))
             except (TransferError, UnknownNameError) as e:
                 if not multirun:
                     raise
@@ -128,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     except (TransferError, UnknownNameError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if results and is_global_zero():
+    if len(results) > 1 and is_global_zero():
         print("\n" + format_table(results))
         for r in results:
-            print(f"results: {Path(r['run_dir']) / 'results.json'}")
+            print(f"results: {Path(r['run_dir']) / RESULTS_FILE}")
     return 1 if failures else 0
 
 

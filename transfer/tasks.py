@@ -16,14 +16,19 @@ from transfer.registry import Registry
 
 if TYPE_CHECKING:
     from transfer.config import RunConfig
+    from transfer.rundir import RunRecord
     from transfer.tracking import RunLogger
 
 
 @dataclass
 class RunContext:
+    """What a task's ``run`` gets: the config, its run directory, the logger, and the run's
+    :class:`transfer.rundir.RunRecord` (``history.json``; the engine records each fit in it)."""
+
     cfg: RunConfig
     run_dir: Path
     logger: RunLogger
+    record: RunRecord | None = None
 
     @property
     def cache_dir(self) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from transfer.config import WandbConfig
+from transfer.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "wandb_run_id.txt"
@@ -20,6 +21,18 @@ def is_global_zero() -> bool:
         if os.environ.get(var) not in (None, ""):
             return int(os.environ[var]) == 0
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def has_credentials() -> bool:
+    """Whether W&B has credentials for its host without asking anyone (env, settings file, ~/.netrc)."""
+    import wandb
+
+    if wandb.run is not None:  # a live run is already authenticated (or offline): nothing to ask
+        return True
+    try:
+        return bool(wandb.login(prompt=False, verify=False))
+    except Exception:  # noqa: BLE001 - a malformed key or settings file: online would fail too
+        return False
 
 
 class RunLogger:
@@ -34,17 +47,24 @@ class RunLogger:
             return
         import wandb
 
+        mode = cfg.mode
+        if mode == "online" and not has_credentials():
+            # wandb.init would otherwise show its interactive login menu in a terminal and wait for ever.
+            warnings.warn("W&B online mode found no usable API key (WANDB_API_KEY, `wandb login` or ~/.netrc); "
+                          f"logging offline instead. Upload later with: wandb sync {run_dir / 'wandb'}",
+                          stacklevel=2)
+            mode = "offline"
         id_file = run_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
-        id_file.write_text(run_id)
+        atomic_write_text(id_file, run_id)
         kwargs = dict(project=cfg.project, entity=cfg.entity, name=name, group=cfg.group or group,
                       job_type=job_type, tags=list(cfg.tags), config=config, dir=str(run_dir), id=run_id,
                       resume="allow", reinit="finish_previous")
         try:
-            self.run = wandb.init(mode=cfg.mode, settings=wandb.Settings(init_timeout=cfg.init_timeout), **kwargs)
-            self.mode = cfg.mode
+            self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=cfg.init_timeout), **kwargs)
+            self.mode = mode
         except Exception as e:  # noqa: BLE001 - no account, no network, a bad key: all fall back
-            if cfg.mode != "online":
+            if mode != "online":
                 raise
             warnings.warn(f"W&B online mode failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           f"logging offline instead. Upload later with: wandb sync {run_dir / 'wandb'}",
@@ -52,7 +72,7 @@ class RunLogger:
             # wandb-core keeps the failed attempt's run id reserved in this process ("run ID ... is in use"),
             # so the offline run takes a fresh one; the id file follows so a resumed run finds it.
             run_id = secrets.token_hex(4)
-            id_file.write_text(run_id)
+            atomic_write_text(id_file, run_id)
             self.run = wandb.init(mode="offline", **{**kwargs, "id": run_id})
             self.mode = "offline"
 

@@ -1,0 +1,163 @@
+"""Faults that end a run end it with one line naming the cause: a full disk, NaN weights, a diverged loss, a
+task that scored nothing. The numbers computed before the fault are printed, and the run's files agree."""
+import errno
+import io
+import json
+import os
+import pathlib
+import subprocess
+
+import lightning as L
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from suite_helpers import QUICK, fake_task, run_cli
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import transfer.engine
+from transfer.backbones import BACKBONES, build_backbone
+from transfer.config import compose, validate
+from transfer.engine import build_trainer
+from transfer.errors import TransferError, WeightsError
+from transfer.run import main
+from transfer.tasks import RunContext, TaskOutput
+from transfer.tracking import RunLogger
+
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _error_lines(err: str) -> list[str]:
+    assert "Traceback" not in err, err
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def _only_run_dir(root: pathlib.Path) -> pathlib.Path:
+    found = [p.parent for p in root.rglob("config.yaml") if p.parent.name != "history"]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_full_disk_at_results_json_prints_the_metrics_first_and_names_the_file(tmp_path, monkeypatch, capsys):
+    output = TaskOutput(metrics={"test/top1": 87.5}, weights={"source": "random"}, counts={"bad": 1})
+    fake_task(monkeypatch, lambda ctx: output)
+    real_write = pathlib.Path.write_text
+
+    def write_text(self, text, *args, **kwargs):
+        if self.name.startswith(".results.json."):
+            raise ENOSPC
+        return real_write(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    assert main([*QUICK, f"run.root={tmp_path}"]) == 2
+    out, err = capsys.readouterr()
+    assert "87.50" in out, "the metrics must be printed before results.json is written"
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "results.json" in lines[0] and "no space left on device (ENOSPC" in lines[0]
+    run = _only_run_dir(tmp_path)
+    assert not (run / "results.json").exists() and not list(run.rglob("*.tmp"))
+    history = json.loads((run / "history.json").read_text())["processes"]
+    assert history[-1]["status"] == "failed" and "ENOSPC" in history[-1]["error"]
+    assert "name: digits" in (run / "config.yaml").read_text()
+
+
+class _FullDiskFile(io.FileIO):
+    """A file on a disk that fills up after ``budget`` bytes, as the kernel reports it."""
+
+    def __init__(self, path, mode, budget=4096):
+        super().__init__(path, mode)
+        self.budget = budget
+
+    def write(self, data):
+        if len(data) > self.budget:
+            raise ENOSPC
+        self.budget -= len(data)
+        return super().write(data)
+
+
+@pytest.mark.e2e
+def test_full_disk_at_a_checkpoint_is_one_line_naming_the_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(transfer.engine, "open", _FullDiskFile, raising=False)  # the checkpoint writer's files
+    run = tmp_path / "run"
+    code = main([*QUICK, "protocol=finetune_strong", "trainer.max_epochs=1", "trainer.batch_size=16",
+                 "task.limit_per_split=32", f"run.dir={run}"])
+    assert code == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1, lines
+    assert "checkpoints/epoch000.ckpt" in lines[0] and "no space left on device (ENOSPC" in lines[0]
+    assert not list(run.rglob("*.tmp")) and not list(run.rglob("*.ckpt")) and not (run / "results.json").exists()
+    assert json.loads((run / "history.json").read_text())["processes"][-1]["status"] == "failed"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root ({done.stderr.strip()[:120]}); "
+                    "test_full_disk_at_a_checkpoint_is_one_line_naming_the_checkpoint covers it with a patched writer")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.e2e
+def test_a_real_full_disk_is_one_line_with_no_traceback(tmp_path, small_disk):
+    run = small_disk / "run"
+    proc = run_cli(*QUICK, "protocol=finetune_strong", "trainer.max_epochs=1", "trainer.batch_size=16",
+                   "task.limit_per_split=32", f"run.dir={run}", f"run.cache_dir={tmp_path / 'cache'}", cwd=tmp_path,
+                   timeout=1800)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and "ENOSPC" in lines[0] and str(run / "checkpoints") in lines[0], proc.stderr[-3000:]
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_a_task_that_scored_nothing_fails_and_keeps_its_counts(tmp_path, monkeypatch, capsys):
+    counts = {"test/skipped_views": 9, "test/videos_without_views": 3}
+    fake_task(monkeypatch, lambda ctx: TaskOutput(metrics={}, weights={"source": "random"}, counts=counts))
+    assert main([*QUICK, f"run.root={tmp_path}"]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "produced no metric" in lines[0] and "test/skipped_views" in lines[0]
+    run = _only_run_dir(tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "failed" and results["counts"] == counts and results["metrics"] == {}
+    assert json.loads((run / "history.json").read_text())["processes"][-1]["status"] == "failed"
+
+
+def test_weights_holding_nan_are_refused_naming_the_file_and_tensor(tmp_path):
+    spec = BACKBONES.get("resnet50")
+    sd = timm.create_model(spec.arch, pretrained=False, **spec.arch_kwargs).state_dict()
+    sd["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    with pytest.raises(WeightsError) as err:
+        build_backbone("resnet50", weights=str(path))
+    assert str(path) in str(err.value) and "layer1.0.conv1.weight" in str(err.value) and "NaN" in str(err.value)
+
+
+class _Diverging(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).mean()
+        return loss * float("nan") if self.global_step >= 2 else loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_diverged_loss_stops_the_run_with_one_message(tmp_path):
+    cfg = validate(compose([*QUICK, "protocol=finetune_strong", "trainer.max_epochs=2", "trainer.channels_last=false"]))
+    ctx = RunContext(cfg=cfg, run_dir=tmp_path,
+                     logger=RunLogger(cfg.logger.wandb, tmp_path, name="n", group="g", job_type="j", config={}))
+    trainer = build_trainer(ctx)
+    with pytest.raises(TransferError, match="training diverged: the loss is not finite"):
+        trainer.fit(_Diverging(), train_dataloaders=DataLoader(TensorDataset(torch.randn(16, 2)), batch_size=4))
+    assert trainer.current_epoch == 0, "stopped in the epoch it diverged"

@@ -23,14 +23,15 @@ MISSING_ID = "missingvid0"
 def write_video(path: Path, *, seconds: float = 2.0, fps: int = 8, size: int = 32, width: int | None = None,
                 height: int | None = None, direction: int = 1, colour: tuple[int, int, int] = (255, 0, 0),
                 seed: int = 0, codec: str = "mpeg4", rotation: int = 0, times: list[float] | None = None,
-                content: Callable[[int], np.ndarray] | None = None, options: dict | None = None) -> Path:
+                content: Callable[[int], np.ndarray] | None = None, options: dict | None = None,
+                codec_options: dict | None = None) -> Path:
     """A clip of a square moving horizontally over noise (or ``content(i)``: frame i as (H, W, 3) uint8).
 
     ``codec``: any PyAV encoder (``mpeg4``, ``libx264``, ``libvpx-vp9``); the container follows the suffix.
     ``rotation``: display rotation stored in the container (counter-clockwise degrees, as phones tag
     portrait video). ``times``: presentation time of each frame in seconds (variable frame rate) instead
     of ``seconds x fps`` frames at ``fps``. ``options``: muxer options (``{"live": "1"}`` writes a webm
-    without a duration).
+    without a duration); ``codec_options``: encoder options (``{"preset": "veryfast"}`` for libx264).
     """
     rng = np.random.default_rng(seed)
     w, h = width or size, height or size
@@ -40,6 +41,7 @@ def write_video(path: Path, *, seconds: float = 2.0, fps: int = 8, size: int = 3
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
+        stream.options = codec_options or {}
         if times is not None:
             stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
         if rotation:

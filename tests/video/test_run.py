@@ -102,3 +102,18 @@ def test_impossible_values_fail_before_the_run_directory(override, names, tmp_pa
                  f"run.root={tmp_path / 'runs'}", "logger.wandb.mode=disabled", *override])
     assert code == 2 and names in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.e2e
+def test_ddp_sums_decode_failures_over_ranks(tmp_path):
+    """Two CPU processes: the test items of the undecodable video alternate between the ranks (one temporal clip
+    each), so results.json counts both only when the counts are summed over ranks."""
+    root = write_dataset(tmp_path / "data", "list", classes=3, per_class=2)
+    run_dir = tmp_path / "run"
+    quick = [a for a in TINY if not a.startswith(("trainer.batch_size", "trainer.max_steps"))]
+    proc = run_cli("task=kinetics400", "backbone=resnet50", f"task.data_dir={root}", f"run.dir={run_dir}", *quick,
+                   "trainer.devices=2", "trainer.accelerator=cpu", "trainer.batch_size=4", cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads((run_dir / "results.json").read_text())["counts"]
+    assert counts["test/skipped_views"] == 2 and counts["test/videos_with_failed_views"] == 1
+    assert counts["train/videos_failed_decode"] == 1  # seen by one rank or both (sampler padding), counted once

@@ -24,6 +24,7 @@ Figures only, never pass/fail.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import subprocess
@@ -238,19 +239,21 @@ def recipe_run(tmp: Path, args) -> None:
     print("running:", " ".join(cmd[1:]), flush=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     start = time.time()
-    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak_rss = peak_pss = peak_procs = 0
-    log = []
-    os.set_blocking(proc.stdout.fileno(), False)
-    while proc.poll() is None:
-        mem = [_memory_kb(p) for p in _tree(proc.pid)]
-        peak_rss, peak_pss = max(peak_rss, sum(m[0] for m in mem)), max(peak_pss, sum(m[1] for m in mem))
-        peak_procs = max(peak_procs, len(mem))
-        log.append(proc.stdout.read() or "")
-        time.sleep(0.5)
-    log.append(proc.stdout.read() or "")
-    text = "".join(log)
-    print(text[-2500:])
+    out_path = tmp / "run.log"
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT)
+        peak_rss = peak_pss = peak_procs = 0
+        while proc.poll() is None:
+            mem = [_memory_kb(p) for p in _tree(proc.pid)]
+            peak_rss, peak_pss = max(peak_rss, sum(m[0] for m in mem)), max(peak_pss, sum(m[1] for m in mem))
+            peak_procs = max(peak_procs, len(mem))
+            time.sleep(0.5)
+    print(out_path.read_text()[-1500:])
+    results = tmp / "run" / "results.json"
+    if results.is_file():
+        r = json.loads(results.read_text())
+        print("metrics:", r["metrics"], "\ncounts:", r["counts"], "\nviews:", r["protocol_config"].get("views"),
+              "global batch:", r["protocol_config"].get("global_batch"))
     print(f"exit {proc.returncode} after {time.time() - start:.0f} s; peak over the process tree (up to "
           f"{peak_procs} processes): RSS {peak_rss / 2**20:.2f} GiB, PSS {peak_pss / 2**20:.2f} GiB "
           f"(sampled every 0.5 s)")

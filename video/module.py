@@ -59,6 +59,7 @@ class VideoModule(L.LightningModule):
         self.train_failed = torch.zeros(train_videos, dtype=torch.bool)  # this rank's, over all epochs
         self.skipped_clips = 0  # this rank's decode failures, one per clip
         self.totals = {"train/skipped_clips": 0, "train/videos_failed_decode": 0}
+        self._failed_so_far: list[int] = []
         self.scores: ViewScores | None = None
         self.lr: float | None = None
 
@@ -86,7 +87,21 @@ class VideoModule(L.LightningModule):
         return failed
 
     def on_train_epoch_end(self) -> None:
-        self.check_train(self._reduce_train())
+        self._failed_so_far = self._reduce_train()
+        self.check_train(self._failed_so_far)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The counts of every rank, as of the last epoch end: a resumed run keeps counting from them.
+        checkpoint["video_decode_failures"] = {"train_failed": self._failed_so_far,
+                                               "skipped_clips": self.totals["train/skipped_clips"]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("video_decode_failures")
+        if saved:
+            self.train_failed[saved["train_failed"]] = True  # a union: the same on every rank
+            trainer = getattr(self, "_trainer", None)
+            if trainer is None or trainer.global_rank == 0:  # a sum: counted once
+                self.skipped_clips = int(saved["skipped_clips"])
 
     def on_train_end(self) -> None:
         self.check_train(self._reduce_train())

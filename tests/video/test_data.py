@@ -184,3 +184,23 @@ def test_view_scores_average_probabilities():
     metrics, unseen = scores.metrics("test", top_k=(1, 3))
     assert unseen == 0 and metrics["test/top1"] == 50.0 and metrics["test/top3"] == 100.0
     assert scores.views.tolist() == [3, 2]
+
+
+def test_decode_failure_counts_survive_a_checkpoint():
+    from video.config import VideoOptimSettings
+    from video.module import VideoModule, ema_decay_at
+
+    def module():
+        return VideoModule(torch.nn.Linear(2, 2), VideoOptimSettings(), eval_labels=[0], train_videos=5,
+                           global_batch=2, check_train=lambda failed: None)
+
+    before = module()
+    before._failed_so_far, before.totals["train/skipped_clips"] = [1, 3], 4
+    checkpoint = {}
+    before.on_save_checkpoint(checkpoint)
+    after = module()
+    after.on_load_checkpoint(checkpoint)
+    assert after.train_failed.nonzero().flatten().tolist() == [1, 3] and after.skipped_clips == 4
+    # Model Garden's EMA warm-up: 0.1 at the first update, the set decay once (1 + n) / (10 + n) exceeds it.
+    assert ema_decay_at(0.9999, 0.0, True) == pytest.approx(0.1) and ema_decay_at(0.9999, 1e6, True) == 0.9999
+    assert ema_decay_at(0.9999, 0.0, False) == 0.9999

@@ -91,12 +91,13 @@ def _fact(value: Any) -> str | None:
 
 
 def run_facts(results: dict[str, Any]) -> dict[str, str]:
-    """What conditions are checked against: the run's ``protocol_config`` overlaid by its ``extra``, as text.
+    """What conditions are checked against: the run's ``protocol_config``, overlaid by the ``recipe`` it
+    actually trained with, overlaid by its ``extra``, as text.
 
     Lists become ``32x2``, booleans ``true``/``false``; :data:`CONDITION_DEFAULTS` fill the gaps.
     """
     facts: dict[str, str] = dict(CONDITION_DEFAULTS)
-    for source in (results.get("protocol_config") or {}, results.get("extra") or {}):
+    for source in (results.get("protocol_config") or {}, results.get("recipe") or {}, results.get("extra") or {}):
         facts.update({k: text for k, v in source.items() if (text := _fact(v)) is not None})
     return facts
 

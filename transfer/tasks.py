@@ -43,11 +43,12 @@ class TaskOutput:
     ``metrics`` keyed ``split/metric`` (``test/top1``, percent unless the key says otherwise);
     ``weights`` the :meth:`transfer.weights.WeightsInfo.as_dict` of the weights actually loaded;
     ``primary_metric`` the key the run is compared on; ``counts`` of skipped or padded inputs;
-    ``recipe`` the training values the adapter actually used (recorded as ``protocol_config``; the
-    protocol section of the config when None); ``extra`` anything else worth keeping. Two ``extra`` keys
-    are read by :mod:`transfer.compare`: ``not_comparable`` (list of reasons the scores cannot stand next to
-    published numbers: a subset, other split sizes, a partial data set) and ``scratch_recipe`` (the published
-    from-scratch recipe the task follows, so a run from random weights matches the from-scratch rows).
+    ``recipe`` the training values the adapter actually used (recorded as ``recipe``, beside the
+    configured protocol section ``protocol_config``; None when that section is the whole story);
+    ``extra`` anything else worth keeping. Two ``extra`` keys are read by :mod:`transfer.compare`:
+    ``not_comparable`` (list of reasons the scores cannot stand next to published numbers: a subset, other
+    split sizes, a partial data set) and ``scratch_recipe`` (the published from-scratch recipe the task
+    follows, so a run from random weights matches the from-scratch rows).
     """
 
     metrics: dict[str, float]

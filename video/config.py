@@ -1,11 +1,18 @@
-"""Typed settings of a video task recipe (recipes/task/kinetics400.yaml, kinetics600.yaml)."""
+"""Typed settings of a video task recipe (recipes/task/kinetics400.yaml, kinetics600.yaml) and :func:`check`,
+the checks of the whole run config that the video adapter makes before any run directory exists."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from transfer.errors import ConfigError
+from transfer.protocols import FinetuneProtocolConfig
 from video.inflate import InflationConfig
 from video.transforms import TRAIN_CROPS
+
+if TYPE_CHECKING:
+    from transfer.config import RunConfig
 
 
 @dataclass
@@ -35,8 +42,10 @@ class VideoOptimSettings:
     warmup_epochs: float = 5.0
     label_smoothing: float = 0.1
     dropout: float = 0.5
-    drop_path_rate: float = 0.1
-    ema_decay: float = 0.0  # 0 = off
+    drop_path_rate: float = 0.1  # of the last stage; stage i of n gets rate x (i + 2) / (n + 1) (Model Garden)
+    ema_decay: float = 0.0  # 0 = off; averages parameters and BN statistics
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at update n (Model Garden dynamic_decay)
+    bn_momentum: float | None = None  # PyTorch convention (1 = the last batch's statistics); null: the backbone's
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.lr_reference_batch < 1 or self.weight_decay < 0:
@@ -45,6 +54,9 @@ class VideoOptimSettings:
         if not 0 <= self.dropout < 1 or not 0 <= self.drop_path_rate < 1 or not 0 <= self.ema_decay < 1:
             raise ConfigError(f"task.optim: dropout={self.dropout}, drop_path_rate={self.drop_path_rate} and "
                               f"ema_decay={self.ema_decay} must each be in [0, 1).")
+        if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
+            raise ConfigError(f"task.optim.bn_momentum={self.bn_momentum} must be in (0, 1] (PyTorch convention: "
+                              "the weight of the current batch; TF's norm_momentum m is 1 - m here) or null.")
 
 
 @dataclass
@@ -62,6 +74,7 @@ class VideoTaskConfig:
     fps: float = 30.0  # the rate clips are measured at: frames x stride / fps seconds per clip
     train_size: int = 224
     eval_size: int = 256
+    decode_short_side: int | None = 256  # train frames decoded at this short side (jitter: at its max); null: as stored
     train_crop: str = "resized"  # resized | jitter
     crop_area: list = field(default_factory=lambda: [0.08, 1.0])
     crop_aspect: list = field(default_factory=lambda: [0.5, 2.0])
@@ -82,8 +95,8 @@ class VideoTaskConfig:
                               "written by python -m video.scan). See docs/video.md for the layouts read.")
         if self.train_crop not in TRAIN_CROPS:
             raise ConfigError(f"task.train_crop={self.train_crop!r}; valid: {', '.join(TRAIN_CROPS)}.")
-        for key in ("frames", "stride", "train_size", "eval_size", "test_clips", "test_crops"):
-            if getattr(self, key) < 1:
+        for key in ("frames", "stride", "train_size", "eval_size", "test_clips", "test_crops", "decode_short_side"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"task.{key}={getattr(self, key)} must be at least 1.")
         if self.fps <= 0 or not 0 <= self.max_bad_fraction < 1:
             raise ConfigError(f"task.fps={self.fps} must be > 0 and task.max_bad_fraction={self.max_bad_fraction} "
@@ -91,3 +104,47 @@ class VideoTaskConfig:
         if self.randaugment is not None and len(self.randaugment) != 2:
             raise ConfigError(f"task.randaugment={self.randaugment} must be [num_ops, magnitude] or null.")
         self.inflation.build()  # raises on a bad inflation setting before any data or model work
+
+
+def _check_protocol(protocol) -> None:
+    """The 3D recipe lives in task.optim; refuse protocol values that would otherwise be ignored."""
+    default = FinetuneProtocolConfig()
+    changed = [f.name for f in dataclasses.fields(FinetuneProtocolConfig)
+               if f.name != "name" and getattr(protocol, f.name) != getattr(default, f.name)]
+    if changed:
+        raise ConfigError(f"video tasks take their training settings from task.optim (the 3D ResNet-RS recipe); "
+                          f"protocol keys {changed} would be ignored. Set them as task.optim.<key> instead "
+                          f"(keys: {', '.join(f.name for f in dataclasses.fields(VideoOptimSettings))}).")
+
+
+def _check_pair(key: str, pair, *, low: float, high: float | None = None) -> tuple:
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+        raise ConfigError(f"task.{key}={pair} must be a pair [min, max].")
+    lo, hi = pair
+    if not low < lo <= hi or (high is not None and hi > high):
+        bound = f" <= {high}" if high is not None else ""
+        raise ConfigError(f"task.{key}={list(pair)} must satisfy {low} < min <= max{bound}.")
+    return lo, hi
+
+
+def check(cfg: RunConfig) -> None:
+    """Refuse impossible video settings before any run directory or W&B run exists (``TaskAdapter.check``)."""
+    task: VideoTaskConfig = cfg.task
+    _check_protocol(cfg.protocol)
+    if task.train_crop == "jitter":
+        lo, hi = _check_pair("scale_jitter", task.scale_jitter, low=0)
+        if lo < task.train_size:
+            raise ConfigError(f"task.scale_jitter={list(task.scale_jitter)} resizes the short side below the "
+                              f"{task.train_size} px crop (task.train_size); pass a range starting at "
+                              f"{task.train_size} or more, e.g. task.scale_jitter=[256,320].")
+    else:
+        _check_pair("crop_area", task.crop_area, low=0, high=1)
+        _check_pair("crop_aspect", task.crop_aspect, low=0)
+    if task.randaugment is not None and not (task.randaugment[0] >= 0 and 0 <= task.randaugment[1] <= 30):
+        raise ConfigError(f"task.randaugment={task.randaugment}: num_ops must be >= 0 and magnitude in 0..30 "
+                          "(torchvision's 31 magnitude bins).")
+    o = task.optim
+    if o.bn_momentum is not None and o.bn_momentum > 0.5 and not o.ema_decay:
+        raise ConfigError(f"task.optim.bn_momentum={o.bn_momentum} keeps (mostly) the last batch's BN statistics; "
+                          "they are averaged only by the EMA (task.optim.ema_decay > 0, as in the 3D ResNet-RS "
+                          "recipe). Turn the EMA on or pass task.optim.bn_momentum=0.1 (or null).")

@@ -1,43 +1,44 @@
 """Kinetics on disk -> labeled video paths -> clip datasets.
 
-Three layouts are read (see docs/video.md):
+Three layouts are read (see docs/video.md), all accepting the same containers (``VIDEO_SUFFIXES``):
 
-* ``csv``: the official annotations ``<split>.csv`` (``label,youtube_id,time_start,time_end,split``) with
-  videos named ``<youtube_id>_<start:06d>_<end:06d>.mp4`` anywhere below the data root;
-* ``list``: ``path label`` lines (SlowFast ``<split>.csv``, mmaction2 ``kinetics400_<split>_list_videos.txt``),
-  read by ``pytorchvideo.data.LabeledVideoPaths.from_csv``;
-* ``folders``: ``<split>/<class>/<video>``, read by ``LabeledVideoPaths.from_directory``.
+* ``csv``: the official annotations ``<split>.csv`` (``label,youtube_id,time_start,time_end,split[,is_cc]``,
+  also as re-saved by spreadsheet tools: byte-order mark, CRLF, quoted fields) with videos named
+  ``<youtube_id>_<start:06d>_<end:06d>.<suffix>`` anywhere below the data root;
+* ``list``: ``path label`` lines (SlowFast ``<split>.csv``, mmaction2 ``kinetics400_<split>_list_videos.txt``);
+* ``folders``: ``<split>/<class>/<video>``.
 
-Decoding is pytorchvideo's ``EncodedVideo`` with the PyAV decoder. The datasets are map-style (not
-pytorchvideo's iterable ``LabeledVideoDataset``) so Lightning can shard them over DDP ranks, and a
-video that fails to decode comes back as a ``None`` sample that :func:`collate_skipping` drops and
-counts, instead of being retried silently.
+Files that exist but have another suffix (``.part`` leftovers of a download, ``.txt``) are listed as
+``unsupported`` and counted with the missing ones. Decoding is :mod:`video.decode`. The datasets are
+map-style (not pytorchvideo's iterable ``LabeledVideoDataset``) so Lightning can shard them over DDP
+ranks; a video that fails to decode comes back as a failure record that the collate functions drop and
+the Lightning module counts per video, so failures count towards ``task.max_bad_fraction``.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import torch
-from pytorchvideo.data.clip_sampling import RandomClipSampler
-from pytorchvideo.data.encoded_video import EncodedVideo
-from pytorchvideo.data.labeled_video_paths import LabeledVideoPaths
 from torch.utils.data import Dataset, default_collate
 
 from transfer.errors import DataError
+from video.decode import VIDEO_SUFFIXES, ClipSpec, UndecodableVideo, read_clip
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ClipSpec", "TrainClips", "VideoList", "load_split", "read_manifest", "collate_skipping",
+           "check_bad_fraction", "VIDEO_SUFFIXES"]
+
 LAYOUTS = ("auto", "csv", "list", "folders")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 OFFICIAL_HEADER = ("label", "youtube_id", "time_start", "time_end")
-LAYOUT_HELP = """Expected one of these layouts under the data root:
+LAYOUT_HELP = f"""Expected one of these layouts under the data root (videos: {', '.join(VIDEO_SUFFIXES)}):
   csv:     <root>/<split>.csv or <root>/annotations/<split>.csv with the official header
            label,youtube_id,time_start,time_end,split and videos <youtube_id>_<start:06d>_<end:06d>.mp4 below <root>
   list:    <root>/<split>.csv, <root>/<split>.txt or <root>/kinetics*_<split>_list_videos.txt with 'path label' lines
@@ -47,16 +48,44 @@ LAYOUT_HELP = """Expected one of these layouts under the data root:
 
 @dataclass
 class VideoList:
-    """Labeled videos of one split, the class names, and the entries dropped because their file is missing."""
+    """Labeled videos of one split, the class names, and the entries that cannot be used.
+
+    ``missing``: listed but absent; ``undecodable``: refused by a scan (known from its manifest);
+    ``unsupported``: files whose suffix is not a video container the loaders read.
+    """
 
     videos: list[tuple[str, int]]
     classes: list[str]
     missing: list[str] = field(default_factory=list)
-    undecodable: list[str] = field(default_factory=list)  # known from a scan manifest
+    undecodable: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
+
+    @property
+    def unusable(self) -> int:
+        return len(self.missing) + len(self.undecodable) + len(self.unsupported)
+
+    @property
+    def listed(self) -> int:
+        return len(self.videos) + self.unusable
 
     def counts(self, split: str) -> dict[str, int]:
         return {f"{split}/videos": len(self.videos), f"{split}/missing": len(self.missing),
-                f"{split}/undecodable_in_scan": len(self.undecodable)}
+                f"{split}/undecodable_in_scan": len(self.undecodable), f"{split}/unsupported": len(self.unsupported)}
+
+
+def check_bad_fraction(split: str, listed: VideoList, limit: float, failed: list[str] = ()) -> None:
+    """DataError when missing + scan-refused + unsupported + ``failed`` (decode failures during the run)
+    videos exceed ``limit`` of the videos the split lists; the message names each count."""
+    bad = listed.unusable + len(failed)
+    total = listed.listed
+    if bad > limit * total:
+        examples = [*failed[:3], *listed.missing[:3], *listed.undecodable[:3], *listed.unsupported[:3]][:4]
+        raise DataError(
+            f"split {split!r}: {bad} of {total} videos are unusable ({len(listed.missing)} missing, "
+            f"{len(listed.undecodable)} undecodable in the scan, {len(listed.unsupported)} with an unsupported "
+            f"suffix, {len(failed)} failed to decode during the run), more than task.max_bad_fraction={limit}. "
+            f"E.g. {examples}. Run python -m video.scan ROOT --split {split} --out DIR for the reasons; replace "
+            "the files, or pass task.max_bad_fraction=<higher> to score on the rest.")
 
 
 def official_filename(youtube_id: str, start: float, end: float, suffix: str = ".mp4") -> str:
@@ -64,90 +93,130 @@ def official_filename(youtube_id: str, start: float, end: float, suffix: str = "
     return f"{youtube_id}_{int(float(start)):06d}_{int(float(end)):06d}{suffix}"
 
 
+def _read_text(path: Path) -> str:
+    """Text of an annotation file; a UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{str(path)!r} is not UTF-8 text ({e}). Re-save it as UTF-8.") from None
+
+
+def _csv_rows(path: Path) -> list[list[str]]:
+    """Rows of a CSV with fields stripped: any line ending, quoted fields, a byte-order mark."""
+    return [[f.strip() for f in row] for row in csv.reader(io.StringIO(_read_text(path), newline=""))
+            if any(f.strip() for f in row)]
+
+
 def _is_official_csv(path: Path) -> bool:
-    with open(path, newline="") as f:
-        header = next(csv.reader(f), [])
-    return tuple(h.strip() for h in header[:4]) == OFFICIAL_HEADER
+    rows = _csv_rows(path)
+    return bool(rows) and tuple(h.lower() for h in rows[0][:4]) == OFFICIAL_HEADER
 
 
-def _index_videos(root: Path) -> dict[str, Path]:
-    """File name stem -> path, for every video below ``root`` (downloaders nest them by split and class)."""
-    index = {}
+def _walk(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(videos, others): base name (up to the first dot) -> path, for every file below ``root``.
+
+    Official names have no dot before the suffix, so ``id_000001_000011.mp4.part`` keys as its video would.
+    """
+    videos, others = {}, {}
     for dirpath, _, files in os.walk(root):
         for name in files:
-            if name.endswith(VIDEO_SUFFIXES):
-                index.setdefault(Path(name).stem, Path(dirpath) / name)
-    return index
+            if name.startswith("."):
+                continue
+            key = name.split(".", 1)[0]
+            (videos if name.lower().endswith(VIDEO_SUFFIXES) else others).setdefault(key, Path(dirpath) / name)
+    return videos, others
 
 
 def read_official_csv(path: Path, root: Path, classes: list[str] | None = None) -> VideoList:
     """Official annotation CSV -> videos found below ``root``; absent files are listed as missing."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    classes = classes or sorted({r["label"] for r in rows})
+    rows = _csv_rows(path)
+    header = [h.lower() for h in rows[0]]
+    col = {name: header.index(name) for name in OFFICIAL_HEADER}
+    entries = []
+    for n, row in enumerate(rows[1:], start=2):
+        try:
+            entries.append((row[col["label"]], official_filename(row[col["youtube_id"]], row[col["time_start"]],
+                                                                 row[col["time_end"]])))
+        except (IndexError, ValueError):
+            raise DataError(f"{path}: line {n} {row} does not fit the header {rows[0]}.") from None
+    labels = {label for label, _ in entries}
+    classes = classes or sorted(labels)
     index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({r["label"] for r in rows} - set(index))
+    unknown = sorted(labels - set(index))
     if unknown:
         raise DataError(f"{path}: labels {unknown[:5]} are not among the {len(classes)} training classes. "
                         "Pass the annotation files of one Kinetics version (400 or 600).")
-    files = _index_videos(root)
-    videos, missing = [], []
-    for r in rows:
-        name = official_filename(r["youtube_id"], r["time_start"], r["time_end"])
-        found = files.get(Path(name).stem)
-        if found is None:
-            missing.append(name)
+    files, others = _walk(root)
+    out = VideoList([], classes)
+    for label, name in entries:
+        key = name.split(".", 1)[0]
+        if key in files:
+            out.videos.append((str(files[key]), index[label]))
+        elif key in others:
+            out.unsupported.append(str(others[key]))
         else:
-            videos.append((str(found), index[r["label"]]))
-    return VideoList(videos, classes, missing)
+            out.missing.append(name)
+    return out
 
 
-def _split_existing(pairs, describe: Callable[[str], str] = str) -> tuple[list[tuple[str, int]], list[str]]:
-    videos, missing = [], []
+def _split_existing(pairs: list[tuple[str, int]], out: VideoList) -> VideoList:
     for path, label in pairs:
-        (videos.append((path, int(label))) if Path(path).is_file() else missing.append(describe(path)))
-    return videos, missing
+        if not Path(path).is_file():
+            out.missing.append(path)
+        elif not path.lower().endswith(VIDEO_SUFFIXES):
+            out.unsupported.append(path)
+        else:
+            out.videos.append((path, label))
+    return out
 
 
 def read_path_list(path: Path, root: Path, split: str, num_classes: int | None = None) -> VideoList:
-    """``path label`` lines (SlowFast / mmaction2); relative paths resolve against ``root`` or ``root/videos_<split>``.
-    """
-    paths = _labeled_paths(LabeledVideoPaths.from_csv, path)
+    """``path label`` lines (SlowFast / mmaction2, space or comma separated, paths may hold spaces); relative paths
+    resolve against ``root`` or ``root/videos_<split>``."""
     pairs = []
-    for i in range(len(paths)):
-        p, info = paths[i]
-        label = info["label"]
+    for n, line in enumerate(_read_text(path).splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.rsplit(maxsplit=1) if len(line.split()) > 1 else line.rsplit(",", 1)
+        try:
+            p, label = parts[0].strip().strip('"').rstrip(","), int(parts[1].strip().strip('"'))
+        except (IndexError, ValueError):
+            raise DataError(f"{path}: line {n} ({line!r}) is not 'path label' with an integer label; every "
+                            f"training and evaluation video needs one.\n{LAYOUT_HELP}") from None
         if label < 0:
-            raise DataError(f"{path}: line {i + 1} ({p!r}) has no label; every training and evaluation video "
-                            "needs one.")
+            raise DataError(f"{path}: line {n} ({line!r}) has a negative label.")
         if not os.path.isabs(p):
             candidates = [root / p, root / f"videos_{split}" / p]
-            p = str(next((c for c in candidates if c.is_file()), candidates[0]))
+            p = str(next((c for c in candidates if c.exists()), candidates[0]))
         pairs.append((p, label))
-    n = num_classes or (max((lab for _, lab in pairs), default=-1) + 1)
-    videos, missing = _split_existing(pairs)
-    return VideoList(videos, [str(i) for i in range(n)], missing)
+    if not pairs:
+        raise DataError(f"{path} lists no video.\n{LAYOUT_HELP}")
+    n = num_classes or (max(lab for _, lab in pairs) + 1)
+    return _split_existing(pairs, VideoList([], [str(i) for i in range(n)]))
 
 
 def read_class_folders(path: Path, classes: list[str] | None = None) -> VideoList:
-    """``<split>/<class>/<video>`` -> videos labeled by the alphabetical class index."""
-    found = sorted(d.name for d in path.iterdir() if d.is_dir())
+    """``<split>/<class>/<video>`` -> videos labeled by the alphabetical class index (the training split's)."""
+    found = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise DataError(f"{str(path)!r} has no class folders.\n{LAYOUT_HELP}")
     classes = classes or found
-    if classes != found and set(found) - set(classes):
-        raise DataError(f"{path}: class folders {sorted(set(found) - set(classes))[:5]} are not training classes.")
-    paths = _labeled_paths(LabeledVideoPaths.from_directory, path)
-    # from_directory indexes the classes it finds; map them onto the training classes by name.
-    by_name = {c: i for i, c in enumerate(classes)}
-    pairs = [(p, by_name[found[info["label"]]]) for p, info in (paths[i] for i in range(len(paths)))]
-    videos, missing = _split_existing(pairs)
-    return VideoList(videos, classes, missing)
-
-
-def _labeled_paths(reader: Callable[[str], LabeledVideoPaths], path: Path) -> LabeledVideoPaths:
-    try:
-        return reader(str(path))
-    except (AssertionError, ValueError) as e:  # pytorchvideo asserts on empty inputs, int() on bad labels
-        raise DataError(f"cannot read videos from {str(path)!r}: {e or 'no videos found'}.\n{LAYOUT_HELP}") from None
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        raise DataError(f"{path}: class folders {extra[:5]} are not training classes.")
+    out = VideoList([], classes)
+    stray = [str(p) for p in path.iterdir() if not p.is_dir() and not p.name.startswith(".")]
+    out.unsupported.extend(stray)  # files outside any class folder have no label
+    for label, name in enumerate(classes):
+        if name not in found:
+            continue
+        pairs = []
+        for dirpath, dirs, files in os.walk(path / name):
+            dirs.sort()
+            pairs += [(str(Path(dirpath) / f), label) for f in sorted(files) if not f.startswith(".")]
+        _split_existing(pairs, out)
+    return out
 
 
 def find_split(root: Path, split: str) -> tuple[str, Path]:
@@ -164,11 +233,14 @@ def find_split(root: Path, split: str) -> tuple[str, Path]:
     raise DataError(f"no split {split!r} found under {str(root)!r}.\n{LAYOUT_HELP}")
 
 
-def load_split(root: str | os.PathLike, split: str, *, layout: str = "auto", classes: list[str] | None = None,
+def load_split(root: str | os.PathLike | None, split: str, *, layout: str = "auto", classes: list[str] | None = None,
                num_classes: int | None = None, manifest: str | os.PathLike | None = None) -> VideoList:
-    """Labeled videos of ``split``: from a scan manifest when given, else from the layout on disk."""
+    """Labeled videos of ``split``: from a scan manifest when given (its paths resolved against ``root``
+    when given, else against the root the scan read), else from the layout on disk under ``root``."""
     if manifest:
-        return read_manifest(manifest, split)
+        return read_manifest(manifest, split, root=root)
+    if not root:
+        raise DataError(f"no data root given for split {split!r}.\n{LAYOUT_HELP}")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"data root {str(root)!r} does not exist.\n{LAYOUT_HELP}")
@@ -183,9 +255,13 @@ def load_split(root: str | os.PathLike, split: str, *, layout: str = "auto", cla
         out = read_path_list(path, root, split, num_classes or (len(classes) if classes else None))
     else:
         out = read_class_folders(path, classes)
+    if out.unsupported:
+        log.warning("split %s: %d files with a suffix other than %s are not read (e.g. %s)", split,
+                    len(out.unsupported), ", ".join(VIDEO_SUFFIXES), out.unsupported[:3])
     if not out.videos:
         raise DataError(f"split {split!r} from {str(path)!r} lists no existing video ({len(out.missing)} missing, "
-                        f"e.g. {out.missing[:3]}).\n{LAYOUT_HELP}")
+                        f"e.g. {out.missing[:3]}; {len(out.unsupported)} unsupported, e.g. {out.unsupported[:3]})."
+                        f"\n{LAYOUT_HELP}")
     return out
 
 
@@ -193,86 +269,77 @@ def manifest_path(directory: str | os.PathLike, split: str) -> Path:
     return Path(directory) / f"{split}.manifest.json"
 
 
-def read_manifest(path: str | os.PathLike, split: str) -> VideoList:
-    """A manifest written by ``python -m video.scan`` (a file, or the directory holding ``<split>.manifest.json``)."""
+def read_manifest(path: str | os.PathLike, split: str, *, root: str | os.PathLike | None = None) -> VideoList:
+    """A manifest written by ``python -m video.scan`` (a file, or the directory holding ``<split>.manifest.json``).
+
+    Its paths are relative to the data root; they resolve against ``root`` when given (``task.data_dir``),
+    else against the absolute root the scan recorded. Entries whose file is gone count as missing; a
+    manifest none of whose videos exists is an error naming the root it was resolved against.
+    """
     path = Path(path).expanduser()
     if path.is_dir():
         path = manifest_path(path, split)
     try:
         data = json.loads(path.read_text())
-        return VideoList([(p, int(lab)) for p, lab in data["videos"]], list(data["classes"]),
-                         list(data["missing"]), [p for p, _ in data["undecodable"]])
+        base = Path(root).expanduser() if root else Path(data["root"])
+        videos = [(str(base / p), int(lab)) for p, lab in data["videos"]]
+        out = VideoList([], list(data["classes"]), list(data["missing"]),
+                        [str(base / p) for p, _ in data["undecodable"]],
+                        [str(base / p) for p in data.get("unsupported", [])])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise DataError(f"cannot read scan manifest {str(path)!r} ({type(e).__name__}: {e}). Write it with "
                         f"python -m video.scan ROOT --split {split} --out DIR.") from None
+    _split_existing(videos, out)
+    if not out.videos:
+        raise DataError(f"scan manifest {str(path)!r} lists {len(videos)} videos of split {split!r}, and none "
+                        f"exists under {str(base)!r} (e.g. {videos[0][0] if videos else None!r}). Pass the data "
+                        "root the scan read as task.data_dir=PATH.")
+    return out
 
 
-def open_video(path: str) -> EncodedVideo:
-    return EncodedVideo.from_path(path, decode_audio=False, decoder="pyav")
-
-
-def temporal_subsample(frames: torch.Tensor, num: int) -> torch.Tensor:
-    """``num`` evenly spaced frames of (C, T, H, W) -> (C, num, H, W); frames repeat when T < num.
-
-    pytorchvideo's ``UniformTemporalSubsample`` does this, but ``pytorchvideo.transforms`` does not
-    import with torchvision >= 0.17 (pytorchvideo 0.1.5).
-    """
-    idx = torch.linspace(0, frames.shape[1] - 1, num).round().long()
-    return frames.index_select(1, idx)
+def relative_to_root(path: str, root: Path) -> str:
+    """``path`` relative to ``root`` when below it (manifests store these), else absolute."""
+    p = Path(path).absolute()
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return str(p)
 
 
 @dataclass(frozen=True)
-class ClipSpec:
-    """``frames`` frames, ``stride`` apart at ``fps`` (videos are read at their own rate and resampled)."""
+class Failure:
+    """A clip that did not decode: the dataset index of its video and the reason."""
 
-    frames: int
-    stride: int
-    fps: float
-
-    @property
-    def duration(self) -> Fraction:
-        return Fraction(self.frames * self.stride) / Fraction(self.fps).limit_denominator(1000)
-
-
-def read_clip(video: EncodedVideo, start: float, spec: ClipSpec) -> torch.Tensor | None:
-    """Frames [start, start + duration) resampled to ``spec.frames``: (T, C, H, W) uint8, or None if empty."""
-    clip = video.get_clip(start, start + spec.duration)
-    if clip is None or clip.get("video") is None or clip["video"].shape[1] == 0:
-        return None
-    frames = temporal_subsample(clip["video"], spec.frames)  # (C, T, H, W) float 0..255
-    return frames.clamp_(0, 255).to(torch.uint8).permute(1, 0, 2, 3).contiguous()  # (T, C, H, W)
+    index: int
+    reason: str
 
 
 class TrainClips(Dataset):
-    """One random clip per video per epoch (pytorchvideo ``RandomClipSampler``), transformed."""
+    """One clip per video per epoch, from a random start, transformed (``transform``: uint8 (T, C, H, W) -> tensor).
 
-    def __init__(self, videos: list[tuple[str, int]], spec: ClipSpec, transform: Callable):
-        self.videos, self.spec, self.transform = videos, spec, transform
-        self.sampler = RandomClipSampler(spec.duration)
+    ``short_side`` resizes frames while decoding (see :func:`video.decode.read_clip`).
+    """
+
+    def __init__(self, videos: list[tuple[str, int]], spec: ClipSpec, transform: Callable, *,
+                 short_side: int | None = None):
+        self.videos, self.spec, self.transform, self.short_side = videos, spec, transform, short_side
 
     def __len__(self) -> int:
         return len(self.videos)
 
-    def __getitem__(self, i: int) -> dict | None:
+    def __getitem__(self, i: int) -> dict | Failure:
         path, label = self.videos[i]
         try:
-            video = open_video(path)
-            try:
-                start = self.sampler(0.0, video.duration, None).clip_start_sec
-                frames = read_clip(video, float(start), self.spec)
-            finally:
-                video.close()
-        except Exception as e:  # noqa: BLE001 - PyAV raises many error types for damaged files
-            log.debug("skipping %s: %s", path, e)
-            frames = None
-        if frames is None:
-            return None
+            frames = read_clip(path, None, self.spec, short_side=self.short_side)
+        except UndecodableVideo as e:
+            log.debug("cannot decode %s: %s", path, e)
+            return Failure(i, str(e))
         return {"video": self.transform(frames), "label": label, "index": i}
 
 
-def collate_skipping(samples: list[dict | None]) -> dict:
-    """Batch the decodable samples; ``skipped`` counts the ones that failed."""
-    good = [s for s in samples if s is not None]
+def collate_skipping(samples: list[dict | Failure]) -> dict:
+    """Batch the decoded samples; ``failed`` holds the dataset indices of the videos that did not decode."""
+    good = [s for s in samples if not isinstance(s, Failure)]
     batch = default_collate(good) if good else {}
-    batch["skipped"] = torch.tensor(len(samples) - len(good))
+    batch["failed"] = torch.tensor([s.index for s in samples if isinstance(s, Failure)], dtype=torch.long)
     return batch

@@ -126,13 +126,18 @@ def _first_conv(module: nn.Module) -> nn.Conv2d | None:
     return next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
 
 
+def stage_modules(model: nn.Module) -> list[nn.Module]:
+    """The residual stages (res2..res5) of a timm ResNet, from its ``feature_info`` (level 0 is the stem)."""
+    return [model.get_submodule(info["module"]) for info in model.feature_info[1:]]
+
+
 def _temporal_plan(model: nn.Module, cfg: InflationConfig) -> tuple[dict[int, tuple[int, int]], list[nn.Module]]:
     """Map id(conv) -> (temporal kernel, temporal stride), and list the stage modules, from ``feature_info``."""
     stage_names = [info["module"] for info in model.feature_info[1:]]
     if len(stage_names) != len(cfg.stage_temporal_kernels):
         raise ConfigError(f"stage_temporal_kernels={cfg.stage_temporal_kernels} has {len(cfg.stage_temporal_kernels)} "
                           f"entries; this backbone has {len(stage_names)} stages ({', '.join(stage_names)}).")
-    stages = [model.get_submodule(n) for n in stage_names]
+    stages = stage_modules(model)
     plan: dict[int, tuple[int, int]] = {}
     stem = []
     for child in model.children():

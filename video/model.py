@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from transfer.backbones import Backbone, BackboneSpec, FeatureLevel, build_backbone
 from transfer.weights import WeightsInfo
-from video.inflate import InflationConfig, inflate_model
+from video.inflate import InflationConfig, inflate_model, stage_modules
 
 
 class VideoBackbone(nn.Module):
@@ -26,6 +27,7 @@ class VideoBackbone(nn.Module):
         self.num_features: int = model.num_features
         self.feature_info = feature_info
         self.temporal_stride = inflation.stem_temporal_stride
+        self.training_layers: dict = {}  # drop path per stage and BN momentum set by build_video_backbone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled embedding: (B, 3, T, H, W) -> (B, num_features)."""
@@ -42,11 +44,38 @@ def inflate_backbone(backbone: Backbone, inflation: InflationConfig) -> VideoBac
                          list(backbone.feature_info))
 
 
+def stage_drop_path_rates(rate: float, stages: int) -> list[float]:
+    """Stochastic depth of each stage: ``rate x (i + 2) / (stages + 1)`` for stage i = 0..stages-1, constant within
+    a stage (tensorflow/models official/vision/modeling/backbones/resnet_3d.py ``_build_model`` with
+    ``nn_layers.get_stochastic_depth_rate(rate, i + 2, 5)``): 0.04 / 0.06 / 0.08 / 0.10 for rate 0.1.
+    timm's own rule rises per block instead."""
+    return [rate * (i + 2) / (stages + 1) for i in range(stages)]
+
+
+def set_training_layers(model: nn.Module, *, drop_path_rate: float = 0.0, bn_momentum: float | None = None) -> dict:
+    """Put per-stage stochastic depth in every residual block of the timm ResNet ``model`` (3D or 2D) and, when
+    given, ``bn_momentum`` (PyTorch convention) in every BatchNorm; returns the values set."""
+    stages = stage_modules(model)
+    rates = stage_drop_path_rates(drop_path_rate, len(stages))
+    for stage, rate in zip(stages, rates):
+        for block in stage.children():
+            block.drop_path = DropPath(rate) if rate > 0 else None
+    if bn_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = bn_momentum
+    return {"drop_path_per_stage": rates, "bn_momentum": bn_momentum}
+
+
 def build_video_backbone(name: str, *, weights: str = "pretrained", inflation: InflationConfig | None = None,
-                         strict: bool = True, drop_path_rate: float = 0.0) -> VideoBackbone:
-    """Build registry backbone ``name`` with ``weights`` (see ``build_backbone``) and inflate it to 3D."""
-    backbone = build_backbone(name, weights=weights, strict=strict, drop_path_rate=drop_path_rate)
-    return inflate_backbone(backbone, inflation or InflationConfig())
+                         strict: bool = True, drop_path_rate: float = 0.0,
+                         bn_momentum: float | None = None) -> VideoBackbone:
+    """Build registry backbone ``name`` with ``weights`` (see ``build_backbone``) and inflate it to 3D, with
+    per-stage stochastic depth ``drop_path_rate`` (:func:`stage_drop_path_rates`) and ``bn_momentum``."""
+    backbone = build_backbone(name, weights=weights, strict=strict)
+    video = inflate_backbone(backbone, inflation or InflationConfig())
+    video.training_layers = set_training_layers(video.model, drop_path_rate=drop_path_rate, bn_momentum=bn_momentum)
+    return video
 
 
 class VideoClassifier(nn.Module):

@@ -1,8 +1,11 @@
-"""Lightning pieces of the video task: the classifier module (train + multi-view test) and its data."""
+"""Lightning pieces of the video task: the classifier module (train + multi-view test), its data and its EMA."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -13,26 +16,60 @@ from video.model import VideoClassifier
 from video.multiview import MultiViewClips, ViewScores, collate_views
 
 
+def ema_decay_at(decay: float, updates: torch.Tensor | float, warmup: bool) -> torch.Tensor | float:
+    """EMA decay at update ``updates``: ``min(decay, (1 + n) / (10 + n))`` with ``warmup`` (tensorflow/models
+    official/modeling/optimization ``EMAConfig.dynamic_decay``, on by default and so in the 3D ResNet-RS
+    config), else ``decay``. Without warm-up a 0.9999 average still holds mostly the initial weights after
+    thousands of steps."""
+    if not warmup:
+        return decay
+    ramp = (1.0 + updates) / (10.0 + updates)
+    return torch.clamp(ramp, max=decay) if isinstance(ramp, torch.Tensor) else min(decay, ramp)
+
+
+class WarmupEMA(WeightAveraging):
+    """Lightning's weight averaging with Model Garden's EMA: parameters and buffers (BN statistics included, as
+    ``trainable_weights_only: false``), decay :func:`ema_decay_at`, updated after every step."""
+
+    def __init__(self, decay: float, warmup: bool = True):
+        def average(avg: torch.Tensor, current: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+            keep = ema_decay_at(decay, updates.to(torch.float32), warmup)  # a tensor: no host sync per parameter
+            return avg + (current - avg) * (1.0 - keep)
+
+        super().__init__(use_buffers=True, avg_fn=average)
+
+
 class VideoModule(L.LightningModule):
-    """Trains a :class:`VideoClassifier` on random clips; tests it with multi-view score averaging."""
+    """Trains a :class:`VideoClassifier` on random clips; tests it with multi-view score averaging.
+
+    Decode failures are counted per video: ``check_train(failed_indices)`` is called with the training videos
+    that failed so far (summed over DDP ranks) after every epoch and at the end of training, and raises when
+    they are too many. After testing, :attr:`scores` holds the reduced per-video scores and failures.
+    """
 
     def __init__(self, model: VideoClassifier, optim: VideoOptimSettings, *, eval_labels: list[int],
-                 global_batch: int):
+                 train_videos: int, global_batch: int, check_train: Callable[[list[int]], None]):
         super().__init__()
         self.model = model
         self.optim = optim
         self.criterion = nn.CrossEntropyLoss(label_smoothing=optim.label_smoothing)
         self.eval_labels = eval_labels
         self.global_batch = global_batch
-        self.skipped = {"train": 0, "test": 0}
+        self.check_train = check_train
+        self.train_failed = torch.zeros(train_videos, dtype=torch.bool)  # this rank's, over all epochs
+        self.skipped_clips = 0  # this rank's decode failures, one per clip
+        self.totals = {"train/skipped_clips": 0, "train/videos_failed_decode": 0}
+        self._failed_so_far: list[int] = []
         self.scores: ViewScores | None = None
-        self.test_metrics: dict[str, float] = {}
+        self.lr: float | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)  # (B, 3, T, H, W) -> (B, num_classes)
 
     def training_step(self, batch, batch_idx):
-        self.skipped["train"] += int(batch["skipped"])
+        failed = batch["failed"]
+        self.train_failed[failed.cpu()] = True
+        self.skipped_clips += len(failed)
         if "video" not in batch:  # every clip of this batch failed to decode
             return None
         loss = self.criterion(self(batch["video"]), batch["label"])
@@ -40,12 +77,40 @@ class VideoModule(L.LightningModule):
                  batch_size=len(batch["label"]))
         return loss
 
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum")
+
+    def _reduce_train(self) -> list[int]:
+        failed = (self._sum(self.train_failed.to(torch.int32)) > 0).nonzero().flatten().tolist()
+        self.totals = {"train/skipped_clips": int(self._sum(torch.tensor(self.skipped_clips))),
+                       "train/videos_failed_decode": len(failed)}
+        return failed
+
+    def on_train_epoch_end(self) -> None:
+        self._failed_so_far = self._reduce_train()
+        self.check_train(self._failed_so_far)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The counts of every rank, as of the last epoch end: a resumed run keeps counting from them.
+        checkpoint["video_decode_failures"] = {"train_failed": self._failed_so_far,
+                                               "skipped_clips": self.totals["train/skipped_clips"]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("video_decode_failures")
+        if saved:
+            self.train_failed[saved["train_failed"]] = True  # a union: the same on every rank
+            trainer = getattr(self, "_trainer", None)
+            if trainer is None or trainer.global_rank == 0:  # a sum: counted once
+                self.skipped_clips = int(saved["skipped_clips"])
+
+    def on_train_end(self) -> None:
+        self.check_train(self._reduce_train())
+
     def on_test_epoch_start(self) -> None:
         self.scores = ViewScores(self.eval_labels, self.model.head.out_features, device=self.device)
-        self.skipped["test"] = 0
 
     def test_step(self, batch, batch_idx):
-        self.skipped["test"] += int(batch["skipped"])
+        self.scores.fail(batch["failed"])
         if "video" not in batch:
             return
         views = batch["video"]  # (B, S, C, T, H, W)
@@ -53,27 +118,23 @@ class VideoModule(L.LightningModule):
         self.scores.update(logits, batch["index"])
 
     def on_test_epoch_end(self) -> None:
-        reduce = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
-        self.scores.reduce(reduce)
-        metrics, unseen = self.scores.metrics("test")
-        self.test_metrics = metrics
-        self.skipped["test"] = int(reduce(torch.tensor(self.skipped["test"], device=self.device)))
-        self.skipped["test_videos_without_views"] = unseen
-        self.log_dict(metrics, rank_zero_only=True)
-
-    def on_train_end(self) -> None:
-        total = self.trainer.strategy.reduce(torch.tensor(self.skipped["train"], device=self.device), reduce_op="sum")
-        self.skipped["train"] = int(total)
+        self.scores.reduce(self._sum)
+        metrics, _ = self.scores.metrics("test")
+        if metrics:
+            self.log_dict(metrics, rank_zero_only=True)
 
     def configure_optimizers(self):
         o = self.optim
-        lr = o.lr * self.global_batch / o.lr_reference_batch  # linear scaling from the recipe's batch
-        return sgd_warmup_cosine(self.model, self.trainer, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum,
-                                 nesterov=o.nesterov, warmup_epochs=o.warmup_epochs)
+        self.lr = o.lr * self.global_batch / o.lr_reference_batch  # linear scaling from the recipe's batch
+        return sgd_warmup_cosine(self.model, self.trainer, lr=self.lr, weight_decay=o.weight_decay,
+                                 momentum=o.momentum, nesterov=o.nesterov, warmup_epochs=o.warmup_epochs)
 
 
 class VideoData(L.LightningDataModule):
-    """Train clips and multi-view test views; the test set is padded to a multiple of the world size."""
+    """Train clips and multi-view test views; the test set is padded to a multiple of the world size.
+
+    ``eval_batch_size`` counts temporal clips, each carrying all its spatial crops.
+    """
 
     def __init__(self, train: Dataset, test_views: MultiViewClips, *, batch_size: int, eval_batch_size: int,
                  num_workers: int):

@@ -3,7 +3,8 @@ softmax scores averaged per video (mmaction2 ``average_clips='prob'``), then top
 
 Items of :class:`MultiViewClips` are (video, temporal clip) pairs carrying all spatial crops, so the
 views of one video spread over loader workers and DDP ranks; :class:`ViewScores` sums the scores per
-video and is reduced over ranks once at the end.
+video, counts the temporal clips that failed to decode per video, and is reduced over ranks once at
+the end.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import torch
 from torch.utils.data import Dataset
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from video.data import ClipSpec, open_video, read_clip
+from video.data import Failure
+from video.decode import ClipSpec, UndecodableVideo, read_clip
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,10 @@ class MultiViewClips(Dataset):
     be counted twice in a video's average.
     """
 
-    def __init__(self, videos: list[tuple[str, int]], spec: ClipSpec, transform: Callable, *, clips: int = 10):
+    def __init__(self, videos: list[tuple[str, int]], spec: ClipSpec, transform: Callable, *, clips: int = 10,
+                 short_side: int | None = None):
         self.videos, self.spec, self.transform, self.clips = videos, spec, transform, clips
+        self.short_side = short_side  # frames are resized to this short side while decoding
         self.length = len(videos) * clips
 
     def pad(self, ranks: int) -> None:
@@ -50,30 +54,25 @@ class MultiViewClips(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> dict | None:
+    def __getitem__(self, i: int) -> dict | Failure | None:
         v, c = divmod(i, self.clips)
         if v >= len(self.videos):
-            return {"video": None, "label": -1, "index": -1}
+            return None  # a placeholder
         path, label = self.videos[v]
         try:
-            video = open_video(path)
-            try:
-                start = uniform_starts(video.duration, self.spec.duration, self.clips)[c]
-                frames = read_clip(video, start, self.spec)
-            finally:
-                video.close()
-        except Exception as e:  # noqa: BLE001 - PyAV raises many error types for damaged files
-            log.debug("skipping %s clip %d: %s", path, c, e)
-            frames = None
-        if frames is None:
-            return None
+            start = lambda duration: uniform_starts(duration, self.spec.duration, self.clips)[c]  # noqa: E731
+            frames = read_clip(path, start, self.spec, short_side=self.short_side)
+        except UndecodableVideo as e:
+            log.debug("cannot decode %s clip %d: %s", path, c, e)
+            return Failure(v, str(e))
         return {"video": self.transform(frames), "label": label, "index": v}
 
 
-def collate_views(samples: list[dict | None]) -> dict:
-    """Stack the decodable views: video (B, S, C, T, H, W); placeholders and failures are dropped and counted."""
-    good = [s for s in samples if s is not None and s["index"] >= 0]
-    batch = {"skipped": torch.tensor(sum(s is None for s in samples))}
+def collate_views(samples: list[dict | Failure | None]) -> dict:
+    """Stack the decoded views: video (B, S, C, T, H, W); ``failed`` holds the video index of each temporal clip
+    that did not decode; placeholders are dropped."""
+    good = [s for s in samples if isinstance(s, dict)]
+    batch = {"failed": torch.tensor([s.index for s in samples if isinstance(s, Failure)], dtype=torch.long)}
     if good:
         batch["video"] = torch.stack([s["video"] for s in good])
         batch["label"] = torch.tensor([s["label"] for s in good])
@@ -82,12 +81,14 @@ def collate_views(samples: list[dict | None]) -> dict:
 
 
 class ViewScores:
-    """Per-video sums of softmax scores over views; ``reduce`` merges the sums of all ranks."""
+    """Per-video sums of softmax scores over views and counts of failed temporal clips; ``reduce`` merges the
+    counts of all ranks."""
 
     def __init__(self, labels: list[int], num_classes: int, device: torch.device | str = "cpu"):
         self.labels = torch.tensor(labels, dtype=torch.long, device=device)
         self.sums = torch.zeros(len(labels), num_classes, dtype=torch.float64, device=device)
         self.views = torch.zeros(len(labels), dtype=torch.long, device=device)
+        self.failed = torch.zeros(len(labels), dtype=torch.long, device=device)
 
     def update(self, logits: torch.Tensor, index: torch.Tensor) -> None:
         """``logits`` (B, S, K) for the S spatial crops of B temporal clips of videos ``index``."""
@@ -95,9 +96,19 @@ class ViewScores:
         self.sums.index_add_(0, index, probs)
         self.views.index_add_(0, index, torch.full_like(index, logits.shape[1]))
 
+    def fail(self, index: torch.Tensor) -> None:
+        """Temporal clips of videos ``index`` did not decode."""
+        index = index.to(self.failed.device)
+        self.failed.index_add_(0, index, torch.ones_like(index))
+
     def reduce(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.sums = all_reduce_sum(self.sums)
         self.views = all_reduce_sum(self.views)
+        self.failed = all_reduce_sum(self.failed)
+
+    def failed_videos(self) -> list[int]:
+        """Indices of the videos with at least one temporal clip that did not decode."""
+        return (self.failed > 0).nonzero().flatten().tolist()
 
     def metrics(self, prefix: str, top_k: tuple[int, ...] = (1, 5)) -> tuple[dict[str, float], int]:
         """``{prefix/top1: %, prefix/top5: %}`` over videos with at least one view, and how many had none."""

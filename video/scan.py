@@ -3,9 +3,11 @@
     python -m video.scan ROOT --split train --split val --out manifests/ [--workers 8] [--layout auto]
 
 For each split writes ``<out>/<split>.manifest.json`` (the decodable videos, their labels and class
-names; pass the folder as ``task.manifest=<out>``) and ``<out>/<split>.report.json`` (the missing and
-undecodable files, each with the reason). A video is decodable when PyAV opens it, finds a video
-stream, decodes a first frame and reports a positive duration.
+names; pass the folder as ``task.manifest=<out>``) and ``<out>/<split>.report.json`` (the missing,
+unsupported and undecodable files, each undecodable one with the reason). Decodable means what it means
+to the loaders: :func:`video.decode.probe`. Manifest paths are relative to the data root, which is
+recorded as an absolute path; ``task.data_dir`` given with the manifest takes its place, so a manifest
+keeps working from any working directory and after the data moves.
 """
 from __future__ import annotations
 
@@ -14,47 +16,36 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import av
+from tqdm import tqdm
 
 from transfer.errors import TransferError
 from transfer.io import atomic_write_json
-from video.data import LAYOUTS, load_split, manifest_path
-
-
-def check_video(path: str) -> str | None:
-    """None when ``path`` decodes, else the reason it does not."""
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                return "no video stream"
-            stream = container.streams.video[0]
-            frame = next(container.decode(stream), None)
-            if frame is None:
-                return "no decodable frame"
-            duration = container.duration or (stream.duration and stream.time_base and stream.duration)
-            if not duration:
-                return "unknown or zero duration"
-    except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
+from video.data import LAYOUTS, load_split, manifest_path, relative_to_root
+from video.decode import check_video
 
 
 def scan_split(root: str, split: str, out: Path, *, layout: str = "auto", classes: list[str] | None = None,
                workers: int = 1) -> dict:
     """Scan one split; write its manifest and report; return the report."""
+    root = Path(root).expanduser().absolute()
     listed = load_split(root, split, layout=layout, classes=classes)
     paths = [p for p, _ in listed.videos]
+    progress = dict(total=len(paths), desc=f"scan {split}", unit="video", disable=not sys.stderr.isatty())
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            reasons = list(pool.map(check_video, paths, chunksize=16))
+            reasons = list(tqdm(pool.map(check_video, paths, chunksize=16), **progress))
     else:
-        reasons = [check_video(p) for p in paths]
-    good = [v for v, r in zip(listed.videos, reasons) if r is None]
-    bad = [[p, r] for p, r in zip(paths, reasons) if r is not None]
+        reasons = [check_video(p) for p in tqdm(paths, **progress)]
+    rel = lambda p: relative_to_root(p, root)  # noqa: E731
+    good = [[rel(p), label] for (p, label), r in zip(listed.videos, reasons) if r is None]
+    bad = [[rel(p), r] for p, r in zip(paths, reasons) if r is not None]
+    unsupported = [rel(p) for p in listed.unsupported]
     atomic_write_json(manifest_path(out, split), {"split": split, "root": str(root), "classes": listed.classes,
-                                                  "videos": good, "missing": listed.missing, "undecodable": bad})
-    report = {"split": split, "listed": len(listed.videos) + len(listed.missing), "decodable": len(good),
-              "missing": listed.missing, "undecodable": bad}
+                                                  "videos": good, "missing": listed.missing, "undecodable": bad,
+                                                  "unsupported": unsupported})
+    report = {"split": split, "root": str(root), "classes": listed.classes, "listed": listed.listed,
+              "decodable": len(good),
+              "missing": listed.missing, "unsupported": unsupported, "undecodable": bad}
     atomic_write_json(out / f"{split}.report.json", report)
     return report
 
@@ -71,20 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for split in args.split or ["train", "val"]:
             report = scan_split(args.root, split, args.out, layout=args.layout, classes=classes, workers=args.workers)
-            classes = classes or load_classes(args.out, split)  # later splits share the first one's classes
+            classes = classes or report["classes"]  # later splits share the first one's classes
             print(f"{split}: {report['decodable']} decodable of {report['listed']} listed, "
-                  f"{len(report['missing'])} missing, {len(report['undecodable'])} undecodable "
+                  f"{len(report['missing'])} missing, {len(report['unsupported'])} unsupported, "
+                  f"{len(report['undecodable'])} undecodable "
                   f"-> {manifest_path(args.out, split)}")
     except TransferError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def load_classes(out: Path, split: str) -> list[str]:
-    from video.data import read_manifest
-
-    return read_manifest(out, split).classes
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ adds one undecodable file (random bytes named .mp4) and one annotation entry wit
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -18,20 +20,43 @@ LAYOUT_WRITERS = ("csv", "list", "folders")
 MISSING_ID = "missingvid0"
 
 
-def write_video(path: Path, *, seconds: float = 2.0, fps: int = 8, size: int = 32, direction: int = 1,
-                colour: tuple[int, int, int] = (255, 0, 0), seed: int = 0) -> Path:
-    """An MPEG-4 clip of a square moving horizontally over noise."""
+def write_video(path: Path, *, seconds: float = 2.0, fps: int = 8, size: int = 32, width: int | None = None,
+                height: int | None = None, direction: int = 1, colour: tuple[int, int, int] = (255, 0, 0),
+                seed: int = 0, codec: str = "mpeg4", rotation: int = 0, times: list[float] | None = None,
+                content: Callable[[int], np.ndarray] | None = None, options: dict | None = None,
+                codec_options: dict | None = None) -> Path:
+    """A clip of a square moving horizontally over noise (or ``content(i)``: frame i as (H, W, 3) uint8).
+
+    ``codec``: any PyAV encoder (``mpeg4``, ``libx264``, ``libvpx-vp9``); the container follows the suffix.
+    ``rotation``: display rotation stored in the container (counter-clockwise degrees, as phones tag
+    portrait video). ``times``: presentation time of each frame in seconds (variable frame rate) instead
+    of ``seconds x fps`` frames at ``fps``. ``options``: muxer options (``{"live": "1"}`` writes a webm
+    without a duration); ``codec_options``: encoder options (``{"preset": "veryfast"}`` for libx264).
+    """
     rng = np.random.default_rng(seed)
+    w, h = width or size, height or size
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width = stream.height = size
+    n = len(times) if times is not None else int(seconds * fps)
+    with av.open(str(path), "w", options=options or {}) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
-        for t in range(int(seconds * fps)):
-            img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-            x = (direction * t * 2) % size
-            img[size // 4: size // 2, x: x + size // 4] = colour
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+        stream.options = codec_options or {}
+        if times is not None:
+            stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for t in range(n):
+            if content is not None:
+                img = content(t)
+            else:
+                img = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+                x = (direction * t * 2) % w
+                img[h // 4: h // 2, x: x + w // 4] = colour
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            if times is not None:
+                frame.pts, frame.time_base = round(times[t] * 1000), Fraction(1, 1000)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

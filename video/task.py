@@ -4,58 +4,45 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from lightning.pytorch.callbacks import EMAWeightAveraging
-
 from transfer.engine import build_trainer, resume_path, seed_everything
-from transfer.errors import ConfigError, DataError
-from transfer.protocols import FinetuneProtocolConfig
+from transfer.errors import DataError
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
-from video.config import VideoOptimSettings, VideoTaskConfig
-from video.data import ClipSpec, TrainClips, VideoList, load_split
+from video.config import VideoTaskConfig, check
+from video.data import ClipSpec, TrainClips, VideoList, check_bad_fraction, load_split
 from video.model import VideoClassifier, build_video_backbone
-from video.module import VideoData, VideoModule
+from video.module import VideoData, VideoModule, WarmupEMA
 from video.multiview import MultiViewClips
 from video.transforms import MultiCropEval, build_train_transform
 
 log = logging.getLogger(__name__)
 
-def _check_protocol(protocol) -> None:
-    """The 3D recipe lives in task.optim; refuse protocol values that would otherwise be ignored."""
-    changed = [f.name for f in dataclasses.fields(FinetuneProtocolConfig)
-               if f.name != "name" and getattr(protocol, f.name) != getattr(FinetuneProtocolConfig(), f.name)]
-    if changed:
-        raise ConfigError(f"video tasks take their training settings from task.optim (the 3D ResNet-RS recipe); "
-                          f"protocol keys {changed} would be ignored. Set them as task.optim.<key> instead "
-                          f"(keys: {', '.join(f.name for f in dataclasses.fields(VideoOptimSettings))}).")
-
 
 def _load(task: VideoTaskConfig) -> tuple[VideoList, VideoList]:
-    train = load_split(task.data_dir or "", task.train_split, layout=task.layout, num_classes=task.num_classes,
+    train = load_split(task.data_dir, task.train_split, layout=task.layout, num_classes=task.num_classes,
                        manifest=task.manifest)
-    test = load_split(task.data_dir or "", task.eval_split, layout=task.layout, classes=train.classes,
+    test = load_split(task.data_dir, task.eval_split, layout=task.layout, classes=train.classes,
                       num_classes=len(train.classes), manifest=task.manifest)
     if task.num_classes is not None and task.num_classes != len(train.classes):
         raise DataError(f"task.num_classes={task.num_classes} but split {task.train_split!r} has "
                         f"{len(train.classes)} classes. Check task.data_dir or set task.num_classes=null.")
     for split, listed in ((task.train_split, train), (task.eval_split, test)):
-        bad = len(listed.missing) + len(listed.undecodable)
-        if bad > task.max_bad_fraction * (bad + len(listed.videos)):
-            raise DataError(f"split {split!r}: {bad} of {bad + len(listed.videos)} videos are missing or undecodable, "
-                            f"more than task.max_bad_fraction={task.max_bad_fraction}. First missing: "
-                            f"{listed.missing[:3]}; run python -m video.scan for a full report.")
+        check_bad_fraction(split, listed, task.max_bad_fraction)
     return train, test
+
+
+def train_short_side(task: VideoTaskConfig) -> int | None:
+    """Short side the training frames are decoded at: the top of the scale jitter, else ``decode_short_side``."""
+    return task.scale_jitter[1] if task.train_crop == "jitter" else task.decode_short_side
 
 
 def run(ctx: RunContext) -> TaskOutput:
     cfg, task = ctx.cfg, ctx.cfg.task
-    _check_protocol(cfg.protocol)
     seed_everything(cfg.trainer)
     train, test = _load(task)  # data first: a missing data set fails before model work
     backbone = build_video_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
-                                    inflation=task.inflation.build(), drop_path_rate=task.optim.drop_path_rate)
+                                    inflation=task.inflation.build(), drop_path_rate=task.optim.drop_path_rate,
+                                    bn_momentum=task.optim.bn_momentum)
     model = VideoClassifier(backbone, len(train.classes), dropout=task.optim.dropout)
-    if cfg.protocol.freeze_backbone:
-        backbone.requires_grad_(False)
     spec = ClipSpec(task.frames, task.stride, task.fps)
     mean, std = backbone.spec.mean, backbone.spec.std  # normalisation of the weights being inflated
     train_tf = build_train_transform(size=task.train_size, mean=mean, std=std, crop=task.train_crop,
@@ -63,25 +50,65 @@ def run(ctx: RunContext) -> TaskOutput:
                                      jitter=tuple(task.scale_jitter),
                                      randaugment=tuple(task.randaugment) if task.randaugment else None)
     views = MultiViewClips(test.videos, spec, MultiCropEval(size=task.eval_size, mean=mean, std=std,
-                                                            crops=task.test_crops), clips=task.test_clips)
-    data = VideoData(TrainClips(train.videos, spec, train_tf), views, batch_size=cfg.trainer.batch_size,
-                     eval_batch_size=cfg.trainer.eval_batch_size, num_workers=cfg.trainer.num_workers)
-    callbacks = [EMAWeightAveraging(decay=task.optim.ema_decay)] if task.optim.ema_decay else []
+                                                            crops=task.test_crops),
+                           clips=task.test_clips, short_side=task.eval_size)
+    # trainer.eval_batch_size counts clips (network inputs); one test item is a temporal clip with all its crops.
+    eval_items = max(1, cfg.trainer.eval_batch_size // task.test_crops)
+    data = VideoData(TrainClips(train.videos, spec, train_tf, short_side=train_short_side(task)), views,
+                     batch_size=cfg.trainer.batch_size, eval_batch_size=eval_items,
+                     num_workers=cfg.trainer.num_workers)
+    callbacks = [WarmupEMA(task.optim.ema_decay, task.optim.ema_warmup)] if task.optim.ema_decay else []
     trainer = build_trainer(ctx, callbacks=callbacks)  # channels_last becomes channels_last_3d for 3D weights
+
+    def check_train(failed: list[int]) -> None:
+        check_bad_fraction(task.train_split, train, task.max_bad_fraction, [train.videos[i][0] for i in failed])
+
     module = VideoModule(model, task.optim, eval_labels=[label for _, label in test.videos],
-                         global_batch=cfg.trainer.batch_size * trainer.world_size)
+                         train_videos=len(train.videos), global_batch=cfg.trainer.batch_size * trainer.world_size,
+                         check_train=check_train)
     trainer.fit(module, datamodule=data, ckpt_path=resume_path(ctx))
     trainer.test(module, datamodule=data, verbose=False)
-    counts = {**train.counts(task.train_split), **test.counts(task.eval_split),
-              "train/skipped_clips": module.skipped["train"], "test/skipped_views": module.skipped["test"],
-              "test/videos_without_views": module.skipped["test_videos_without_views"]}
-    return TaskOutput(metrics=module.test_metrics, counts=counts, weights=backbone.weights.as_dict(),
-                      primary_metric="test/top1",
-                      extra={"classes": len(train.classes), "views": [task.test_clips, task.test_crops],
-                             "clip": [task.frames, task.stride], "inflation": dataclasses.asdict(task.inflation),
-                             "global_step": trainer.global_step,
+
+    scores = module.scores
+    if scores is None:
+        raise DataError(f"the test of split {task.eval_split!r} did not run (trainer.limit_eval_batches="
+                        f"{cfg.trainer.limit_eval_batches}); a video run needs its test metric.")
+    failed = scores.failed_videos()
+    metrics, unseen = scores.metrics("test")
+    counts = {**train.counts(task.train_split), **test.counts(task.eval_split), **module.totals,
+              "test/skipped_views": int(scores.failed.sum()), "test/videos_with_failed_views": len(failed),
+              "test/videos_without_views": unseen}
+    check_bad_fraction(task.eval_split, test, task.max_bad_fraction, [test.videos[i][0] for i in failed])
+    if not metrics:
+        raise DataError(f"no test view of split {task.eval_split!r} reached the model ({counts}); nothing to score. "
+                        "Run python -m video.scan on the data for the reasons.")
+    return TaskOutput(metrics=metrics, counts=counts, weights=backbone.weights.as_dict(), primary_metric="test/top1",
+                      recipe=recipe_used(task, module, backbone.training_layers, trainer.world_size),
+                      extra={"classes": len(train.classes), "global_step": trainer.global_step,
+                             "clip": [task.frames, task.stride], "views": [task.test_clips, task.test_crops],
                              **({"scratch_recipe": task.scratch_recipe} if task.scratch_recipe else {})})
 
 
-TASKS.add("video", TaskAdapter(config_class=VideoTaskConfig, run=run, protocols=("finetune",),
+def recipe_used(task: VideoTaskConfig, module: VideoModule, layers: dict, world_size: int) -> dict:
+    """The training and test values this run used (results.json ``recipe``)."""
+    o = task.optim
+    return {
+        "optimizer": "sgd", "nesterov": o.nesterov, "momentum": o.momentum, "schedule": "warmup + cosine",
+        "lr": module.lr, "lr_recipe": o.lr, "lr_reference_batch": o.lr_reference_batch,
+        "global_batch": module.global_batch, "world_size": world_size, "weight_decay": o.weight_decay,
+        "warmup_epochs": o.warmup_epochs, "label_smoothing": o.label_smoothing, "dropout": o.dropout,
+        "drop_path_per_stage": layers.get("drop_path_per_stage"), "bn_momentum": layers.get("bn_momentum"),
+        "ema_decay": o.ema_decay, "ema_warmup": o.ema_warmup if o.ema_decay else None,
+        "clip": {"frames": task.frames, "stride": task.stride, "fps": task.fps},
+        "train_crop": task.train_crop, "train_size": task.train_size,
+        "crop_area": list(task.crop_area) if task.train_crop == "resized" else None,
+        "crop_aspect": list(task.crop_aspect) if task.train_crop == "resized" else None,
+        "scale_jitter": list(task.scale_jitter) if task.train_crop == "jitter" else None,
+        "train_decode_short_side": train_short_side(task), "randaugment": task.randaugment,
+        "eval_size": task.eval_size, "views": [task.test_clips, task.test_crops],
+        "inflation": dataclasses.asdict(task.inflation), "self_gating": "2*sigmoid, zero-initialised (identity)",
+    }
+
+
+TASKS.add("video", TaskAdapter(config_class=VideoTaskConfig, run=run, protocols=("finetune",), check=check,
                                metrics=("test/top1", "test/top5")))

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 from transfer.errors import ConfigError
 
@@ -18,14 +17,23 @@ TRAIN_CROPS = ("resized", "jitter")
 
 
 class ToModelInput:
-    """uint8 (T, C, H, W) -> normalised float (C, T, H, W)."""
+    """uint8 (T, C, H, W) -> normalised float (C, T, H, W), written into ``out`` when given.
+
+    One float allocation per clip (normalised in place): a test item holds 3 crops of 32 x 256^2 frames,
+    and each extra float copy of a crop is 25 MB per loader worker.
+    """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.mean, self.std = list(mean), list(std)
+        mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        self.scale = (1.0 / (255.0 * std)).view(-1, 1, 1, 1)  # (C, 1, 1, 1)
+        self.shift = (mean / std).view(-1, 1, 1, 1)
 
-    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(F.to_dtype(frames, torch.float32, scale=True), self.mean, self.std)
-        return x.permute(1, 0, 2, 3).contiguous()  # (T, C, H, W) -> (C, T, H, W)
+    def __call__(self, frames: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        frames = frames.permute(1, 0, 2, 3)  # (T, C, H, W) -> (C, T, H, W), a view
+        if out is None:
+            out = torch.empty(frames.shape, dtype=torch.float32)
+        out.copy_(frames)  # uint8 -> float32
+        return out.mul_(self.scale).sub_(self.shift)  # (x / 255 - mean) / std
 
 
 def build_train_transform(*, size: int, mean: Sequence[float], std: Sequence[float], crop: str = "resized",
@@ -65,7 +73,8 @@ class MultiCropEval:
         self.to_input = ToModelInput(mean, std)
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        frames = self.resize(tv_tensors.Video(frames))
+        if min(frames.shape[-2:]) != self.size:  # frames decoded at this short side (video.decode) skip the resize
+            frames = self.resize(tv_tensors.Video(frames))
         h, w = frames.shape[-2:]
         s = self.size
         if self.crops == 1:
@@ -73,4 +82,7 @@ class MultiCropEval:
         else:
             along = [round(i * (max(h, w) - s) / (self.crops - 1)) for i in range(self.crops)]
             offsets = [(a, (w - s) // 2) if h > w else ((h - s) // 2, a) for a in along]
-        return torch.stack([self.to_input(F.crop(frames, top, left, s, s)) for top, left in offsets])
+        out = torch.empty(self.crops, frames.shape[1], frames.shape[0], s, s)  # (S, C, T, s, s)
+        for i, (top, left) in enumerate(offsets):
+            self.to_input(frames[..., top: top + s, left: left + s], out=out[i])
+        return out

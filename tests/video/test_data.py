@@ -1,13 +1,23 @@
 import json
+import os
 
 import pytest
 import torch
 
 from transfer.errors import DataError
-from video.data import ClipSpec, TrainClips, collate_skipping, load_split, read_manifest
+from video.data import (
+    ClipSpec,
+    TrainClips,
+    VideoList,
+    check_bad_fraction,
+    collate_skipping,
+    find_split,
+    load_split,
+    read_manifest,
+)
 from video.multiview import MultiViewClips, ViewScores, collate_views, uniform_starts
 from video.scan import main as scan_main
-from video.synthetic import LAYOUT_WRITERS, MISSING_ID, write_dataset
+from video.synthetic import LAYOUT_WRITERS, MISSING_ID, write_dataset, write_video
 from video.transforms import MultiCropEval, build_train_transform
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -33,33 +43,119 @@ def test_scan_reports_bad_files_and_manifest_reads_back(dataset, tmp_path):
     layout, root = dataset
     assert scan_main([str(root), "--out", str(tmp_path), "--split", "train", "--split", "val"]) == 0
     report = json.loads((tmp_path / "train.report.json").read_text())
-    assert report["decodable"] == 6
+    assert report["decodable"] == 6 and report["listed"] == 8
     assert len(report["missing"]) == 1 and len(report["undecodable"]) == 1
     assert "badvid" in report["undecodable"][0][0]
     manifest = read_manifest(tmp_path, "val")
     assert len(manifest.videos) == 6 and len(manifest.undecodable) == 1 and len(manifest.missing) == 1
+    assert all(os.path.isfile(p) for p, _ in manifest.videos)
 
 
-def test_train_clips_skip_undecodable(dataset):
+def test_manifest_written_in_one_directory_works_from_another(tmp_path, monkeypatch):
+    write_dataset(tmp_path / "here" / "k400", "csv", classes=2, per_class=2)
+    monkeypatch.chdir(tmp_path / "here")
+    assert scan_main(["k400", "--out", "manifest", "--split", "train"]) == 0  # a relative data root
+    stored = json.loads((tmp_path / "here" / "manifest" / "train.manifest.json").read_text())
+    assert all(not os.path.isabs(p) for p, _ in stored["videos"])  # relative to the data root
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    listed = load_split(None, "train", manifest=tmp_path / "here" / "manifest")
+    assert len(listed.videos) == 4 and all(os.path.isfile(p) for p, _ in listed.videos)
+    # The data moves: task.data_dir names the new root, the manifest still applies.
+    (tmp_path / "here" / "k400").rename(tmp_path / "moved")
+    listed = load_split(tmp_path / "moved", "train", manifest=tmp_path / "here" / "manifest")
+    assert len(listed.videos) == 4 and all(str(tmp_path / "moved") in p for p, _ in listed.videos)
+    # A root under which none of the manifest's videos exists is an error naming that root.
+    with pytest.raises(DataError, match="none exists under"):
+        load_split(elsewhere, "train", manifest=tmp_path / "here" / "manifest")
+
+
+def test_class_folders_read_every_container_and_report_other_files(tmp_path):
+    split = tmp_path / "train"
+    for i, suffix in enumerate([".mp4", ".webm", ".mkv", ".mov", ".avi", ".MP4"]):
+        codec = "libvpx-vp9" if suffix == ".webm" else "mpeg4"
+        write_video(split / ("abseiling" if i % 2 else "air drumming") / f"v{i}{suffix}", codec=codec, seconds=0.5)
+    (split / "abseiling" / "v9.mp4.part").write_bytes(b"partial download")
+    (split / "abseiling" / ".DS_Store").write_bytes(b"")
+    listed = load_split(tmp_path, "train")
+    assert find_split(tmp_path, "train")[0] == "folders"
+    assert sorted(os.path.basename(p) for p, _ in listed.videos) == ["v0.mp4", "v1.webm", "v2.mkv", "v3.mov",
+                                                                       "v4.avi", "v5.MP4"]
+    assert listed.classes == ["abseiling", "air drumming"]
+    assert [os.path.basename(p) for p in listed.unsupported] == ["v9.mp4.part"]
+    assert listed.counts("train")["train/unsupported"] == 1
+    clips = TrainClips(listed.videos, ClipSpec(frames=2, stride=1, fps=8), transform=lambda x: x)
+    assert all(isinstance(clips[i], dict) for i in range(len(clips)))  # every container decodes
+
+
+@pytest.mark.parametrize("variant", ["bom+crlf+quotes", "is_cc column", "spaces"])
+def test_official_csv_resaved_by_spreadsheets_is_the_official_layout(tmp_path, variant):
+    names = {"abseiling": "-abc123_000010_000020", "air drumming": "xyz_789_000000_000010"}
+    for name in names.values():
+        write_video(tmp_path / "val" / f"{name}.mp4", seconds=0.5)
+    rows = [("abseiling", "-abc123", 10, 20), ("air drumming", "xyz_789", 0, 10)]
+    if variant == "bom+crlf+quotes":  # Excel's "CSV UTF-8": byte-order mark, CRLF, every field quoted
+        text = '\ufeff"label","youtube_id","time_start","time_end","split"\r\n' + "".join(
+            f'"{lab}","{vid}","{s}","{e}","val"\r\n' for lab, vid, s, e in rows)
+    elif variant == "is_cc column":  # Kinetics-700-2020 and the K400 re-release add is_cc
+        text = "label,youtube_id,time_start,time_end,split,is_cc\n" + "".join(
+            f"{lab},{vid},{s},{e},val,0\n" for lab, vid, s, e in rows)
+    else:
+        text = "label, youtube_id, time_start, time_end, split\n" + "".join(
+            f'"{lab}", {vid}, {s}.0, {e}.0, val\n' for lab, vid, s, e in rows)
+    (tmp_path / "val.csv").write_bytes(text.encode("utf-8"))
+    assert find_split(tmp_path, "val")[0] == "csv"
+    listed = load_split(tmp_path, "val")
+    assert listed.classes == ["abseiling", "air drumming"] and not listed.missing
+    assert sorted(os.path.basename(p) for p, _ in listed.videos) == sorted(f"{n}.mp4" for n in names.values())
+
+
+def test_path_list_with_bom_crlf_and_spaces_in_paths(tmp_path):
+    write_video(tmp_path / "videos_val" / "a clip.mp4", seconds=0.5)
+    write_video(tmp_path / "videos_val" / "b.webm", codec="libvpx-vp9", seconds=0.5)
+    (tmp_path / "videos_val" / "c.txt").write_text("not a video")
+    (tmp_path / "val.txt").write_bytes("\ufeffa clip.mp4 1\r\nb.webm 0\r\nc.txt 1\r\n\r\ngone.mp4 1\r\n".encode())
+    listed = load_split(tmp_path, "val")
+    assert [(os.path.basename(p), lab) for p, lab in listed.videos] == [("a clip.mp4", 1), ("b.webm", 0)]
+    assert len(listed.missing) == 1 and len(listed.unsupported) == 1
+
+
+def test_bad_fraction_names_every_count():
+    listed = VideoList([("a.mp4", 0)] * 8, ["x"], missing=["m.mp4"], undecodable=["u.mp4"])
+    check_bad_fraction("val", listed, 0.25, failed=[])  # 2 of 10
+    with pytest.raises(DataError, match=r"3 of 10 videos are unusable \(1 missing, 1 undecodable in the scan, "
+                                        r"0 with an unsupported suffix, 1 failed to decode during the run\)"):
+        check_bad_fraction("val", listed, 0.25, failed=["a.mp4"])
+
+
+def test_train_clips_report_undecodable_videos(dataset):
     layout, root = dataset
     listed = load_split(root, "train", layout=layout)
     tf = build_train_transform(size=24, mean=MEAN, std=STD, crop="resized")
-    clips = TrainClips(listed.videos, SPEC, tf)
-    samples = [clips[i] for i in range(len(clips))]
-    batch = collate_skipping(samples)
-    assert int(batch["skipped"]) == 1
+    clips = TrainClips(listed.videos, SPEC, tf, short_side=32)
+    batch = collate_skipping([clips[i] for i in range(len(clips))])
+    bad = [i for i, (p, _) in enumerate(listed.videos) if "badvid" in p]
+    assert batch["failed"].tolist() == bad
     assert batch["video"].shape == (6, 3, 8, 24, 24)  # (B, C, T, H, W)
 
 
-def test_multiview_items_and_padding(dataset):
+def test_multiview_items_padding_and_failures(dataset):
     layout, root = dataset
     listed = load_split(root, "val", layout=layout)
-    views = MultiViewClips(listed.videos, SPEC, MultiCropEval(size=24, mean=MEAN, std=STD, crops=3), clips=2)
+    views = MultiViewClips(listed.videos, SPEC, MultiCropEval(size=24, mean=MEAN, std=STD, crops=3), clips=2,
+                           short_side=24)
     views.pad(4)
     assert len(views) % 4 == 0 and len(views) >= 2 * len(listed.videos)
     batch = collate_views([views[i] for i in range(len(views))])
-    assert int(batch["skipped"]) == 2  # both temporal clips of the undecodable video
+    bad = next(i for i, (p, _) in enumerate(listed.videos) if "badvid" in p)
+    assert batch["failed"].tolist() == [bad, bad]  # both temporal clips of the undecodable video
     assert batch["video"].shape == (12, 3, 3, 8, 24, 24)  # (B, S, C, T, H, W)
+    scores = ViewScores([lab for _, lab in listed.videos], num_classes=3)
+    scores.fail(batch["failed"])
+    scores.update(torch.zeros(12, 3, 3), batch["index"])
+    assert scores.failed_videos() == [bad]
+    assert scores.metrics("test")[1] == 1  # one video without any view
 
 
 def test_missing_root_names_the_layouts(tmp_path):
@@ -88,3 +184,23 @@ def test_view_scores_average_probabilities():
     metrics, unseen = scores.metrics("test", top_k=(1, 3))
     assert unseen == 0 and metrics["test/top1"] == 50.0 and metrics["test/top3"] == 100.0
     assert scores.views.tolist() == [3, 2]
+
+
+def test_decode_failure_counts_survive_a_checkpoint():
+    from video.config import VideoOptimSettings
+    from video.module import VideoModule, ema_decay_at
+
+    def module():
+        return VideoModule(torch.nn.Linear(2, 2), VideoOptimSettings(), eval_labels=[0], train_videos=5,
+                           global_batch=2, check_train=lambda failed: None)
+
+    before = module()
+    before._failed_so_far, before.totals["train/skipped_clips"] = [1, 3], 4
+    checkpoint = {}
+    before.on_save_checkpoint(checkpoint)
+    after = module()
+    after.on_load_checkpoint(checkpoint)
+    assert after.train_failed.nonzero().flatten().tolist() == [1, 3] and after.skipped_clips == 4
+    # Model Garden's EMA warm-up: 0.1 at the first update, the set decay once (1 + n) / (10 + n) exceeds it.
+    assert ema_decay_at(0.9999, 0.0, True) == pytest.approx(0.1) and ema_decay_at(0.9999, 1e6, True) == 0.9999
+    assert ema_decay_at(0.9999, 0.0, False) == 0.9999

@@ -1,11 +1,14 @@
+import functools
+
 import pytest
 import torch
 from torch import nn
 
+from transfer.config import compose, validate
 from transfer.errors import ConfigError
 from video.inflate import InflationConfig, inflate_conv, inflate_model, iter_temporal_convs
 from video.layers import SelfGating3d, SqueezeExcite3d
-from video.model import VideoClassifier, inflate_backbone
+from video.model import VideoClassifier, build_video_backbone, inflate_backbone, stage_drop_path_rates
 
 FRAMES = 48  # long enough that the centre of res5 is out of reach of the zero-padded borders (mean mode)
 
@@ -19,34 +22,71 @@ def static_clip(x: torch.Tensor, frames: int = FRAMES) -> torch.Tensor:
     return x.unsqueeze(2).repeat(1, 1, frames, 1, 1)  # (B, 3, H, W) -> (B, 3, T, H, W)
 
 
-@torch.no_grad()
-def test_center_inflation_static_clip_matches_2d(backbone2d):
-    video = inflate_backbone(backbone2d, InflationConfig(mode="center")).eval()
-    x = torch.randn(2, 3, 32, 32)
-    feats2d = backbone2d.forward_features(x)
-    feats3d = video.forward_features(static_clip(x, 16))
-    assert len(feats3d) == len(feats2d) == 5
-    for f2, f3 in zip(feats2d, feats3d):
-        assert f3.shape[2] == 8  # stem temporal stride 2
-        assert_close_scaled(f3, f2.unsqueeze(2).expand_as(f3))
-    assert_close_scaled(video(static_clip(x, 16)), backbone2d(x))
+@functools.cache
+def recipe_inflation() -> InflationConfig:
+    """The inflation settings of recipes/task/kinetics400.yaml, as a run composes them."""
+    return validate(compose(["task=kinetics400", "task.data_dir=."])).task.inflation.build()
+
+
+def test_recipe_gates_every_stage():
+    assert recipe_inflation().self_gating == "last"  # the invariants below include the gate
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
 
 
 @torch.no_grad()
-def test_mean_inflation_static_clip_matches_2d_away_from_borders(backbone2d):
-    video = inflate_backbone(backbone2d, InflationConfig(mode="mean")).eval()
+def test_recipe_inflation_starts_at_the_2d_function(backbone2d):
+    """The recipe's own configuration (mean inflation, kernels, self-gating): on a static clip the centre frames
+    of every level equal the 2D features for resnet50; for rs50 up to the first SE block, after which SE's
+    squeeze over the whole clip lets the zero-padded border frames in (docs/video.md gives the measured size)."""
+    video = inflate_backbone(backbone2d, recipe_inflation()).eval()
+    assert sum(isinstance(m, SelfGating3d) for m in video.modules()) == 4
     x = torch.randn(1, 3, 32, 32)
-    feats2d = backbone2d.forward_features(x)
-    feats3d = video.forward_features(static_clip(x))
+    feats2d, feats3d = backbone2d.forward_features(x), video.forward_features(static_clip(x))
     has_se = any(isinstance(m, SqueezeExcite3d) for m in video.modules())
-    # SE squeezes over the whole clip, border frames included, so with SE the equality away from the
-    # borders holds only up to the first SE block (the stem); see docs/video.md.
-    levels = 1 if has_se else 5
-    for f2, f3 in list(zip(feats2d, feats3d))[:levels]:
-        mid = f3.shape[2] // 2
-        assert_close_scaled(f3[:, :, mid], f2)
-    # The borders do differ: zero padding enters the temporal kernels there.
+    for level, (f2, f3) in enumerate(zip(feats2d, feats3d)):
+        centre = f3[:, :, f3.shape[2] // 2]
+        if level == 0 or not has_se:
+            assert_close_scaled(centre, f2)
+        else:  # rs50: within 2 % at the centre (1.2 % measured); Model Garden's gate init gives 29-50 %
+            assert float((centre - f2).abs().max() / f2.abs().max()) < 0.02
+    # The borders do differ: zero padding enters the temporal kernels there. The pooled embedding averages
+    # them in, but keeps the 2D one's direction.
     assert not torch.allclose(feats3d[0][:, :, 0], feats2d[0], atol=1e-3)
+    assert cosine(video(static_clip(x)), backbone2d(x)) > 0.999
+
+
+def test_self_gating_starts_as_identity():
+    gate = SelfGating3d(8)
+    x = torch.randn(2, 8, 3, 4, 4)
+    assert torch.equal(gate(x), x)
+    gate.fc.bias.data.fill_(-30.0)  # and it can close: range (0, 2)
+    assert gate(x).abs().max() < 1e-6
+
+
+@torch.no_grad()
+def test_center_inflation_with_the_recipe_gate_reproduces_2d_everywhere(backbone2d):
+    """``mode=center`` with the recipe's kernels and gate: every frame, level and the pooled embedding equal 2D."""
+    cfg = recipe_inflation()
+    video = inflate_backbone(backbone2d, InflationConfig(mode="center", stem_temporal_kernel=cfg.stem_temporal_kernel,
+                                                         stem_temporal_stride=cfg.stem_temporal_stride,
+                                                         stage_temporal_kernels=cfg.stage_temporal_kernels,
+                                                         self_gating=cfg.self_gating)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for f2, f3 in zip(backbone2d.forward_features(x), video.forward_features(static_clip(x, 8))):
+        assert_close_scaled(f3, f2.unsqueeze(2).expand_as(f3))
+    assert_close_scaled(video(static_clip(x, 8)), backbone2d(x))
+
+
+def test_stochastic_depth_per_stage_as_model_garden():
+    assert stage_drop_path_rates(0.1, 4) == pytest.approx([0.04, 0.06, 0.08, 0.10])
+    video = build_video_backbone("resnet50", weights="random", drop_path_rate=0.1, bn_momentum=1.0)
+    for stage, rate in zip([video.model.layer1, video.model.layer2, video.model.layer3, video.model.layer4],
+                           [0.04, 0.06, 0.08, 0.10]):
+        assert [b.drop_path.drop_prob for b in stage] == pytest.approx([rate] * len(stage))
+    assert {m.momentum for m in video.modules() if isinstance(m, nn.BatchNorm3d)} == {1.0}
 
 
 def test_weights_kept_and_kernels_placed(backbone2d):

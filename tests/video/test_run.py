@@ -1,17 +1,19 @@
 """End to end through ``python -m transfer.run``: synthetic Kinetics in every layout, 2 training steps,
-multi-view evaluation, skipped counts in results.json."""
+multi-view evaluation, skipped counts in results.json; runs on unusable data stop with a clear error."""
 import json
 
 import pytest
+from PIL import Image
+from suite_helpers import run_cli
 
 from transfer.run import main
 from video.synthetic import LAYOUT_WRITERS, write_dataset
 
 TINY = ["protocol=finetune", "backbone.weights=random", "task.num_classes=3", "task.frames=8", "task.stride=2",
-        "task.fps=8", "task.train_size=32", "task.eval_size=32", "task.test_clips=2", "task.test_crops=3",
-        "task.max_bad_fraction=0.5", "task.inflation.stage_temporal_kernels=[1,1,1,3]", "trainer.max_steps=2",
-        "trainer.max_epochs=1", "trainer.batch_size=2", "trainer.eval_batch_size=4", "trainer.num_workers=0",
-        "trainer.progress_bar=false", "logger.wandb.mode=disabled"]
+        "task.fps=8", "task.train_size=32", "task.eval_size=32", "task.decode_short_side=32", "task.test_clips=2",
+        "task.test_crops=3", "task.max_bad_fraction=0.5", "task.inflation.stage_temporal_kernels=[1,1,1,3]",
+        "trainer.max_steps=2", "trainer.max_epochs=1", "trainer.batch_size=2", "trainer.eval_batch_size=12",
+        "trainer.num_workers=0", "trainer.progress_bar=false", "logger.wandb.mode=disabled"]
 
 
 @pytest.mark.e2e
@@ -27,10 +29,15 @@ def test_kinetics_run_counts_bad_videos(layout, tmp_path):
     counts = results["counts"]
     assert counts["train/missing"] == 1 and counts["val/missing"] == 1
     assert results["extra"]["global_step"] == 2
-    assert counts["train/skipped_clips"] == 2
+    assert counts["train/skipped_clips"] == 2 and counts["train/videos_failed_decode"] == 1
     assert counts["test/skipped_views"] == 2  # both temporal clips of the undecodable val video
-    assert counts["test/videos_without_views"] == 1
+    assert counts["test/videos_with_failed_views"] == 1 and counts["test/videos_without_views"] == 1
     assert 0 <= results["metrics"]["test/top1"] <= 100
+    # The values the video run used, not the classification protocol's.
+    recipe = results["recipe"]
+    assert recipe["lr"] == pytest.approx(0.8 * 7 / 1024) and recipe["global_batch"] == 7
+    assert recipe["randaugment"] is None and recipe["drop_path_per_stage"] == pytest.approx([0.04, 0.06, 0.08, 0.1])
+    assert recipe["bn_momentum"] == 1.0 and recipe["ema_decay"] == 0.9999 and recipe["views"] == [2, 3]
 
 
 @pytest.mark.e2e
@@ -48,7 +55,65 @@ def test_manifest_run_skips_known_bad_videos(tmp_path):
     assert counts["train/skipped_clips"] == 0 and counts["test/skipped_views"] == 0
 
 
-def test_protocol_values_are_refused(tmp_path):
-    root = write_dataset(tmp_path / "data", "list", classes=2, per_class=1, damaged=False)
-    code = main(["task=kinetics400", "backbone=resnet50", f"task.data_dir={root}", "protocol.lr=0.1", *TINY])
+@pytest.mark.e2e
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_decode_failures_above_the_limit_stop_the_run(split, tmp_path, capsys):
+    """A JPEG named .mp4 is listed like any video (no scan): its decode failure during the run counts with the
+    missing ones, and 1 bad of 5 listed is above task.max_bad_fraction=0.1."""
+    root = write_dataset(tmp_path / "data", "folders", classes=2, per_class=2, damaged=False)
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(root / split / "class_a" / "still.mp4", format="JPEG")
+    code = main(["task=kinetics400", "backbone=resnet50", f"task.data_dir={root}", f"run.dir={tmp_path / 'run'}",
+                 *TINY, "task.num_classes=2", "task.max_bad_fraction=0.1", "trainer.max_steps=1",
+                 "trainer.batch_size=5"])
     assert code == 2
+    err = capsys.readouterr().err
+    assert f"split '{split}': 1 of 5 videos are unusable" in err and "1 failed to decode during the run" in err
+    assert "still.mp4" in err and not (tmp_path / "run" / "results.json").exists()
+
+
+def test_manifest_matching_no_video_is_an_error(tmp_path, capsys):
+    from video.scan import main as scan
+
+    root = write_dataset(tmp_path / "data", "list", classes=2, per_class=1, damaged=False)
+    assert scan([str(root), "--out", str(tmp_path / "manifest")]) == 0
+    code = main(["task=kinetics400", "backbone=resnet50", f"task.manifest={tmp_path / 'manifest'}",
+                 f"task.data_dir={tmp_path}", f"run.dir={tmp_path / 'run'}", *TINY, "task.num_classes=2"])
+    assert code == 2
+    assert "none exists under" in capsys.readouterr().err
+
+
+def test_impossible_jitter_fails_before_the_run_directory(tmp_path):
+    """python -m transfer.run: exit 2 with one line naming the value, and no run directory."""
+    result = run_cli("task=kinetics400", "backbone=resnet50", "backbone.weights=random", f"task.data_dir={tmp_path}",
+                     "task.train_crop=jitter", "task.scale_jitter=[100,120]", f"run.root={tmp_path / 'runs'}",
+                     "logger.wandb.mode=disabled", cwd=tmp_path)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "task.scale_jitter=[100, 120]" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, names", [
+    (["protocol.lr=0.1"], "protocol keys ['lr']"),
+    (["task.optim.ema_decay=0"], "task.optim.bn_momentum=1.0"),
+    (["task.crop_area=[0.5,0.2]"], "task.crop_area=[0.5, 0.2]"),
+])
+def test_impossible_values_fail_before_the_run_directory(override, names, tmp_path, capsys):
+    code = main(["task=kinetics400", "backbone=resnet50", "backbone.weights=random", f"task.data_dir={tmp_path}",
+                 f"run.root={tmp_path / 'runs'}", "logger.wandb.mode=disabled", *override])
+    assert code == 2 and names in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.e2e
+def test_ddp_sums_decode_failures_over_ranks(tmp_path):
+    """Two CPU processes: the test items of the undecodable video alternate between the ranks (one temporal clip
+    each), so results.json counts both only when the counts are summed over ranks."""
+    root = write_dataset(tmp_path / "data", "list", classes=3, per_class=2)
+    run_dir = tmp_path / "run"
+    quick = [a for a in TINY if not a.startswith(("trainer.batch_size", "trainer.max_steps"))]
+    proc = run_cli("task=kinetics400", "backbone=resnet50", f"task.data_dir={root}", f"run.dir={run_dir}", *quick,
+                   "trainer.devices=2", "trainer.accelerator=cpu", "trainer.batch_size=4", cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads((run_dir / "results.json").read_text())["counts"]
+    assert counts["test/skipped_views"] == 2 and counts["test/videos_with_failed_views"] == 1
+    assert counts["train/videos_failed_decode"] == 1  # seen by one rank or both (sampler padding), counted once

@@ -53,11 +53,41 @@ def resolve_run_dir(cfg: RunConfig) -> Path:
     return parent / _stamp()
 
 
+RESUME_SECTIONS = ("task", "protocol", "backbone")  # what a resumed run must share with the run it continues
+
+
+def check_resume(run_dir: Path, cfg: RunConfig) -> None:
+    """Refuse ``resume=true`` into a run started with another task, protocol or backbone, before writing anything."""
+    saved = run_dir / "config.yaml"
+    if not (cfg.resume and saved.is_file()):
+        return
+    try:
+        before = OmegaConf.to_container(OmegaConf.load(saved))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same refusal
+        raise ConfigError(f"resume=true: cannot read {str(saved)!r} ({type(e).__name__}); start a new run "
+                          "(resume=false) or pass another run.dir.") from None
+    now = OmegaConf.to_container(OmegaConf.structured(cfg))
+    changed = [f"{key}: {old!r} -> {new!r}" for section in RESUME_SECTIONS
+               for key, old, new in _differences(section, before.get(section), now.get(section))]
+    if changed:
+        raise ConfigError(f"resume=true would continue {str(run_dir)!r}, which was started with other settings "
+                          f"({'; '.join(changed)[:600]}). Resume with the same settings, or start a new run "
+                          "(resume=false).")
+
+
+def _differences(prefix: str, old, new) -> list[tuple[str, object, object]]:
+    # Keys the saved config lacks came with a newer version of the suite; the old run had their default.
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(old, key=str) for d in _differences(f"{prefix}.{k}", old[k], new.get(k))]
+    return [] if old == new else [(prefix, old, new)]
+
+
 def run_one(overrides: list[str]) -> dict:
     """Compose, validate, run the task and write results.json; returns the results."""
     cfg = validate(compose(overrides))
     load_baselines()  # a damaged baselines file fails here, not after the task's work is done
     run_dir = resolve_run_dir(cfg)
+    check_resume(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     if is_global_zero():

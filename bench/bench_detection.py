@@ -20,7 +20,9 @@ The script prints each arm's largest FPN activation and its count of non-finite 
 
 Timed, alternating between the arms so they see the same machine load: the bottom-up network alone
 (forward + backward) and the whole training step (forward, losses, backward, SGD). Prints medians,
-GFLOPs of one bottom-up forward pass, and ratios. Figures only, never pass/fail.
+GMACs of one bottom-up forward pass, and ratios. ``--profile`` adds, per arm, the operators that take the
+most time in one bottom-up forward + backward (torch.profiler), which names where a slower backbone spends
+it. Figures only, never pass/fail.
 """
 from __future__ import annotations
 
@@ -135,6 +137,19 @@ def time_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: list[dic
     return time.perf_counter() - start, float(loss)
 
 
+def profile_backbone(name: str, model: nn.Module, x: torch.Tensor, top: int = 8) -> None:
+    """Print the operators taking the most self time in one bottom-up forward + backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with profile(activities=activities) as prof:
+        time_backbone(model, x, x.device.type)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}% ({e.count}x)" for e in events[:top])
+    print(f"  {name}: {total / 1000:.0f} ms self CPU time; {shares}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="rs50")
@@ -146,6 +161,7 @@ def main() -> None:
     parser.add_argument("--freeze-at", type=int, default=2)
     parser.add_argument("--norm", default="FrozenBN", choices=["FrozenBN", "BN"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true", help="also print each arm's costliest bottom-up operators")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -198,6 +214,10 @@ def main() -> None:
     for a, b in ((args.backbone, D2_R50), ("resnet50", D2_R50), (args.backbone, "resnet50")):
         print(f"ratio {a} / {b}: bottom-up {ratio(a, b, backbone_s):.2f}x, whole step {ratio(a, b, step_s):.2f}x, "
               f"GMACs {flops[a] / flops[b]:.2f}x")
+    if args.profile:
+        print("bottom-up forward + backward, operators by self CPU time:")
+        for name, model in models.items():
+            profile_backbone(name, model, inputs[name])
 
 
 if __name__ == "__main__":

@@ -239,6 +239,9 @@ def collect(ctx: RunContext, d2cfg: CfgNode, data, weights: dict) -> TaskOutput:
         ctx.logger.table("test/per_class_ap", ["metric", "class", "ap"],
                          [[m, c, v] for m, values in sorted(per_class.items()) for c, v in values.items()])
     recipe = {"protocol": cfg.protocol.name, "base_config": task.base_config, **solver_record(d2cfg)}
+    # W&B's config shows the protocol section, whose classification fields detection does not use: the summary
+    # carries the values it did use.
+    ctx.logger.summary({f"recipe/{k}": v for k, v in recipe.items() if isinstance(v, (bool, int, float, str))})
     test_left_out = sum(1 for s in data.skipped if s["split"] == task.test_split)
     return TaskOutput(
         metrics=metrics, weights=weights, primary_metric=LAYOUTS.get(task.dataset).primary_metric, recipe=recipe,

@@ -72,7 +72,7 @@ def test_the_adapter_declares_lower_case_metrics_matching_the_baselines():
     assert published and published <= set(declared)
 
 
-@pytest.mark.parametrize("detectron2", [True, False])
+@pytest.mark.parametrize("detectron2", [pytest.param(True, marks=pytest.mark.detectron2), False])
 def test_base_config_is_checked_with_or_without_detectron2(detectron2):
     if detectron2:
         pytest.importorskip("detectron2", reason="detectron2 is not installed; checks the model-zoo lookup")

@@ -221,7 +221,7 @@ def config_changes(cfg, run_dir: Path) -> dict[str, list]:
     """Keys whose value differs from the run's ``config.yaml``; raises unless they may change.
 
     Raises :class:`ConfigError` listing the keys when ``resume_allow_changes`` is false, or when an
-    identity key (task, backbone, weights, protocol) differs.
+    identity key (task, backbone, weights, protocol, or one of the adapter's ``model_keys``) differs.
     """
     saved = Path(run_dir) / CONFIG_FILE
     if not saved.exists():
@@ -236,7 +236,11 @@ def config_changes(cfg, run_dir: Path) -> dict[str, list]:
     changed = {k: [old.get(k, absent), new.get(k, absent)] for k in sorted(set(old) | set(new))
                if old.get(k, absent) != new.get(k, absent) and not k.startswith(NEUTRAL_KEYS)}
     listing = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-    identity = [k for k in changed if k in IDENTITY_KEYS]
+    from transfer.tasks import TASKS
+
+    model_keys = TASKS.get(cfg.task.adapter).model_keys
+    identity = [k for k in changed if k in IDENTITY_KEYS or k in model_keys
+                or k.startswith(tuple(m for m in model_keys if m.endswith(".")))]
     if identity:
         raise ConfigError(f"resume=true: {', '.join(identity)} differ(s) from the run in {str(run_dir)!r} "
                           f"({listing}); that is another run, not a continuation. Start it without resume=true.")

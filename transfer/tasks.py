@@ -75,6 +75,10 @@ class TaskAdapter:
     # Every metric key the adapter can put in TaskOutput.metrics (``split/name``, lower-case): baselines are
     # matched on these keys, so a test checks that each baseline row's metric is one of them.
     metrics: tuple[str, ...] = ()
+    # Config keys (or ``prefix.`` prefixes) that define the trained model beyond the core's identity keys
+    # (task, backbone, weights, protocol): a resume that changes one is another run, refused before anything
+    # is written even with resume_allow_changes=true (transfer.rundir.config_changes).
+    model_keys: tuple[str, ...] = ()
 
 
 TASKS: Registry[TaskAdapter] = Registry("task adapter")

@@ -1,22 +1,30 @@
-"""Pascal VOC and COCO in their standard on-disk layouts, checked and registered with detectron2's catalogs.
+"""Detection data sets on disk: their layouts, and their registration with detectron2's catalogs.
 
-Each layout turns a split name (``2007_trainval``, ``train2017``) under ``task.data_dir`` into a
-detectron2 data set name; detectron2's own loaders read the files (``register_pascal_voc``,
-``register_coco_instances``); it is imported only where a split is registered, so a configuration
-can be checked where detectron2 is not installed. Catalog names carry a digest of the data
-directory and classes, so runs on different copies in one process never collide and registering the
-same copy twice is a no-op.
+Two layouts: Pascal VOC (``VOCdevkit/VOC<year>/...``) and COCO json. Layout checks run without
+detectron2; loading and registering import it inside the functions, so this module imports where
+detectron2 is not installed. Catalog names carry a digest of the data directory, the classes and the
+images left out, so runs on different copies in one process never collide and registering the same
+copy twice is a no-op.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import logging
+import os
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transfer.errors import DataError
+from transfer.errors import ConfigError, DataError
 from transfer.registry import Registry
+
+if TYPE_CHECKING:
+    from tasks.detection.schema import DetectionTaskConfig
+
+log = logging.getLogger(__name__)
 
 VOC_YEARS = ("2007", "2012")
 VOC_SPLITS = ("train", "val", "trainval", "test")
@@ -36,14 +44,15 @@ COCO_LAYOUT = """\
 
 @dataclass(frozen=True)
 class DatasetLayout:
-    """How to find, name and register the splits of one data set family."""
+    """How to find, read and evaluate the splits of one data set family."""
 
     name: str
     tree: str  # the expected layout, shown in every error
     paths: Callable[[Path, str], list[Path]]  # files/folders a split needs
     classes: Callable[[Path, str, Sequence[str] | None], list[str]]
-    register: Callable[[str, Path, str, list[str]], None]
-    evaluator: Callable[..., object]  # (catalog name, detectron2 cfg, output dir) -> a DatasetEvaluator
+    load: Callable[[Path, str, list[str], str], list[dict]]  # (data_dir, split, classes, catalog name) -> dicts
+    metadata: Callable[[Path, str, list[str]], dict]  # what detectron2's evaluator reads from MetadataCatalog
+    primary_metric: str  # the headline number of the data set's papers
 
 
 LAYOUTS: Registry[DatasetLayout] = Registry("detection data set layout")
@@ -57,9 +66,12 @@ def _voc_year_split(split: str) -> tuple[str, str]:
     return year, part
 
 
+def _voc_root(data_dir: Path, split: str) -> Path:
+    return data_dir / "VOCdevkit" / f"VOC{_voc_year_split(split)[0]}"
+
+
 def _voc_paths(data_dir: Path, split: str) -> list[Path]:
-    year, part = _voc_year_split(split)
-    root = data_dir / "VOCdevkit" / f"VOC{year}"
+    root, part = _voc_root(data_dir, split), _voc_year_split(split)[1]
     return [root / "Annotations", root / "JPEGImages", root / "ImageSets" / "Main" / f"{part}.txt"]
 
 
@@ -69,20 +81,21 @@ def _voc_classes(data_dir: Path, split: str, class_names: Sequence[str] | None) 
     return list(class_names) if class_names else list(CLASS_NAMES)
 
 
-def _voc_register(name: str, data_dir: Path, split: str, classes: list[str]) -> None:
-    from detectron2.data.datasets.pascal_voc import register_pascal_voc
+def _voc_load(data_dir: Path, split: str, classes: list[str], name: str) -> list[dict]:
+    from detectron2.data.datasets.pascal_voc import load_voc_instances
 
+    return load_voc_instances(str(_voc_root(data_dir, split)), _voc_year_split(split)[1], classes)
+
+
+def _voc_metadata(data_dir: Path, split: str, classes: list[str]) -> dict:
+    # The keys detectron2's register_pascal_voc sets; PascalVOCDetectionEvaluator reads them.
     year, part = _voc_year_split(split)
-    register_pascal_voc(name, str(data_dir / "VOCdevkit" / f"VOC{year}"), part, int(year), classes)
+    return {"thing_classes": list(classes), "dirname": str(_voc_root(data_dir, split)), "year": int(year),
+            "split": part}
 
 
-def _voc_evaluator(name: str, cfg, output_dir: Path):
-    from detectron2.evaluation import PascalVOCDetectionEvaluator
-
-    return PascalVOCDetectionEvaluator(name)  # AP, AP50, AP75; 11-point AP for VOC2007 as in its devkit
-
-
-LAYOUTS.add("voc", DatasetLayout("voc", VOC_LAYOUT, _voc_paths, _voc_classes, _voc_register, _voc_evaluator))
+# VOC papers report AP50 (the VOC devkit's metric); MoCo and BYOL's VOC tables lead with it.
+LAYOUTS.add("voc", DatasetLayout("voc", VOC_LAYOUT, _voc_paths, _voc_classes, _voc_load, _voc_metadata, "test/ap50"))
 
 
 def _coco_paths(data_dir: Path, split: str) -> list[Path]:
@@ -104,21 +117,21 @@ def _coco_classes(data_dir: Path, split: str, class_names: Sequence[str] | None)
     return names
 
 
-def _coco_register(name: str, data_dir: Path, split: str, classes: list[str]) -> None:
-    from detectron2.data.datasets import register_coco_instances
+def _coco_load(data_dir: Path, split: str, classes: list[str], name: str) -> list[dict]:
+    from detectron2.data.datasets import load_coco_json
 
     json_file, image_root = _coco_paths(data_dir, split)
-    register_coco_instances(name, {}, str(json_file), str(image_root))
+    return load_coco_json(str(json_file), str(image_root), name)  # also sets the class metadata of `name`
 
 
-def _coco_evaluator(name: str, cfg, output_dir: Path):
-    from detectron2.evaluation import COCOEvaluator
+def _coco_metadata(data_dir: Path, split: str, classes: list[str]) -> dict:
+    # The keys detectron2's register_coco_instances sets; COCOEvaluator reads them.
+    json_file, image_root = _coco_paths(data_dir, split)
+    return {"json_file": str(json_file), "image_root": str(image_root), "evaluator_type": "coco"}
 
-    return COCOEvaluator(name, output_dir=str(output_dir))  # box AP, plus mask AP when the model has masks
 
-
-LAYOUTS.add("coco", DatasetLayout("coco", COCO_LAYOUT, _coco_paths, _coco_classes, _coco_register,
-                                  _coco_evaluator))
+LAYOUTS.add("coco", DatasetLayout("coco", COCO_LAYOUT, _coco_paths, _coco_classes, _coco_load, _coco_metadata,
+                                  "test/ap"))  # COCO AP, IoU 0.50:0.95
 
 
 def check_layout(layout: DatasetLayout, data_dir: Path, splits: Sequence[str]) -> None:
@@ -144,13 +157,102 @@ def split_classes(layout: DatasetLayout, data_dir: Path, splits: Sequence[str],
     return first
 
 
-def register_split(layout: DatasetLayout, data_dir: Path, split: str, classes: list[str]) -> str:
-    """Register ``split`` with detectron2's catalogs (once per process); returns its catalog name."""
-    digest = hashlib.sha1(f"{data_dir.resolve()}|{'|'.join(classes)}".encode()).hexdigest()[:8]
+def register_split(layout: DatasetLayout, data_dir: Path, split: str, classes: list[str],
+                   exclude: Collection[str] = ()) -> str:
+    """Register ``split`` with detectron2's catalogs (once per process), without the images in ``exclude``.
+
+    Returns its catalog name. ``exclude`` holds ``file_name`` values (undecodable images found by the scan).
+    """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    name = f"transfer_{layout.name}_{split}_{digest}"
+    left_out = sorted(exclude)
+    key = "|".join([str(data_dir.resolve()), *classes, "#", *left_out])
+    name = f"transfer_{layout.name}_{split}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     if name not in DatasetCatalog.list():
-        layout.register(name, data_dir, split, classes)
-        MetadataCatalog.get(name).set(transfer_layout=layout.name)  # picks the evaluator
+        DatasetCatalog.register(name, functools.partial(_load_kept, layout, data_dir, split, list(classes), name,
+                                                        frozenset(left_out)))
+        MetadataCatalog.get(name).set(transfer_layout=layout.name, **layout.metadata(data_dir, split, classes))
     return name
+
+
+def _load_kept(layout: DatasetLayout, data_dir: Path, split: str, classes: list[str], name: str,
+               exclude: frozenset[str]) -> list[dict]:
+    return [d for d in layout.load(data_dir, split, classes, name) if d["file_name"] not in exclude]
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """detectron2 catalog names of the registered splits and their classes."""
+
+    train: tuple[str, ...]
+    test: str
+    classes: tuple[str, ...]
+
+
+@dataclass
+class PreparedData:
+    """The registered splits of a run, without the images that do not decode, and the account of those."""
+
+    splits: DataSplits
+    exclude: frozenset[str]  # file names left out of every split
+    skipped: list[dict] = field(default_factory=list)  # {"split", "file", "error"} of each image left out
+    totals: dict[str, int] = field(default_factory=dict)  # images per split before leaving any out
+
+
+def data_root(task: DetectionTaskConfig) -> Path:
+    if not task.data_dir:
+        layout = LAYOUTS.get(task.dataset)
+        raise ConfigError(f"task {task.name!r} needs task.data_dir=PATH, a local {layout.name} copy laid out as:\n"
+                          f"{layout.tree}")
+    return Path(os.path.expanduser(task.data_dir))
+
+
+def register_data(task: DetectionTaskConfig, exclude: Collection[str] = ()) -> DataSplits:
+    """Check the layout and register every split in this process, leaving out the files in ``exclude``."""
+    layout, root = LAYOUTS.get(task.dataset), data_root(task)
+    splits = [*task.train_splits, task.test_split]
+    check_layout(layout, root, splits)
+    classes = split_classes(layout, root, splits, task.class_names)
+    names = [register_split(layout, root, split, classes, exclude) for split in splits]
+    return DataSplits(tuple(names[:-1]), names[-1], tuple(classes))
+
+
+def prepare_data(task: DetectionTaskConfig, *, cache_dir: Path | None, workers: int) -> PreparedData:
+    """Register the splits after decoding every image once; undecodable images are left out and counted.
+
+    Raises DataError when a split is empty or more than ``task.max_bad_fraction`` of a split does not decode.
+    """
+    from detectron2.data import DatasetCatalog
+
+    from tasks.detection.images import scan_images
+
+    full = register_data(task)
+    files = {split: [d["file_name"] for d in DatasetCatalog.get(name)]
+             for split, name in zip([*task.train_splits, task.test_split], [*full.train, full.test])}
+    for split, found in files.items():
+        if not found:
+            raise DataError(f"split {split!r} of task.data_dir={task.data_dir!r} has no images. Expected layout:\n"
+                            f"{LAYOUTS.get(task.dataset).tree}")
+    root = data_root(task).resolve()
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / "detection_image_scan" / f"{hashlib.sha1(str(root).encode()).hexdigest()[:12]}.json"
+    bad = scan_images([f for found in files.values() for f in found], cache=cache, workers=workers,
+                      desc=f"decoding the images of {root}")
+    skipped = []
+    for split, found in files.items():
+        left_out = [f for f in found if f in bad]
+        skipped += [{"split": split, "file": f, "error": bad[f]} for f in left_out]
+        if not left_out:
+            continue
+        examples = "; ".join(f"{f} ({bad[f]})" for f in left_out[:3])
+        log.warning("split %s: leaving out %d of %d images that do not decode, e.g. %s", split, len(left_out),
+                    len(found), examples)
+        if len(left_out) > task.max_bad_fraction * len(found):
+            raise DataError(f"split {split!r}: {len(left_out)} of {len(found)} images do not decode, more than "
+                            f"task.max_bad_fraction={task.max_bad_fraction}; e.g. {examples}. Re-download the "
+                            "damaged files, or raise task.max_bad_fraction to leave them out.")
+    if not bad:
+        return PreparedData(full, frozenset(), [], {s: len(f) for s, f in files.items()})
+    exclude = frozenset(bad)
+    return PreparedData(register_data(task, exclude), exclude, skipped, {s: len(f) for s, f in files.items()})

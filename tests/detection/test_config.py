@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from tasks.detection import requirement
-from tasks.detection.config import DetectionTaskConfig
+from tasks.detection import requirement, schema
 from tasks.detection.data import LAYOUTS, check_layout, split_classes
-from transfer.config import compose, validate
+from tasks.detection.schema import DetectionTaskConfig
+from transfer.config import compose, recipe_names, validate
 from transfer.errors import ConfigError, DataError, TransferError
 from transfer.registry import UnknownNameError
+from transfer.run import main
+from transfer.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[2]
-DETECTION_RECIPES = ("voc_detection", "coco_detection", "coco_instance_seg", "coco_retinanet",
-                     "coco_cascade_mask_rcnn")
+DETECTION_RECIPES = tuple(t for t in recipe_names("task") if compose([f"task={t}"]).task.adapter == "detection")
 
 
 def _task(**kw) -> DetectionTaskConfig:
@@ -25,21 +26,103 @@ def _task(**kw) -> DetectionTaskConfig:
     return DetectionTaskConfig(**{**base, **kw})
 
 
+def test_every_detection_recipe_is_found():
+    assert {"voc_detection", "coco_detection", "coco_instance_seg", "coco_retinanet", "coco_cascade_mask_rcnn",
+            "voc_detection_moco_c4", "voc_detection_ssl_transfer"} <= set(DETECTION_RECIPES)
+
+
 @pytest.mark.parametrize("recipe", DETECTION_RECIPES)
-def test_recipes_compose_with_the_finetune_protocol(recipe):
-    cfg = validate(compose([f"task={recipe}"]))
+@pytest.mark.parametrize("protocol", ["finetune", "frozen"])
+def test_recipes_compose_with_both_protocols(recipe, protocol, tmp_path):
+    cfg = validate(compose([f"task={recipe}", f"protocol={protocol}", f"task.data_dir={tmp_path}"]))
     assert isinstance(cfg.task, DetectionTaskConfig)
-    assert cfg.protocol.name == "finetune"
+    assert cfg.protocol.name == protocol
     assert cfg.task.train_splits and cfg.task.test_split
 
 
-def test_protocols_other_than_finetune_are_refused():
+def test_recipes_default_to_finetune(tmp_path):
+    assert validate(compose(["task=voc_detection", f"task.data_dir={tmp_path}"])).protocol.name == "finetune"
+
+
+def test_protocols_other_than_finetune_and_frozen_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="protocol='linear' does not apply"):
-        validate(compose(["task=voc_detection", "protocol=linear"]))
+        validate(compose(["task=voc_detection", "protocol=linear", f"task.data_dir={tmp_path}"]))
+
+
+def test_freeze_backbone_on_finetune_points_to_the_frozen_protocol(tmp_path):
+    with pytest.raises(ConfigError, match="Use protocol=frozen"):
+        validate(compose(["task=voc_detection", "protocol.freeze_backbone=true", f"task.data_dir={tmp_path}"]))
+
+
+def test_frozen_levels_follow_the_protocol(tmp_path):
+    base = ["task=voc_detection_ssl_transfer", f"task.data_dir={tmp_path}"]
+    assert schema.frozen_levels(validate(compose(base))) == 2
+    assert schema.frozen_levels(validate(compose([*base, "protocol=frozen"]))) == 4  # ssl-transfer FREEZE_AT 4
+    everything = validate(compose(["task=voc_detection", "protocol=frozen", f"task.data_dir={tmp_path}"]))
+    assert schema.frozen_levels(everything) == 5
+
+
+def test_the_adapter_declares_lower_case_metrics_matching_the_baselines():
+    from transfer.baselines import load_baselines
+
+    declared = TASKS.get("detection").metrics
+    assert all(m == m.lower() for m in declared) and "test/ap50" in declared and "test/mask_ap" in declared
+    detection_tasks = set(DETECTION_RECIPES)
+    published = {b.metric for b in load_baselines() if b.task in detection_tasks}
+    assert published and published <= set(declared)
+
+
+@pytest.mark.parametrize("detectron2", [pytest.param(True, marks=pytest.mark.detectron2), False])
+def test_base_config_is_checked_with_or_without_detectron2(detectron2):
+    if detectron2:
+        pytest.importorskip("detectron2", reason="detectron2 is not installed; checks the model-zoo lookup")
+    schema.check_base_config("PascalVOC-Detection/faster_rcnn_R_50_C4.yaml", detectron2=detectron2)
+    for bad in ("NoSuch/config.yaml", "PascalVOC-Detection", "../../etc/passwd.yaml"):
+        with pytest.raises(ConfigError, match="not a detectron2 model-zoo config"):
+            schema.check_base_config(bad, detectron2=detectron2)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "transfer.run", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("task.backbone_norm=GN", "task.backbone_norm='GN'"),
+    ("task.base_config=NoSuch/config.yaml", "task.base_config='NoSuch/config.yaml'"),
+    ("task.freeze_at=9", "task.freeze_at=9"),
+])
+def test_bad_values_stop_python_m_transfer_run_before_any_run_folder(override, fragment, voc_root, tmp_path):
+    out = _cli("task=voc_detection", f"task.data_dir={voc_root}", override, f"run.root={tmp_path / 'runs'}",
+               "logger.wandb.mode=disabled")
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("task.frozen_freeze_at=6", "task.frozen_freeze_at=6"),
+    ("task.max_bad_fraction=1.5", "task.max_bad_fraction=1.5"),
+    ("task.solver.ims_per_batch=0", "task.solver.ims_per_batch=0"),
+    ("protocol.freeze_backbone=true", "protocol=frozen"),
+    ("trainer.precision=bf16-mixed", "trainer.precision='bf16-mixed'"),
+    ("trainer.devices=2", "trainer.devices=1"),
+    ("task.data_dir=/no/such/folder", "/no/such/folder"),
+])
+def test_bad_values_fail_before_any_run_folder(override, fragment, voc_root, tmp_path, capsys):
+    data = [] if override.startswith("task.data_dir") else [f"task.data_dir={voc_root}"]
+    code = main(["task=voc_detection", *data, override, f"run.root={tmp_path / 'runs'}", "logger.wandb.mode=disabled",
+                 "trainer.accelerator=cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err, err[-2000:]
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("bad, match", [
     (dict(head_norm="LayerNorm"), "task.head_norm"),
+    (dict(backbone_norm="GN"), "GroupNorm cannot replace"),
     (dict(opts=["MODEL.RPN.NMS_THRESH"]), "KEY VALUE pairs"),
     (dict(train_splits=[]), "train_splits is empty"),
     (dict(freeze_at=-1), "freeze_at"),

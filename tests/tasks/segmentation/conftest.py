@@ -8,6 +8,7 @@ annotations are greyscale PNGs with 0 for "other".
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +129,10 @@ def one_thread():
 # Small and fast: tiny crops, two images per iteration, random weights, no W&B.
 FAST = ["task.input.crop=[48,48]", "task.solver.ims_per_batch=2", "trainer.num_workers=0",
         "backbone.weights=random", "logger.wandb.mode=disabled", "trainer.log_every_n_steps=1", "task.conv_dims=32"]
+
+
+@pytest.fixture(scope="session")
+def seg():
+    """This folder's writers and settings (test modules cannot import a conftest by name in importlib mode)."""
+    return SimpleNamespace(write_voc=write_voc, write_ade20k=write_ade20k, scene=scene,
+                           save_palette_png=save_palette_png, FAST=list(FAST))

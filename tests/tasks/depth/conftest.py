@@ -7,6 +7,7 @@ bottom, and the image's brightness follows it, so a few steps of training can le
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -76,3 +77,10 @@ FAST = ["task.input_scale=1.0", "task.crop=[32,48]", "task.decoder_channels=[32,
         "trainer.batch_size=2", "trainer.eval_batch_size=2", "trainer.num_workers=0", "backbone.weights=random",
         "logger.wandb.mode=disabled", "trainer.progress_bar=false", "task.expected_test_images=null",
         "trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="session")
+def nyu():
+    """This folder's writers and settings (test modules cannot import a conftest by name in importlib mode)."""
+    return SimpleNamespace(frame=frame, write_png_export=write_png_export, write_mat_release=write_mat_release,
+                           FAST=list(FAST))

@@ -90,8 +90,8 @@ class DepthTaskConfig:
                               f"{self.input_scale} in (0, 4].")
         if len(self.crop) != 2 or min(self.crop) < 32:
             raise ConfigError(f"task.crop={self.crop} must be [height, width], each at least 32 pixels.")
-        if self.eval_crop is not None and (len(self.eval_crop) != 4 or not (0 <= self.eval_crop[0] < self.eval_crop[1]
-                                                                           and 0 <= self.eval_crop[2] < self.eval_crop[3])):
+        crop = self.eval_crop
+        if crop is not None and (len(crop) != 4 or not (0 <= crop[0] < crop[1] and 0 <= crop[2] < crop[3])):
             raise ConfigError(f"task.eval_crop={self.eval_crop} must be [top, bottom, left, right] with top < bottom "
                               "and left < right (or null for the whole frame).")
         if not 0 <= self.min_depth_eval < self.max_depth_eval:
@@ -126,7 +126,8 @@ def check(cfg: RunConfig) -> None:
     data_root(cfg.task)
     default = FinetuneProtocolConfig()
     changed = [f.name for f in dataclasses.fields(FinetuneProtocolConfig)
-               if f.name not in ("name", "freeze_backbone") and getattr(cfg.protocol, f.name) != getattr(default, f.name)]
+               if f.name not in ("name", "freeze_backbone")
+               and getattr(cfg.protocol, f.name) != getattr(default, f.name)]
     if changed:
         raise ConfigError(f"depth tasks take their training settings from task.optim; protocol keys {changed} would "
                           f"be ignored. Set task.optim.<key> instead (keys: "

@@ -141,8 +141,8 @@ def scan_mat(task: DepthTaskConfig, root: Path) -> tuple[MatFrames, DepthSplit, 
         for name, ids in index.items():
             bad = ids[(ids < 1) | (ids > n)]
             if bad.size:
-                raise DataError(f"{str(split_path)!r}: {name} indices {bad[:5].tolist()} are outside 1..{n}, the frames "
-                                f"of {str(path)!r}. Are the two files from the same release?")
+                raise DataError(f"{str(split_path)!r}: {name} indices {bad[:5].tolist()} are outside 1..{n}, the "
+                                f"frames of {str(path)!r}. Are the two files from the same release?")
             listed = DepthSplit(name, [], {"unreadable": 0}, source="mat")
             for i in tqdm((ids - 1).tolist(), desc=f"scan {name}", unit="img", leave=False, mininterval=2.0):
                 if name == "test":  # decode every test frame: a damaged one is counted, never scored

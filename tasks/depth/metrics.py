@@ -64,7 +64,7 @@ def depth_errors(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, *, mi
 
 
 def berhu_loss(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Reverse Huber loss over ``valid`` pixels (Laina et al. 2016, arXiv 1606.00373, Sec. 3.2; BYOL App. D.6 trains with it).
+    """Reverse Huber loss over ``valid`` pixels (Laina et al. 2016, arXiv 1606.00373, Sec. 3.2; BYOL App. D.6).
 
     ``|x|`` up to ``c`` and ``(x**2 + c**2) / (2c)`` above, with ``c`` = 1/5 of the largest absolute
     error in the batch. Shapes broadcast; a batch with no valid pixel gives 0 (and no gradient).

@@ -39,9 +39,9 @@ def run(ctx: RunContext) -> TaskOutput:
     trainer.fit(module, datamodule=data, ckpt_path=ckpt)
     trainer.test(module, datamodule=data, verbose=False)
     if not module.test_metrics and trainer.is_global_zero:
-        raise TransferError(f"no NYU test frame had a depth value inside ({task.min_depth_eval}, {task.max_depth_eval}) "
-                            f"m within the evaluation crop; check task.depth_scale={task.depth_scale} (PNG values per "
-                            "metre) and the depth files.")
+        raise TransferError(f"no NYU test frame had a depth value inside ({task.min_depth_eval}, "
+                            f"{task.max_depth_eval}) m within the evaluation crop; check task.depth_scale="
+                            f"{task.depth_scale} (PNG values per metre) and the depth files.")
     counts = {**train.counts("train"), **test.counts("test"), "train/skipped_frames": module.skipped_train,
               **module.test_counts}
     o = task.optim

@@ -7,6 +7,7 @@ detectron2's ``metrics.json`` (:mod:`tasks.detection.train`).
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -31,10 +32,12 @@ from tasks.segmentation.data import IGNORE, LAYOUTS, SplitList, layout_classes, 
 from transfer.backbones import build_backbone
 from transfer.engine import CHECKPOINT_DIR
 from transfer.errors import DataError, TransferError
+from transfer.io import atomic_write_json
 from transfer.tasks import RunContext, TaskOutput
 from transfer.tracking import is_global_zero
 
 METRICS_LOG = "metrics.json"
+START_RECORD = "transfer_start.json"  # where this process's training started (iteration, checkpoint)
 # SemSegEvaluator's scalars (percent) -> suite metric keys.
 METRIC_KEYS = {"mIoU": "test/miou", "fwIoU": "test/fwiou", "mACC": "test/mean_acc", "pACC": "test/pixel_acc"}
 
@@ -151,7 +154,12 @@ def train_worker(d2cfg: CfgNode, layout_name: str, data_dir: str, splits: list[S
         Path(d2cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
         (Path(d2cfg.OUTPUT_DIR) / "config.yaml").write_text(d2cfg.dump())
     trainer = SegmentationTrainer(d2cfg)
+    resumed_from = trainer.checkpointer.get_checkpoint_file() if resume and trainer.checkpointer.has_checkpoint() \
+        else None
     trainer.resume_or_load(resume=resume)
+    if comm.is_main_process():  # read back by run(): results.json says where training (re)started
+        atomic_write_json(Path(d2cfg.OUTPUT_DIR) / START_RECORD,
+                          {"start_iter": trainer.start_iter, "resumed_from": resumed_from})
     trainer.train()
     return trainer
 
@@ -217,6 +225,7 @@ def run(ctx: RunContext) -> TaskOutput:
     if not evaluated:
         raise TransferError(f"detectron2 wrote no evaluation to {str(output_dir / METRICS_LOG)!r}; see its log above.")
     metrics, per_class, absent = split_metrics(evaluated[-1])
+    start = json.loads((output_dir / START_RECORD).read_text())
     if "test/miou" not in metrics:
         raise TransferError(f"the evaluation in {str(output_dir / METRICS_LOG)!r} has no mIoU: no test pixel carried "
                             "a class label (all 255). Check the test split's label files.")
@@ -237,5 +246,5 @@ def run(ctx: RunContext) -> TaskOutput:
                       counts={**counts, "test/absent_classes": len(absent)}, recipe=recipe,
                       extra={"per_class_iou": per_class["iou"], "per_class_acc": per_class["acc"],
                              "absent_classes": absent, "classes": len(classes),
-                             "detectron2_config": str(output_dir / "config.yaml"),
+                             "detectron2_config": str(output_dir / "config.yaml"), **start,
                              "scan_examples": (train.examples + test.examples)[:20]})

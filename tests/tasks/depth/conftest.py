@@ -27,7 +27,7 @@ def frame(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_png_export(root: Path, *, train: int = 4, test: int = 3) -> Path:
-    """BTS-style folders: ``<split>/<scene>/rgb_NNNNN.jpg`` + ``sync_depth_NNNNN.png`` and ``train.txt``/``test.txt``."""
+    """BTS-style folders: ``<split>/<scene>/rgb_NNNNN.jpg`` + ``sync_depth_NNNNN.png``; ``train.txt``, ``test.txt``."""
     for split, n, offset in (("train", train, 0), ("test", test, 1000)):
         lines = []
         for k in range(n):

@@ -8,8 +8,8 @@ annotations are greyscale PNGs with 0 for "other".
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest

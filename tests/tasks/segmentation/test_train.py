@@ -116,3 +116,23 @@ def test_a_missing_copy_is_one_line_with_the_layout(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "annotations/training/ADE_train_<n>.png" in out.stderr
     assert not list(tmp_path.rglob("results.json"))
+
+
+@pytest.mark.e2e
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(voc_root, seg, tmp_path):
+    from transfer.run import main
+
+    run_dir = tmp_path / "run"
+    args = ["task=voc_semseg", f"task.data_dir={voc_root}", "trainer.max_steps=3", "task.solver.checkpoint_period=1",
+            "protocol.freeze_backbone=true", f"run.dir={run_dir}", *seg.FAST]
+    assert main(args) == 0
+    assert _results(run_dir)["extra"]["start_iter"] == 0 and _results(run_dir)["extra"]["resumed_from"] is None
+    # As if killed after the second iteration: its checkpoint is the last one, no final model, no results.
+    ckpt = run_dir / "checkpoints"
+    for name in ("model_final.pth", "model_0000002.pth", "results.json"):
+        (ckpt / name if name.endswith(".pth") else run_dir / name).unlink(missing_ok=True)
+    (ckpt / "last_checkpoint").write_text("model_0000001.pth")
+    assert main([*args, "resume=true"]) == 0
+    extra = _results(run_dir)["extra"]
+    assert extra["start_iter"] == 2 and extra["resumed_from"] == str(ckpt / "model_0000001.pth")
+    assert "test/miou" in _results(run_dir)["metrics"]

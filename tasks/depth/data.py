@@ -50,6 +50,7 @@ class DepthSplit:
     skipped: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
     source: str = ""
+    sizes: set = field(default_factory=set)  # (height, width) of the frames, when the scan read them
 
     def counts(self, prefix: str) -> dict[str, int]:
         return {f"{prefix}/images": len(self.items), **{f"{prefix}/{k}": v for k, v in self.skipped.items()}}
@@ -143,7 +144,7 @@ def scan_mat(task: DepthTaskConfig, root: Path) -> tuple[MatFrames, DepthSplit, 
             if bad.size:
                 raise DataError(f"{str(split_path)!r}: {name} indices {bad[:5].tolist()} are outside 1..{n}, the "
                                 f"frames of {str(path)!r}. Are the two files from the same release?")
-            listed = DepthSplit(name, [], {"unreadable": 0}, source="mat")
+            listed = DepthSplit(name, [], {"unreadable": 0}, source="mat", sizes={tuple(images.shape[:1:-1])})
             for i in tqdm((ids - 1).tolist(), desc=f"scan {name}", unit="img", leave=False, mininterval=2.0):
                 if name == "test":  # decode every test frame: a damaged one is counted, never scored
                     try:
@@ -224,6 +225,8 @@ def scan_png(task: DepthTaskConfig, root: Path) -> tuple[PngFrames, DepthSplit, 
                             im.convert("RGB").load()
                     if sizes[0] != sizes[1] or (read is not None and read.shape[::-1] != sizes[1]):
                         reason = "size_mismatch"
+                    else:
+                        listed.sizes.add(sizes[0][::-1])
                 except (OSError, ValueError, SyntaxError) as e:
                     reason = "unreadable"
                     listed.examples.append(f"{rgb} / {depth}: {type(e).__name__}: {e}")

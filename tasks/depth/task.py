@@ -28,7 +28,9 @@ def run(ctx: RunContext) -> TaskOutput:
     mean, std = backbone.spec.mean, backbone.spec.std  # the normalisation of the weights being transferred
     data = DepthData(DepthFrames(train.items, reader, task, mean=mean, std=std, train=True),
                      DepthFrames(test.items, reader, task, mean=mean, std=std, train=False),
-                     batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.trainer.eval_batch_size,
+                     batch_size=cfg.trainer.batch_size,
+                     # frames of different sizes cannot share a batch: then test one frame at a time
+                     eval_batch_size=cfg.trainer.eval_batch_size if len(test.sizes) <= 1 else 1,
                      num_workers=cfg.trainer.num_workers)
     steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else task.optim.steps
     # A step-based schedule: epochs run until `steps`; the best-loss and last checkpoints are kept, not one per epoch.

@@ -119,7 +119,7 @@ def read_voc_label(path: str) -> np.ndarray:
             label = np.asarray(loadmat(path)["GTcls"][0]["Segmentation"][0], dtype=np.uint8)
         except (KeyError, IndexError, ValueError, TypeError) as e:
             raise DataError(f"SBD label file {path!r} has no GTcls.Segmentation ({type(e).__name__}: {e}); "
-                            f"expected the SBD release layout:\n{VOC_LAYOUT}") from None
+                            "the SBD release stores each mask as a MATLAB struct GTcls.") from None
     else:
         label = _read_index_png(path, "Pascal VOC")
     return _check_values(label, len(VOC_CLASSES) - 1, path, "Pascal VOC labels are 0-20 and 255 (not scored).")
@@ -235,10 +235,7 @@ def layout_classes(layout: SegmentationLayout) -> tuple[str, ...]:
 
 def _size(path: str) -> tuple[int, int]:
     """(height, width) from the header; raises OSError/ValueError when the header does not parse."""
-    if path.endswith(".mat"):
-        from scipy.io import whosmat
-
-        whosmat(path)  # parses the MATLAB header; the size comes from the decoded label
+    if path.endswith(".mat"):  # SBD masks are small: the size comes from the decoded label
         label = read_voc_label(path)
         return label.shape[0], label.shape[1]
     with Image.open(path) as im:

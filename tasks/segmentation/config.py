@@ -133,9 +133,23 @@ def data_root(task: SegmentationTaskConfig) -> Path:
 
 
 def check(cfg: RunConfig) -> None:
-    """Checks of the whole run config that need no detectron2 (called by ``transfer.config.validate``)."""
+    """Checks of the whole run config that need no detectron2 (called by ``transfer.config.validate``).
+
+    Segmentation takes its training values from ``task.solver`` and ``task.input``; of the fine-tune
+    protocol only ``freeze_backbone`` applies, and other changed protocol keys are refused, not ignored.
+    """
+    import dataclasses
+
+    from transfer.protocols import FinetuneProtocolConfig
+
     task = cfg.task
     data_root(task)
+    default = FinetuneProtocolConfig()
+    changed = [f.name for f in dataclasses.fields(FinetuneProtocolConfig) if f.name not in ("name", "freeze_backbone")
+               and getattr(cfg.protocol, f.name) != getattr(default, f.name)]
+    if changed:
+        raise ConfigError(f"segmentation tasks take their training settings from task.solver and task.input; "
+                          f"protocol keys {changed} would be ignored (e.g. protocol.lr -> task.solver.base_lr).")
     from transfer.backbones import BACKBONES
 
     levels = len(BACKBONES.get(cfg.backbone.name).feature_strides)

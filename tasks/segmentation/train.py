@@ -79,23 +79,25 @@ class SemSegMapper:
     decodes (the scan only parsed its header) stops the run with its name.
     """
 
-    def __init__(self, layout_name: str, augmentations: list[T.Augmentation]):
+    def __init__(self, layout_name: str, augmentations: list[T.Augmentation], *, train: bool = True):
         self.read_label = LAYOUTS.get(layout_name).read_label
         self.augmentations = T.AugmentationList(augmentations)
+        self.train = train  # the evaluator reads test labels itself, at their own size
 
     def __call__(self, record: dict) -> dict:
         try:
             with Image.open(record["file_name"]) as im:
                 image = np.asarray(im.convert("RGB"))
-            label = self.read_label(record["sem_seg_file_name"])
+            label = self.read_label(record["sem_seg_file_name"]) if self.train else None
         except OSError as e:
             raise DataError(f"{record['file_name']} or its label {record['sem_seg_file_name']} no longer decodes "
                             f"({type(e).__name__}: {e}); replace the file or remove it from the split list.") from None
         aug = T.AugInput(image, sem_seg=label)
         self.augmentations(aug)
-        image, label = aug.image, aug.sem_seg
-        return {**record, "image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                "sem_seg": torch.as_tensor(label.astype(np.int64))}
+        out = {**record, "image": torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1)))}  # (3, H, W)
+        if self.train:
+            out["sem_seg"] = torch.as_tensor(aug.sem_seg.astype(np.int64))  # (H, W)
+        return out
 
 
 def _layout_of(dataset_name: str) -> str:
@@ -120,7 +122,8 @@ class SegmentationTrainer(DetectionTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
-        mapper = SemSegMapper(_layout_of(dataset_name), build_augmentations(cfg.TRANSFER.INPUT, train=False))
+        mapper = SemSegMapper(_layout_of(dataset_name), build_augmentations(cfg.TRANSFER.INPUT, train=False),
+                              train=False)
         return build_detection_test_loader(DatasetCatalog.get(dataset_name), mapper=mapper,
                                            num_workers=cfg.DATALOADER.NUM_WORKERS)
 

@@ -111,3 +111,10 @@ def test_data_dir_is_required_before_any_run_directory_exists():
 def test_bad_values_fail_in_validate(override, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         validate(compose(["task=ade20k", f"task.data_dir={tmp_path}", override]))
+
+
+def test_protocol_values_that_segmentation_would_ignore_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"task.solver.*\['lr'\]"):
+        validate(compose(["task=voc_semseg", f"task.data_dir={tmp_path}", "protocol.lr=0.5"]))
+    assert validate(compose(["task=voc_semseg", f"task.data_dir={tmp_path}",
+                             "protocol.freeze_backbone=true"])).protocol.freeze_backbone

@@ -77,8 +77,7 @@ class SegmentationLayout:
 
     name: str
     tree: str  # the expected layout, shown in every error
-    classes: tuple[str, ...]
-    root: Callable[[Path], Path]  # data_dir -> the folder the layout's paths start from
+    classes: Callable[[], tuple[str, ...]]  # class names in label order (ADE20K's are read from detectron2)
     list_split: Callable[[Path, str], tuple[list[tuple[str, str]], str]]  # -> ((image, label) paths, note)
     read_label: Callable[[str], np.ndarray]  # label file -> (H, W) uint8 class indices, IGNORE not scored
 
@@ -106,10 +105,6 @@ def _read_index_png(path: str, what: str) -> np.ndarray:
 VOC_SPLITS = ("train", "val", "trainval", "train_aug", "auto")
 
 
-def _voc_root(data_dir: Path) -> Path:
-    return data_dir
-
-
 def read_voc_label(path: str) -> np.ndarray:
     """A VOC ``SegmentationClass(Aug)`` index PNG or an SBD ``cls/*.mat`` -> (H, W) uint8 in 0-20 or 255."""
     if path.endswith(".mat"):
@@ -126,7 +121,8 @@ def read_voc_label(path: str) -> np.ndarray:
 
 
 def _read_ids(path: Path) -> list[str]:
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    """Image ids, one per line; DeepLab-style lines ("/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png") too."""
+    return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
 
 
 def _voc_split(data_dir: Path, split: str) -> tuple[list[tuple[str, str]], str]:
@@ -180,7 +176,8 @@ def _voc_split(data_dir: Path, split: str) -> tuple[list[tuple[str, str]], str]:
     return pairs, note
 
 
-LAYOUTS.add("voc2012", SegmentationLayout("voc2012", VOC_LAYOUT, VOC_CLASSES, _voc_root, _voc_split, read_voc_label))
+LAYOUTS.add("voc2012", SegmentationLayout("voc2012", VOC_LAYOUT, lambda: VOC_CLASSES, _voc_split,
+                                                 read_voc_label))
 
 
 # ---- ADE20K SceneParsing ----------------------------------------------------------------------------------
@@ -219,16 +216,12 @@ def _ade_classes() -> tuple[str, ...]:
     return tuple(c.strip() for c in ADE20K_SEM_SEG_CATEGORIES)
 
 
-def ade20k_classes() -> tuple[str, ...]:
-    return _ade_classes()
-
-
-LAYOUTS.add("ade20k", SegmentationLayout("ade20k", ADE20K_LAYOUT, (), _ade_root, _ade_split, read_ade20k_label))
+LAYOUTS.add("ade20k", SegmentationLayout("ade20k", ADE20K_LAYOUT, _ade_classes, _ade_split, read_ade20k_label))
 
 
 def layout_classes(layout: SegmentationLayout) -> tuple[str, ...]:
-    """The class names of ``layout`` in label order (ADE20K's come from detectron2)."""
-    return layout.classes or (ade20k_classes() if layout.name == "ade20k" else ())
+    """The class names of ``layout`` in label order."""
+    return layout.classes()
 
 
 # ---- scanning ---------------------------------------------------------------------------------------------

@@ -118,3 +118,19 @@ def test_protocol_values_that_segmentation_would_ignore_are_refused(tmp_path):
         validate(compose(["task=voc_semseg", f"task.data_dir={tmp_path}", "protocol.lr=0.5"]))
     assert validate(compose(["task=voc_semseg", f"task.data_dir={tmp_path}",
                              "protocol.freeze_backbone=true"])).protocol.freeze_backbone
+
+
+def test_segmentation_class_aug_folder_with_a_deeplab_style_list(tmp_path, seg):
+    root = seg.write_voc(tmp_path, sbd=0)
+    voc = root / "VOCdevkit" / "VOC2012"
+    (voc / "SegmentationClassAug").mkdir()
+    lines = []
+    for k, name in enumerate(["2011_000001", "2011_000002"]):
+        img, label = seg.scene(700 + k, border=False)
+        img.save(voc / "JPEGImages" / f"{name}.jpg")
+        Image.fromarray(label, mode="L").save(voc / "SegmentationClassAug" / f"{name}.png")  # greyscale, as DeepLab's
+        lines.append(f"/JPEGImages/{name}.jpg /SegmentationClassAug/{name}.png")
+    (voc / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("\n".join(lines) + "\n")
+    listed = scan_split(VOC, root, "auto", decode=False, max_bad_fraction=0.0)
+    assert listed.note == "train_aug"
+    assert [Path(p.label).parent.name for p in listed.pairs] == ["SegmentationClassAug"] * 2

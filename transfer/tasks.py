@@ -84,7 +84,8 @@ class TaskAdapter:
 TASKS: Registry[TaskAdapter] = Registry("task adapter")
 
 # Adapter modules register themselves on import; each may need optional packages only when it runs.
-ADAPTER_MODULES = ("tasks.classification", "tasks.imagenet", "tasks.detection", "video.task")
+ADAPTER_MODULES = ("tasks.classification", "tasks.imagenet", "tasks.detection", "video.task", "tasks.segmentation",
+                   "tasks.depth")
 
 
 def load_adapters() -> None:

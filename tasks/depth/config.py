@@ -1,0 +1,134 @@
+"""Typed settings of a monocular-depth recipe (``task=nyu_depth``) and the checks that need no data."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from transfer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transfer.config import RunConfig
+
+SOURCES = ("auto", "mat", "png")
+DEPTH_FIELDS = ("depths", "rawDepths")
+
+
+@dataclass
+class DepthOptimConfig:
+    """SGD settings; the learning rate is scaled linearly from ``lr_reference_batch`` to the global batch."""
+
+    lr: float = 0.16
+    lr_reference_batch: int = 256
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    nesterov: bool = False
+    steps: int = 7500  # trainer.max_steps=N overrides
+    warmup_fraction: float = 0.05  # linear warmup over this fraction of the steps, then cosine decay to 0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.weight_decay < 0 or self.lr_reference_batch < 1 or self.steps < 1:
+            raise ConfigError(f"task.optim: lr={self.lr} must be > 0, weight_decay={self.weight_decay} >= 0, "
+                              f"lr_reference_batch={self.lr_reference_batch} and steps={self.steps} >= 1.")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"task.optim.warmup_fraction={self.warmup_fraction} must be in [0, 1).")
+
+
+@dataclass
+class DepthAugmentConfig:
+    """Training colour changes (each applied to every image, grayscale with a probability), on 0-1 RGB."""
+
+    flip: bool = True
+    grayscale_p: float = 0.3
+    brightness: float = 0.1255  # additive delta drawn from [-b, b]
+    saturation: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    hue: float = 0.2  # hue shift drawn from [-h, h] (fraction of the colour circle)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.grayscale_p <= 1 or self.brightness < 0 or not 0 <= self.hue <= 0.5:
+            raise ConfigError(f"task.augment: grayscale_p={self.grayscale_p} must be in [0, 1], brightness="
+                              f"{self.brightness} >= 0 and hue={self.hue} in [0, 0.5].")
+        if len(self.saturation) != 2 or not 0 <= self.saturation[0] <= self.saturation[1]:
+            raise ConfigError(f"task.augment.saturation={self.saturation} must be [low, high] with 0 <= low <= high.")
+
+
+@dataclass
+class DepthTaskConfig:
+    name: str
+    adapter: str = "depth"
+    data_dir: str | None = None
+    source: str = "auto"  # auto | mat (labelled .mat + splits.mat) | png (list files of RGB + 16-bit depth PNGs)
+    mat_file: str = "nyu_depth_v2_labeled.mat"
+    splits_file: str = "splits.mat"
+    depth_field: str = "depths"  # depths (the release's filled maps) | rawDepths (the Kinect's raw output)
+    train_list: str = "train.txt"  # png: lines "<rgb path> <depth path> [...]" relative to data_dir
+    test_list: str = "test.txt"
+    depth_scale: float = 1000.0  # png: stored value per metre (millimetres)
+    input_scale: float = 0.5  # frames are resized by this factor before the model sees them
+    crop: list[int] = field(default_factory=lambda: [228, 304])  # training crop (height, width) after the resize
+    eval_crop: list[int] | None = field(default_factory=lambda: [45, 471, 41, 601])  # top, bottom, left, right
+    eval_frame: list[int] = field(default_factory=lambda: [480, 640])  # the frame eval_crop is given for
+    min_depth_eval: float = 1e-3
+    max_depth_eval: float = 10.0
+    decoder_channels: list[int] = field(default_factory=lambda: [1024, 512, 256, 128, 64])
+    skip_connections: bool = False  # add projected res4/res3/res2 features after the first up-projections
+    expected_test_images: int | None = 654  # a test split of another size is reported, not refused
+    max_bad_fraction: float = 0.01
+    limit_per_split: int | None = None
+    augment: DepthAugmentConfig = field(default_factory=DepthAugmentConfig)
+    optim: DepthOptimConfig = field(default_factory=DepthOptimConfig)
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(f"task.source={self.source!r}; valid: {', '.join(SOURCES)}.")
+        if self.depth_field not in DEPTH_FIELDS:
+            raise ConfigError(f"task.depth_field={self.depth_field!r}; valid: {', '.join(DEPTH_FIELDS)}.")
+        if self.depth_scale <= 0 or not 0 < self.input_scale <= 4:
+            raise ConfigError(f"task.depth_scale={self.depth_scale} must be > 0 and task.input_scale="
+                              f"{self.input_scale} in (0, 4].")
+        if len(self.crop) != 2 or min(self.crop) < 32:
+            raise ConfigError(f"task.crop={self.crop} must be [height, width], each at least 32 pixels.")
+        crop = self.eval_crop
+        if crop is not None and (len(crop) != 4 or not (0 <= crop[0] < crop[1] and 0 <= crop[2] < crop[3])):
+            raise ConfigError(f"task.eval_crop={self.eval_crop} must be [top, bottom, left, right] with top < bottom "
+                              "and left < right (or null for the whole frame).")
+        if not 0 <= self.min_depth_eval < self.max_depth_eval:
+            raise ConfigError(f"task.min_depth_eval={self.min_depth_eval} must be >= 0 and below "
+                              f"task.max_depth_eval={self.max_depth_eval}.")
+        if len(self.decoder_channels) < 2 or min(self.decoder_channels) < 1:
+            raise ConfigError(f"task.decoder_channels={self.decoder_channels}: the 1x1 projection's width, then one "
+                              "width per up-projection block (at least one).")
+        if not 0 <= self.max_bad_fraction < 1:
+            raise ConfigError(f"task.max_bad_fraction={self.max_bad_fraction} must be in [0, 1).")
+        if self.limit_per_split is not None and self.limit_per_split < 1:
+            raise ConfigError(f"task.limit_per_split={self.limit_per_split} must be at least 1 (or null for all).")
+
+
+def data_root(task: DepthTaskConfig) -> Path:
+    from tasks.depth.data import NYU_LAYOUT
+
+    if not task.data_dir:
+        raise ConfigError(f"task {task.name!r} needs task.data_dir=PATH, a local NYU Depth v2 copy laid out as:\n"
+                          f"{NYU_LAYOUT}")
+    return Path(os.path.expanduser(task.data_dir))
+
+
+def check(cfg: RunConfig) -> None:
+    """Whole-config checks (``transfer.config.validate`` calls them before any run directory exists).
+
+    Depth takes its training values from ``task.optim`` (BYOL's NYU recipe); of the fine-tune protocol
+    only ``freeze_backbone`` applies, and other changed protocol keys are refused rather than ignored.
+    """
+    from transfer.protocols import FinetuneProtocolConfig
+
+    data_root(cfg.task)
+    default = FinetuneProtocolConfig()
+    changed = [f.name for f in dataclasses.fields(FinetuneProtocolConfig)
+               if f.name not in ("name", "freeze_backbone")
+               and getattr(cfg.protocol, f.name) != getattr(default, f.name)]
+    if changed:
+        raise ConfigError(f"depth tasks take their training settings from task.optim; protocol keys {changed} would "
+                          f"be ignored. Set task.optim.<key> instead (keys: "
+                          f"{', '.join(f.name for f in dataclasses.fields(DepthOptimConfig))}).")

@@ -1,0 +1,71 @@
+"""The depth adapter: a registry backbone with the FCRN decoder, trained and tested on NYU Depth v2."""
+from __future__ import annotations
+
+import dataclasses
+
+from tasks.depth.config import DepthTaskConfig, check, data_root
+from tasks.depth.data import DepthFrames, load_splits
+from tasks.depth.metrics import EIGEN_CROP, LOWER_IS_BETTER, METRIC_NAMES
+from tasks.depth.model import DepthModel
+from tasks.depth.module import DepthData, DepthModule
+from transfer.backbones import build_backbone
+from transfer.engine import build_trainer, progress_of, resume_path, seed_everything
+from transfer.errors import TransferError
+from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
+
+METRICS = tuple(f"test/{m}" for m in METRIC_NAMES)
+
+
+def run(ctx: RunContext) -> TaskOutput:
+    cfg, task = ctx.cfg, ctx.cfg.task
+    seed_everything(cfg.trainer)
+    reader, train, test = load_splits(task, data_root(task))  # data first: a missing copy fails before model work
+    backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
+                              drop_path_rate=cfg.backbone.drop_path_rate)
+    if cfg.protocol.freeze_backbone:
+        backbone.requires_grad_(False)
+    model = DepthModel(backbone, list(task.decoder_channels), skip_connections=task.skip_connections)
+    mean, std = backbone.spec.mean, backbone.spec.std  # the normalisation of the weights being transferred
+    data = DepthData(DepthFrames(train.items, reader, task, mean=mean, std=std, train=True),
+                     DepthFrames(test.items, reader, task, mean=mean, std=std, train=False),
+                     batch_size=cfg.trainer.batch_size,
+                     # frames of different sizes cannot share a batch: then test one frame at a time
+                     eval_batch_size=cfg.trainer.eval_batch_size if len(test.sizes) <= 1 else 1,
+                     num_workers=cfg.trainer.num_workers)
+    steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else task.optim.steps
+    # A step-based schedule: epochs run until `steps`; the best-loss and last checkpoints are kept, not one per epoch.
+    trainer = build_trainer(ctx, monitor="train/loss_epoch", mode="min", max_steps=steps, max_epochs=-1)
+    module = DepthModule(model, task, test_frames=len(test.items), global_batch=cfg.trainer.batch_size *
+                         trainer.world_size, total_steps=steps)
+    ckpt = resume_path(ctx)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    trainer.test(module, datamodule=data, verbose=False)
+    if not module.test_metrics and trainer.is_global_zero:
+        raise TransferError(f"no NYU test frame had a depth value inside ({task.min_depth_eval}, "
+                            f"{task.max_depth_eval}) m within the evaluation crop; check task.depth_scale="
+                            f"{task.depth_scale} (PNG values per metre) and the depth files.")
+    counts = {**train.counts("train"), **test.counts("test"), "train/skipped_frames": module.skipped_train,
+              **module.test_counts}
+    o = task.optim
+    recipe = {"architecture": "FCRN up-projection decoder (Laina et al. 2016) on forward_features",
+              "decoder_channels": list(task.decoder_channels), "skip_connections": task.skip_connections,
+              "freeze_backbone": cfg.protocol.freeze_backbone, "source": train.source,
+              "train_frames": len(train.items), "test_frames": len(test.items),
+              "steps": steps, "global_batch": cfg.trainer.batch_size * trainer.world_size,
+              "lr": o.lr * cfg.trainer.batch_size * trainer.world_size / o.lr_reference_batch,
+              "lr_reference": [o.lr, o.lr_reference_batch], "weight_decay": o.weight_decay,
+              "momentum": o.momentum, "nesterov": o.nesterov, "warmup_fraction": o.warmup_fraction,
+              "schedule": "linear warmup, cosine decay", "loss": "berHu",
+              "input_scale": task.input_scale, "crop": list(task.crop), "augment": dataclasses.asdict(task.augment),
+              "eval_crop": task.eval_crop, "eval_frame": list(task.eval_frame), "depth_cap_m": task.max_depth_eval,
+              "min_depth_m": task.min_depth_eval, "depth_field": task.depth_field if train.source == "mat" else None}
+    return TaskOutput(metrics=module.test_metrics, counts=counts, weights=backbone.weights.as_dict(),
+                      primary_metric="test/delta1", recipe=recipe,
+                      extra={"lower_is_better": [f"test/{m}" for m in LOWER_IS_BETTER],
+                             "units": {"test/delta1": "%", "test/delta2": "%", "test/delta3": "%", "test/rms": "m"},
+                             "eigen_crop_default": list(EIGEN_CROP), "resumed_from": ckpt,
+                             "scan_examples": (train.examples + test.examples)[:20], **progress_of(trainer)})
+
+
+TASKS.add("depth", TaskAdapter(config_class=DepthTaskConfig, run=run, protocols=("finetune",), check=check,
+                               metrics=METRICS))

@@ -285,3 +285,17 @@ def test_suite_on_digits_and_nyu_depth_runs_two_backbones_and_the_report_shows_t
 def test_report_with_an_unknown_suite_is_one_line(table5_runs, capsys):
     assert report_main([str(table5_runs), "--suite", "resnet_rs_tabel5"]) == 2
     assert "Did you mean 'resnet_rs_table5'" in capsys.readouterr().err
+
+
+def test_run_labels_show_what_the_sweep_varies(tmp_path):
+    request = parse_request([f"suite={_suite_file(tmp_path, DIGITS_ONLY)}", "backbone=rs50", "trainer.seed=0,1"])
+    labels = [j.label for j in expand(request, multirun=True)]
+    assert labels == ["digits_linear backbone=rs50 trainer.seed=0", "digits_knn backbone=rs50 trainer.seed=0",
+                      "digits_linear backbone=rs50 trainer.seed=1", "digits_knn backbone=rs50 trainer.seed=1"]
+
+
+def test_suite_keys_without_a_suite_ask_for_one(capsys):
+    from transfer.run import main
+
+    assert main(["suite.data_root=/data", "backbone=rs50"]) == 2
+    assert "name one suite: suite=NAME (one of resnet_rs_table5, ssl_transfer12)" in capsys.readouterr().err

@@ -146,8 +146,9 @@ class SuiteRequest:
 
 
 def requested(overrides: list[str]) -> bool:
-    """Whether the command line names a suite (``suite=NAME``)."""
-    return any(o.partition("=")[0] == SUITE_KEY for o in overrides)
+    """Whether the command line asks for a suite (``suite=NAME``, or a ``suite.*`` key that needs one)."""
+    keys = [o.partition("=")[0].lstrip("+~") for o in overrides]
+    return any(k == SUITE_KEY or k.startswith(SUITE_KEY + ".") for k in keys)
 
 
 def _list_value(override: str) -> list[str]:
@@ -233,15 +234,17 @@ def expand(request: SuiteRequest, *, multirun: bool) -> list[SuiteJob]:
     from transfer.run import expand_sweep
 
     combos = expand_sweep(request.common) if multirun else [request.common]
+    # A run's label: its column, its backbone and whatever else the sweep varies (trainer.seed=1, ...).
+    varying = {o for c in combos for o in c if any(o not in other for other in combos)}
     jobs = []
     for common in combos:
+        shown = [o for o in common if o.partition("=")[0].lstrip("+~") == "backbone" or o in varying]
         for col in request.columns:
             data_dir = column_data_dir(request.suite, col)
             job = [f"task={col.task}", f"protocol={col.protocol}",
                    *([f"task.data_dir={data_dir}"] if data_dir else []), *col.overrides, *common,
                    *request.per_column.get(col.id, [])]
-            swept = [o for o in common if o.partition("=")[0].lstrip("+~") == "backbone"] or ["backbone=<default>"]
-            jobs.append(SuiteJob(col, job, f"{col.id} {' '.join(swept)}"))
+            jobs.append(SuiteJob(col, job, " ".join([col.id, *(shown or ["backbone=<recipe default>"])])))
     return jobs
 
 

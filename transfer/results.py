@@ -58,6 +58,7 @@ def build_results(cfg, output, wall_time_s: float, run_dir: Path, *, record=None
         "weights": output.weights,
         "primary_metric": output.primary_metric,
         "metrics": {k: float(v) for k, v in output.metrics.items()},
+        "lower_is_better": lower_is_better(cfg, output.metrics),
         "counts": dict(output.counts),
         "extra": output.extra,
         "protocol_config": asdict(cfg.protocol),
@@ -69,6 +70,14 @@ def build_results(cfg, output, wall_time_s: float, run_dir: Path, *, record=None
         "run_dir": str(run_dir),
         "status": "complete" if output.metrics else "failed",
     }
+
+
+def lower_is_better(cfg, metrics: dict[str, float]) -> list[str]:
+    """The run's metric keys where smaller is better, as its task adapter declares them (``TaskAdapter``)."""
+    from transfer.tasks import TASKS
+
+    declared = TASKS.get(cfg.task.adapter).lower_is_better
+    return [k for k in metrics if k in declared]
 
 
 def write_results(run_dir: Path, results: dict[str, Any]) -> Path:

@@ -176,7 +176,7 @@ def write_aircraft(root: Path) -> Written:
     lists: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     files, number = [], 1000000
     for label, variant in enumerate(VARIANTS):
-        for k, (split, ours) in enumerate((("train", "train"), ("val", "validation"), ("test", "test"))):
+        for split, ours in (("train", "train"), ("val", "validation"), ("test", "test")):
             for _ in range(2):
                 number += 7
                 files.append(jpeg(data / "images" / f"{number}.jpg", label, number))

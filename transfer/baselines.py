@@ -31,12 +31,10 @@ PRETRAINING = {
     "none": "none: random initialisation, trained on the task only",
     "wvt_video_text": "WVT web video-text, pre-trained (Du et al. 2021)",
 }
-# Tasks with published rows but no task in this suite: kept for the papers' full tables (the ResNet-RS
-# transfer comparison, Table 5, includes Pascal segmentation and NYU depth), never comparable with a run.
+# Tasks with published rows but no task in this suite: kept for the papers' full tables (the 12-dataset tables
+# of SimCLR and BYOL include VOC2007 classification), never comparable with a run.
 NO_SUITE_TASK = {
     "voc2007": "VOC2007 multi-label classification (11-point mAP) of the SimCLR/BYOL tables: no suite task reads it",
-    "voc2012_seg": "VOC2012 semantic segmentation (BYOL Table 4a): the suite has no segmentation task",
-    "nyuv2_depth": "NYU v2 depth estimation (BYOL Table 4b): the suite has no depth task",
 }
 KEY = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 METRIC = re.compile(r"^(train|val|test)/[a-z0-9_]+$")

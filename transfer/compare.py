@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # `eval` scores the checkpoint's own ImageNet classifier, which the file calls `supervised`.
 BASELINE_PROTOCOL = {"eval": "supervised"}
 # Protocols that score the backbone's features as they are: random weights there measure nothing published.
-FROZEN_PROTOCOLS = ("linear", "knn", "eval")
+FROZEN_PROTOCOLS = ("linear", "knn", "eval", "frozen")
 # Registry families whose weights are self-supervised; every other family is ImageNet-1k supervised.
 FAMILY_PRETRAINING = {"ssl": "imagenet1k_self_supervised"}
 # A fact a results.json may lack: its value then. Runs written before the papers' preprocessing option
@@ -46,7 +46,7 @@ FAMILY_PRETRAINING = {"ssl": "imagenet1k_self_supervised"}
 CONDITION_DEFAULTS = {"preprocess": "checkpoint"}
 TABLE_KEY = "comparison/baselines"
 TABLE_COLUMNS = ["method", "arch", "pretrain", "protocol", "setting", "metric", "value", "difference", "comparable",
-                 "source"]
+                 "source", "better"]
 THIS_RUN = "this run"
 
 
@@ -140,6 +140,23 @@ def run_reasons(results: dict[str, Any]) -> list[str]:
     return reasons + _protocol_deviations(results)
 
 
+def lower_is_better(results: dict[str, Any]) -> set[str]:
+    """The run's metric keys where a smaller value is better, as its adapter declared them (``TaskAdapter``).
+
+    results.json lists them as ``lower_is_better``; files written before that key existed may carry the depth
+    adapter's ``extra.lower_is_better``.
+    """
+    keys = results.get("lower_is_better")
+    if keys is None:
+        keys = (results.get("extra") or {}).get("lower_is_better") or []
+    return set(keys)
+
+
+def better_direction(metric: str, lower: set[str]) -> str:
+    """``"lower"`` or ``"higher"``: which way ``metric`` improves."""
+    return "lower" if metric in lower else "higher"
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
@@ -181,7 +198,9 @@ def assess(results: dict[str, Any], *, path: str | Path | None = None) -> dict[s
 
     Returns ``{"comparable": bool, "comparison": {...}, "baselines": [...]}``: the run-level verdict, its
     reasons and the facts it was matched on, and every published row of the task whose metric the run
-    reports, comparable rows first. ``difference`` (run minus row) is given for comparable rows only.
+    reports, comparable rows first. ``difference`` (run minus row) is given for comparable rows only; ``better``
+    says which way the metric improves (``lower`` for errors such as depth's ``test/rms``: a negative difference
+    is then the run doing better).
     """
     reasons = run_reasons(results)
     pretraining = run_pretraining(results)
@@ -192,10 +211,12 @@ def assess(results: dict[str, Any], *, path: str | Path | None = None) -> dict[s
     why = [_why_context(b, not reasons, protocol, results["protocol"], pretraining, facts) for b in found]
     comparable = [b for b, w in zip(found, why) if not w]
     context = [(b, w) for b, w in zip(found, why) if w]
-    rows = [_row(label, b, results, "") for label, b in zip(_labels(comparable), comparable)]
+    lower = lower_is_better(results)
+    rows = [_row(label, b, results, "", lower) for label, b in zip(_labels(comparable), comparable)]
     for p in dict.fromkeys(b.protocol for b, _ in context):  # labels unique within protocol and metric
         group = [(b, w) for b, w in context if b.protocol == p]
-        rows += [_row(f"{p}/{label}", b, results, w) for label, (b, w) in zip(_labels([b for b, _ in group]), group)]
+        rows += [_row(f"{p}/{label}", b, results, w, lower)
+                 for label, (b, w) in zip(_labels([b for b, _ in group]), group)]
     used = sorted({k for b in found for k, _ in b.conditions})
     return {"comparable": not reasons,
             "comparison": {"reasons": reasons, "pretraining": pretraining, "baseline_protocol": protocol,
@@ -203,11 +224,12 @@ def assess(results: dict[str, Any], *, path: str | Path | None = None) -> dict[s
             "baselines": rows}
 
 
-def _row(label: str, b: Baseline, results: dict[str, Any], context: str) -> dict[str, Any]:
+def _row(label: str, b: Baseline, results: dict[str, Any], context: str, lower: set[str]) -> dict[str, Any]:
     return {"label": label, "method": b.method, "arch": b.arch, "pretrain": b.pretrain, "protocol": b.protocol,
             "setting": b.setting, "conditions": b.conditions_text, "metric": b.metric, "value": b.value,
             "difference": None if context else round(results["metrics"][b.metric] - b.value, 4),
-            "comparable": not context, "context": context, "source": b.source}
+            "better": better_direction(b.metric, lower), "comparable": not context, "context": context,
+            "source": b.source}
 
 
 def baseline_rows(results: dict[str, Any], *, path: str | Path | None = None) -> list[dict[str, Any]]:
@@ -252,11 +274,13 @@ def _log_to_wandb(logger: RunLogger, results: dict[str, Any], rows: list[dict[st
     this = f"{results['backbone']} ({THIS_RUN})"
     status = "yes" if results["comparable"] else f"no: {'; '.join(reasons)}"
     metrics = sorted({r["metric"] for r in rows})
+    lower = lower_is_better(results)
     own = [[this, results["backbone"], results["comparison"]["pretraining"], results["protocol"], THIS_RUN, m,
-            results["metrics"][m], 0.0, status, results.get("run_dir", "")] for m in metrics]
+            results["metrics"][m], 0.0, status, results.get("run_dir", ""), better_direction(m, lower)]
+           for m in metrics]
     table_rows = own + [[r["label"], r["arch"], r["pretrain"], r["protocol"], r["setting"], r["metric"], r["value"],
-                         r["difference"], "yes" if r["comparable"] else f"context: {r['context']}", r["source"]]
-                        for r in rows]
+                         r["difference"], "yes" if r["comparable"] else f"context: {r['context']}", r["source"],
+                         r["better"]] for r in rows]
     charts = {}
     for m in metrics:
         # One chart per metric (a bar chart of mixed units would mislead), with the comparable rows only.
@@ -264,8 +288,8 @@ def _log_to_wandb(logger: RunLogger, results: dict[str, Any], rows: list[dict[st
         if bars and results["comparable"]:
             table = wandb.Table(columns=["method", m], data=[[this, results["metrics"][m]], *bars])
             charts[f"comparison/{_slug(m)}"] = wandb.plot.bar(
-                table, "method", m, title=f"{results['task']} {results['protocol']} {m}: this run vs published, "
-                                          "same protocol and pretraining")
+                table, "method", m, title=f"{results['task']} {results['protocol']} {m} ({better_direction(m, lower)} "
+                                          "is better): this run vs published, same protocol and pretraining")
     logger.log({TABLE_KEY: wandb.Table(columns=TABLE_COLUMNS, data=table_rows), **charts})
 
 

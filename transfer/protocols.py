@@ -175,9 +175,47 @@ class StrongFinetuneProtocolConfig(FinetuneProtocolConfig):
     select: str = "best_epoch"
 
 
+@PROTOCOLS.register("frozen")
+@dataclass
+class FrozenProtocolConfig:
+    """Frozen-backbone transfer of a dense task: only the task's head trains on the backbone's features.
+
+    Detection (the detector's FPN / RoI heads), semantic segmentation (FPN + segmentation head) and depth (the
+    decoder) take it; each task recipe holds its own training values. The backbone's weights and its batch-norm
+    statistics stay as loaded (detection: how many levels, ``task.frozen_freeze_at``, default every level). A
+    run of this protocol has its own run folder (``<backbone>-frozen``), ``protocol: frozen`` in results.json
+    and W&B, and is never compared with fine-tuned baselines.
+    """
+
+    name: str = "frozen"
+
+
 @PROTOCOLS.register("eval")
 @dataclass
 class PretrainedEvalConfig:
     """Evaluate the checkpoint's own classifier as it is: nothing is trained (task=imagenet)."""
 
     name: str = "eval"
+
+
+def check_recipe_owned_protocol(protocol, *, task: str, settings: str, example: str) -> None:
+    """Refuse protocol keys a task would ignore: for tasks whose recipe holds every training value.
+
+    Segmentation and depth take their schedule from ``task.<settings>`` and accept ``protocol=finetune`` (the
+    backbone trains) or ``protocol=frozen`` (it does not). Under ``finetune``, ``protocol.freeze_backbone=true``
+    points to ``protocol=frozen`` (frozen transfer is its own protocol, with its own run folder and baselines)
+    and any other changed key is refused, since it would be silently ignored. Raises :class:`ConfigError`.
+    """
+    import dataclasses
+
+    if not isinstance(protocol, FinetuneProtocolConfig):
+        return
+    if protocol.freeze_backbone:
+        raise ConfigError(f"protocol.freeze_backbone=true: {task} runs frozen transfer as its own protocol, so the "
+                          "two never share a run folder or a comparison. Use protocol=frozen.")
+    default = type(protocol)()
+    changed = [f.name for f in dataclasses.fields(protocol)
+               if f.name != "name" and getattr(protocol, f.name) != getattr(default, f.name)]
+    if changed:
+        raise ConfigError(f"{task} takes its training settings from task.{settings}; protocol keys {changed} would "
+                          f"be ignored. Set task.{settings}.<key> instead (e.g. {example}).")

@@ -4,6 +4,9 @@ Reads every ``results.json`` under RUNS_DIR (any depth) and writes, to ``--out``
 ``report.md`` (backbones x tasks x protocols, then one section per task with the baselines),
 ``report.html`` (the same, self-contained: charts inlined) and ``charts/<task>.png``.
 ``--wandb-report`` also saves a W&B Report with one panel group per task (needs W&B online).
+``--suite NAME`` (a suite of ``recipes/suite/``, or a suite YAML file) first lays the runs out as that paper's
+table: rows = backbones, columns = the suite's columns, published numbers beside them
+(:mod:`transfer.suite_report`), also as ``charts/suite_<name>.png`` and the first section of the W&B Report.
 
 When several runs share task, backbone, weights (their sha256, or their source when there is no file) and protocol,
 the newest ``results.json`` is shown and the cell says how many runs there were; runs of one backbone with other
@@ -25,10 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transfer.compare import TABLE_KEY, assess, describe_pretraining
+from transfer import suite_report
+from transfer.compare import TABLE_KEY, assess, describe_pretraining, lower_is_better
 from transfer.errors import ConfigError, DataError, TransferError
 from transfer.io import atomic_path, atomic_write_text
+from transfer.registry import UnknownNameError
 from transfer.results import RESULTS_FILE, read_results
+from transfer.suite import SuiteConfig, load_suite
+from transfer.suite_report import SuiteTable
 
 log = logging.getLogger("transfer.report")
 SUITE = "this suite"
@@ -43,10 +50,11 @@ class Column:
 
     protocol: str
     metric: str
+    lower: bool = False  # a smaller value is better (an error such as depth's test/rms)
 
     @property
     def title(self) -> str:
-        return f"{self.protocol} {self.metric}"
+        return f"{self.protocol} {self.metric}" + (" (lower is better)" if self.lower else "")
 
 
 @dataclass
@@ -151,7 +159,8 @@ def build_comparison(found: list[tuple[Path, dict[str, Any]]], *,
             e.values.update({c: row["value"] for c in placed})
         order = {SUITE: 0, PUBLISHED: 1, CONTEXT: 2}
         ordered = sorted(entries.values(), key=lambda e: (order[e.kind], e.name))
-        out.append(TaskComparison(task, [Column(p, m) for p, m in columns], ordered))
+        lower = set().union(*(lower_is_better(r) for _, r in newest.values()))
+        out.append(TaskComparison(task, [Column(p, m, m in lower) for p, m in columns], ordered))
     return out
 
 
@@ -240,9 +249,12 @@ def _intro(baselines: str | Path | None) -> str:
 
 
 def to_markdown(tasks: list[TaskComparison], charts: dict[str, Path], out_dir: Path, *,
-                baselines: str | Path | None = None) -> str:
-    parts = ["# Transfer comparison", "", _intro(baselines),
-             "", "## Backbones × tasks × protocols", "", markdown_table(*overview_rows(tasks))]
+                baselines: str | Path | None = None, suite: SuiteTable | None = None) -> str:
+    parts = ["# Transfer comparison", "", _intro(baselines)]
+    if suite is not None:
+        chart = charts.get(suite_chart_key(suite))
+        parts += ["", suite_report.to_markdown(suite, chart.relative_to(out_dir).as_posix() if chart else None)]
+    parts += ["", "## Backbones × tasks × protocols", "", markdown_table(*overview_rows(tasks))]
     for t in tasks:
         parts += ["", f"## {t.task}", "", markdown_table(*task_rows(t))]
         if t.task in charts:
@@ -256,9 +268,11 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def to_html(tasks: list[TaskComparison], charts: dict[str, Path], *, baselines: str | Path | None = None) -> str:
+def to_html(tasks: list[TaskComparison], charts: dict[str, Path], *, baselines: str | Path | None = None,
+            suite: SuiteTable | None = None) -> str:
     """One self-contained page: styles inline and charts as data URIs, so it can be mailed or archived."""
-    sections = [f"<h2>Backbones × tasks × protocols</h2>{_html_table(*overview_rows(tasks))}"]
+    sections = [suite_report.to_html(suite, charts.get(suite_chart_key(suite)))] if suite is not None else []
+    sections.append(f"<h2>Backbones × tasks × protocols</h2>{_html_table(*overview_rows(tasks))}")
     for t in tasks:
         img = ""
         if t.task in charts:
@@ -298,7 +312,7 @@ def plot_task(t: TaskComparison, path: Path) -> Path:
         ax.barh(ys, [v for v, _ in bars], color=[colour(e, c) for _, e in bars])
         ax.set_yticks(list(ys), [label(e, c) for _, e in bars], fontsize=8)
         ax.bar_label(ax.containers[0], fmt="%.1f", fontsize=7, padding=2)
-        ax.set_xlabel(c.metric)
+        ax.set_xlabel(c.metric + (" (lower is better)" if c.lower else ""))
         ax.set_title(f"{t.task} · {c.protocol}")
         ax.margins(x=0.12)
         ax.grid(axis="x", alpha=0.3)
@@ -309,29 +323,44 @@ def plot_task(t: TaskComparison, path: Path) -> Path:
     return path
 
 
-def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *,
-                 baselines: str | Path | None = None) -> tuple[list[TaskComparison], dict[str, Path]]:
-    """Write report.md, report.html and charts/<task>.png; returns the comparison and the chart paths."""
+def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, baselines: str | Path | None = None,
+                 suite: SuiteConfig | None = None) -> tuple[list[TaskComparison], dict[str, Path]]:
+    """Write report.md, report.html and charts/<task>.png; returns the comparison and the chart paths.
+
+    With ``suite``, the suite's table comes first and its chart is ``charts/suite_<name>.png`` (key
+    ``suite:<name>`` of the returned charts).
+    """
     out = Path(out_dir) if out_dir is not None else Path(runs_dir) / "report"
-    tasks = build_comparison(find_results(runs_dir), baselines=baselines)
+    found = find_results(runs_dir)
+    tasks = build_comparison(found, baselines=baselines)
     (out / "charts").mkdir(parents=True, exist_ok=True)
     charts = {t.task: plot_task(t, out / "charts" / f"{t.task}.png") for t in tasks if t.columns}
-    atomic_write_text(out / "report.md", to_markdown(tasks, charts, out, baselines=baselines))
-    atomic_write_text(out / "report.html", to_html(tasks, charts, baselines=baselines))
+    table = suite_report.build_suite_table(found, suite, baselines=baselines) if suite is not None else None
+    if table is not None:
+        charts[suite_chart_key(table)] = suite_report.plot(table, out / "charts" / f"suite_{suite.name}.png")
+    atomic_write_text(out / "report.md", to_markdown(tasks, charts, out, baselines=baselines, suite=table))
+    atomic_write_text(out / "report.html", to_html(tasks, charts, baselines=baselines, suite=table))
     return tasks, charts
 
 
-def build_wandb_report(tasks: list[TaskComparison], *, entity: str, project: str, title: str):
+def suite_chart_key(table: SuiteTable) -> str:
+    return f"suite:{table.suite.name}"
+
+
+def build_wandb_report(tasks: list[TaskComparison], *, entity: str, project: str, title: str,
+                       suite: SuiteTable | None = None):
     """A W&B Report: per task a heading, the baselines as markdown and a panel grid of that task's runs.
 
     Runs are selected by the flat config keys ``task_name``/``protocol_name`` that ``transfer.run`` logs,
-    one run set per protocol, and bars are grouped by ``backbone_name``.
+    one run set per protocol, and bars are grouped by ``backbone_name``. ``suite`` puts that table first.
     """
     try:
         import wandb_workspaces.reports.v2 as wr
     except ImportError:
         raise ConfigError("--wandb-report needs the wandb-workspaces package: pip install wandb-workspaces") from None
     blocks = [wr.P(f"Runs of project {project}, compared with published baselines (transfer/data/baselines.csv).")]
+    if suite is not None:
+        blocks += suite_report.wandb_blocks(suite, entity=entity, project=project, wr=wr)
     for t in tasks:
         runsets = [wr.Runset(entity=entity, project=project, name=f"{t.task} {p}",
                              filters=f"Config('task_name') = '{t.task}' and Config('protocol_name') = '{p}'")
@@ -369,27 +398,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default: RUNS_DIR/report)")
     parser.add_argument("--baselines", help="baselines CSV (default: the packaged transfer/data/baselines.csv)")
     parser.add_argument("--wandb-report", action="store_true", help="also save a W&B Report (needs W&B online)")
+    parser.add_argument("--suite", help="lay the runs out as this suite's table first (a name of recipes/suite/, "
+                                        "e.g. resnet_rs_table5, or a suite YAML file)")
     parser.add_argument("--entity", help="W&B entity for the report (default: WANDB_ENTITY or your default)")
     parser.add_argument("--project", default=WandbConfig().project, help="W&B project holding the runs")
     parser.add_argument("--title", default="ResNet-RS transfer comparison", help="title of the W&B report")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        tasks, charts = write_report(args.runs_dir, args.out, baselines=args.baselines)
+        suite = load_suite(args.suite) if args.suite else None
+        tasks, charts = write_report(args.runs_dir, args.out, baselines=args.baselines, suite=suite)
         out = Path(args.out) if args.out else Path(args.runs_dir) / "report"
         print(f"report: {out / 'report.md'}\nreport: {out / 'report.html'}")
         for path in charts.values():
             print(f"chart: {path}")
         if args.wandb_report:
             entity = wandb_login_entity(args.entity)
-            report = build_wandb_report(tasks, entity=entity, project=args.project, title=args.title)
+            table = None if suite is None else suite_report.build_suite_table(find_results(args.runs_dir), suite,
+                                                                              baselines=args.baselines)
+            report = build_wandb_report(tasks, entity=entity, project=args.project, title=args.title, suite=table)
             try:
                 report.save()
             except Exception as e:  # noqa: BLE001 - network, permissions, or an API change: say which
                 raise TransferError(f"saving the W&B report to {entity}/{args.project} failed "
                                     f"({type(e).__name__}: {e}); the local report is complete.") from None
             print(f"W&B report: {report.url}")
-    except TransferError as e:
+    except (TransferError, UnknownNameError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

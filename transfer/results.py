@@ -58,6 +58,7 @@ def build_results(cfg, output, wall_time_s: float, run_dir: Path, *, record=None
         "weights": output.weights,
         "primary_metric": output.primary_metric,
         "metrics": {k: tidy_metric(v) for k, v in output.metrics.items()},
+        "lower_is_better": lower_is_better(cfg, output.metrics),
         "counts": dict(output.counts),
         "extra": output.extra,
         "protocol_config": asdict(cfg.protocol),
@@ -81,6 +82,14 @@ def tidy_metric(value) -> float:
     """``value`` as a float rounded to :data:`METRIC_DIGITS` significant digits (NaN and inf pass unchanged)."""
     v = float(value)
     return float(f"{v:.{METRIC_DIGITS}g}") if math.isfinite(v) else v
+
+
+def lower_is_better(cfg, metrics: dict[str, float]) -> list[str]:
+    """The run's metric keys where smaller is better, as its task adapter declares them (``TaskAdapter``)."""
+    from transfer.tasks import TASKS
+
+    declared = TASKS.get(cfg.task.adapter).lower_is_better
+    return [k for k in metrics if k in declared]
 
 
 def write_results(run_dir: Path, results: dict[str, Any]) -> Path:

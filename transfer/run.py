@@ -2,6 +2,8 @@
 
 ``-m`` / ``--multirun`` runs every combination of comma-separated values, one run each
 (``-m task=digits backbone=rs50,resnet50``). ``--cfg`` prints the composed configuration and exits.
+``suite=NAME`` runs every column of a published table (``recipes/suite/``, :mod:`transfer.suite`) for the
+backbone(s) given: ``suite=resnet_rs_table5 -m backbone=rs50,resnet50 suite.data_root=/data``.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from transfer.errors import ConfigError, TransferError
 from transfer.registry import UnknownNameError
 from transfer.results import build_results, format_metric, format_table, write_results
 from transfer.rundir import RESULTS_FILE, RUN_DIR_ENV, config_tree, open_run_dir, plan_run_dir
+from transfer.suite import requested as suite_requested
+from transfer.suite import run_suite
 from transfer.tasks import TASKS, RunContext
 from transfer.tracking import RunLogger, is_global_zero
 
@@ -165,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     show_cfg = "--cfg" in argv
     overrides = [a for a in argv if a not in ("-m", "--multirun", "--cfg")]
     try:
+        if suite_requested(overrides):  # suite=NAME: every column of a published table (transfer/suite.py)
+            return run_suite(overrides, multirun=multirun, show=show_cfg, run_one=run_one)
         if show_cfg:
             cfg = validate(compose(overrides))
             print(cfg.to_yaml())

@@ -75,6 +75,9 @@ class TaskAdapter:
     # Every metric key the adapter can put in TaskOutput.metrics (``split/name``, lower-case): baselines are
     # matched on these keys, so a test checks that each baseline row's metric is one of them.
     metrics: tuple[str, ...] = ()
+    # The keys of ``metrics`` where a smaller value is better (errors, e.g. depth's test/rms): results.json lists
+    # them as ``lower_is_better``, and the comparison and the report say which direction is better.
+    lower_is_better: tuple[str, ...] = ()
     # Config keys (or ``prefix.`` prefixes) that define the trained model beyond the core's identity keys
     # (task, backbone, weights, protocol): a resume that changes one is another run, refused before anything
     # is written even with resume_allow_changes=true (transfer.rundir.config_changes).

@@ -118,17 +118,13 @@ def data_root(task: DepthTaskConfig) -> Path:
 def check(cfg: RunConfig) -> None:
     """Whole-config checks (``transfer.config.validate`` calls them before any run directory exists).
 
-    Depth takes its training values from ``task.optim`` (BYOL's NYU recipe); of the fine-tune protocol
-    only ``freeze_backbone`` applies, and other changed protocol keys are refused rather than ignored.
+    Depth takes its training values from ``task.optim`` (BYOL's NYU recipe); ``protocol=finetune`` trains the
+    backbone with the decoder, ``protocol=frozen`` keeps it fixed. Changed fine-tune protocol keys are refused
+    rather than ignored (:func:`transfer.protocols.check_recipe_owned_protocol`).
     """
-    from transfer.protocols import FinetuneProtocolConfig
+    from transfer.protocols import check_recipe_owned_protocol
 
     data_root(cfg.task)
-    default = FinetuneProtocolConfig()
-    changed = [f.name for f in dataclasses.fields(FinetuneProtocolConfig)
-               if f.name not in ("name", "freeze_backbone")
-               and getattr(cfg.protocol, f.name) != getattr(default, f.name)]
-    if changed:
-        raise ConfigError(f"depth tasks take their training settings from task.optim; protocol keys {changed} would "
-                          f"be ignored. Set task.optim.<key> instead (keys: "
-                          f"{', '.join(f.name for f in dataclasses.fields(DepthOptimConfig))}).")
+    check_recipe_owned_protocol(cfg.protocol, task="depth", settings="optim",
+                                example=f"protocol.lr -> task.optim.lr; keys: "
+                                        f"{', '.join(f.name for f in dataclasses.fields(DepthOptimConfig))}")

@@ -14,6 +14,26 @@ from transfer.errors import TransferError
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
 
 METRICS = tuple(f"test/{m}" for m in METRIC_NAMES)
+# Recorded as extra.head: the published NYU rows (BYOL App. D.6) carry the condition head=fcrn.
+HEAD = "fcrn"
+# BYOL App. D.6 (the published NYU rows): 7,500 steps at batch 256.
+PUBLISHED_STEPS, PUBLISHED_BATCH = 7500, 256
+
+
+def not_comparable(task, train, test, *, steps: int, batch: int) -> dict[str, list[str]]:
+    """``extra.not_comparable`` (read by :mod:`transfer.compare`): a subset, a test split other than the official
+    654 frames, or a schedule other than BYOL's 7,500 steps at batch 256. Empty when the run matches them."""
+    reasons = []
+    if task.limit_per_split is not None:
+        reasons.append(f"task.limit_per_split={task.limit_per_split}: a subset of each split")
+    if task.expected_test_images and len(test.items) != task.expected_test_images:
+        reasons.append(f"the test split has {len(test.items)} frames, not the official {task.expected_test_images}")
+    elif not task.expected_test_images:
+        reasons.append("task.expected_test_images=null: the test split's size is not checked")
+    if (steps, batch) != (PUBLISHED_STEPS, PUBLISHED_BATCH):
+        reasons.append(f"trained {steps} steps at global batch {batch}; the published protocol trains "
+                       f"{PUBLISHED_STEPS} steps at batch {PUBLISHED_BATCH} (BYOL App. D.6)")
+    return {"not_comparable": reasons} if reasons else {}
 
 
 def run(ctx: RunContext) -> TaskOutput:
@@ -22,9 +42,9 @@ def run(ctx: RunContext) -> TaskOutput:
     reader, train, test = load_splits(task, data_root(task))  # data first: a missing copy fails before model work
     backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
                               drop_path_rate=cfg.backbone.drop_path_rate)
-    if cfg.protocol.freeze_backbone:
-        backbone.requires_grad_(False)
-    model = DepthModel(backbone, list(task.decoder_channels), skip_connections=task.skip_connections)
+    frozen = cfg.protocol.name == "frozen"
+    model = DepthModel(backbone, list(task.decoder_channels), skip_connections=task.skip_connections,
+                       frozen_backbone=frozen)
     mean, std = backbone.spec.mean, backbone.spec.std  # the normalisation of the weights being transferred
     data = DepthData(DepthFrames(train.items, reader, task, mean=mean, std=std, train=True),
                      DepthFrames(test.items, reader, task, mean=mean, std=std, train=False),
@@ -46,13 +66,12 @@ def run(ctx: RunContext) -> TaskOutput:
                             f"{task.depth_scale} (PNG values per metre) and the depth files.")
     counts = {**train.counts("train"), **test.counts("test"), "train/skipped_frames": module.skipped_train,
               **module.test_counts}
-    o = task.optim
+    o, global_batch = task.optim, cfg.trainer.batch_size * trainer.world_size
     recipe = {"architecture": "FCRN up-projection decoder (Laina et al. 2016) on forward_features",
               "decoder_channels": list(task.decoder_channels), "skip_connections": task.skip_connections,
-              "freeze_backbone": cfg.protocol.freeze_backbone, "source": train.source,
+              "freeze_backbone": frozen, "source": train.source,
               "train_frames": len(train.items), "test_frames": len(test.items),
-              "steps": steps, "global_batch": cfg.trainer.batch_size * trainer.world_size,
-              "lr": o.lr * cfg.trainer.batch_size * trainer.world_size / o.lr_reference_batch,
+              "steps": steps, "global_batch": global_batch, "lr": o.lr * global_batch / o.lr_reference_batch,
               "lr_reference": [o.lr, o.lr_reference_batch], "weight_decay": o.weight_decay,
               "momentum": o.momentum, "nesterov": o.nesterov, "warmup_fraction": o.warmup_fraction,
               "schedule": "linear warmup, cosine decay", "loss": "berHu",
@@ -61,11 +80,11 @@ def run(ctx: RunContext) -> TaskOutput:
               "min_depth_m": task.min_depth_eval, "depth_field": task.depth_field if train.source == "mat" else None}
     return TaskOutput(metrics=module.test_metrics, counts=counts, weights=backbone.weights.as_dict(),
                       primary_metric="test/delta1", recipe=recipe,
-                      extra={"lower_is_better": [f"test/{m}" for m in LOWER_IS_BETTER],
+                      extra={"head": HEAD, **not_comparable(task, train, test, steps=steps, batch=global_batch),
                              "units": {"test/delta1": "%", "test/delta2": "%", "test/delta3": "%", "test/rms": "m"},
                              "eigen_crop_default": list(EIGEN_CROP), "resumed_from": ckpt,
                              "scan_examples": (train.examples + test.examples)[:20], **progress_of(trainer)})
 
 
-TASKS.add("depth", TaskAdapter(config_class=DepthTaskConfig, run=run, protocols=("finetune",), check=check,
-                               metrics=METRICS))
+TASKS.add("depth", TaskAdapter(config_class=DepthTaskConfig, run=run, protocols=("finetune", "frozen"), check=check,
+                               metrics=METRICS, lower_is_better=tuple(f"test/{m}" for m in LOWER_IS_BETTER)))

@@ -1,5 +1,6 @@
-"""Typed settings of a detection task recipe, the ``frozen`` protocol, and the checks that need no detectron2.
+"""Typed settings of a detection task recipe and the checks that need no detectron2.
 
+The ``frozen`` protocol is :class:`transfer.protocols.FrozenProtocolConfig`, shared with segmentation and depth.
 :func:`check` runs inside :func:`transfer.config.validate`, so every value it refuses fails before a run
 directory or W&B run exists. The translation of these settings into a detectron2 config lives in
 :mod:`tasks.detection.translate`, which is imported only where detectron2 is installed.
@@ -15,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from tasks.detection.data import LAYOUTS
 from transfer.errors import ConfigError
-from transfer.protocols import PROTOCOLS
 
 if TYPE_CHECKING:
     from transfer.config import RunConfig
@@ -34,19 +34,6 @@ BASE_CONFIG = re.compile(r"^(?P<folder>[A-Za-z0-9.\-]+)/[A-Za-z0-9_.\-]+\.yaml$"
 # Every metric key the adapter can emit: detectron2's COCO and VOC evaluators' headline numbers, lower-case.
 BOX_METRICS = ("ap", "ap50", "ap75", "aps", "apm", "apl")
 METRICS = tuple(f"test/{m}" for m in BOX_METRICS) + tuple(f"test/mask_{m}" for m in BOX_METRICS)
-
-
-@PROTOCOLS.register("frozen")
-@dataclass
-class FrozenProtocolConfig:
-    """Frozen-backbone detection transfer: only the detector (FPN or RoI heads) trains on the backbone features.
-
-    How many backbone levels stay fixed is the task's ``frozen_freeze_at`` (default: every level). A run of
-    this protocol has its own run folder (``<backbone>-frozen``), ``protocol: frozen`` in results.json and W&B,
-    and is never compared with fine-tuned baselines.
-    """
-
-    name: str = "frozen"
 
 
 @dataclass

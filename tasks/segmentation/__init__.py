@@ -13,12 +13,12 @@ METRICS = ("test/miou", "test/fwiou", "test/mean_acc", "test/pixel_acc")
 
 
 def run(ctx: RunContext) -> TaskOutput:
-    """Fine-tune (``protocol=finetune``) or frozen-backbone (``protocol.freeze_backbone=true``) segmentation."""
+    """Fine-tuned (``protocol=finetune``) or frozen-backbone (``protocol=frozen``) segmentation."""
     require_detectron2()
     from tasks.segmentation.train import run as train_and_evaluate
 
     return train_and_evaluate(ctx)
 
 
-TASKS.add("segmentation", TaskAdapter(config_class=SegmentationTaskConfig, run=run, protocols=("finetune",),
+TASKS.add("segmentation", TaskAdapter(config_class=SegmentationTaskConfig, run=run, protocols=("finetune", "frozen"),
                                       check=check, metrics=METRICS))

@@ -135,21 +135,16 @@ def data_root(task: SegmentationTaskConfig) -> Path:
 def check(cfg: RunConfig) -> None:
     """Checks of the whole run config that need no detectron2 (called by ``transfer.config.validate``).
 
-    Segmentation takes its training values from ``task.solver`` and ``task.input``; of the fine-tune
-    protocol only ``freeze_backbone`` applies, and other changed protocol keys are refused, not ignored.
+    Segmentation takes its training values from ``task.solver`` and ``task.input``; ``protocol=finetune``
+    trains the backbone from ``task.freeze_at`` on, ``protocol=frozen`` keeps every level fixed. Changed
+    fine-tune protocol keys are refused, not ignored (:func:`transfer.protocols.check_recipe_owned_protocol`).
     """
-    import dataclasses
-
-    from transfer.protocols import FinetuneProtocolConfig
+    from transfer.protocols import check_recipe_owned_protocol
 
     task = cfg.task
     data_root(task)
-    default = FinetuneProtocolConfig()
-    changed = [f.name for f in dataclasses.fields(FinetuneProtocolConfig) if f.name not in ("name", "freeze_backbone")
-               and getattr(cfg.protocol, f.name) != getattr(default, f.name)]
-    if changed:
-        raise ConfigError(f"segmentation tasks take their training settings from task.solver and task.input; "
-                          f"protocol keys {changed} would be ignored (e.g. protocol.lr -> task.solver.base_lr).")
+    check_recipe_owned_protocol(cfg.protocol, task="segmentation", settings="solver",
+                                example="protocol.lr -> task.solver.base_lr")
     from transfer.backbones import BACKBONES
 
     levels = len(BACKBONES.get(cfg.backbone.name).feature_strides)
@@ -160,6 +155,11 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision!r} is not available for segmentation: "
                           "detectron2 trains in float32 or, on CUDA, float16 mixed precision. Use trainer.precision="
                           "auto, 32 or 16-mixed.")
+
+
+def is_frozen(cfg: RunConfig) -> bool:
+    """``protocol=frozen``: every backbone level fixed, only FPN and head train."""
+    return cfg.protocol.name == "frozen"
 
 
 def device_of(cfg: RunConfig) -> str:
@@ -205,7 +205,7 @@ def build_segmentation_config(cfg: RunConfig, output_dir: Path, train: str, test
     levels = len(BACKBONES.get(cfg.backbone.name).feature_strides)
     use_registry_backbone(d2, cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
                           drop_path_rate=cfg.backbone.drop_path_rate, norm=task.backbone_norm,
-                          freeze_at=levels if cfg.protocol.freeze_backbone else task.freeze_at)
+                          freeze_at=levels if is_frozen(cfg) else task.freeze_at)
     head = d2.MODEL.SEM_SEG_HEAD
     head.NUM_CLASSES = len(layout_classes(LAYOUTS.get(task.dataset)))
     head.IGNORE_VALUE = IGNORE

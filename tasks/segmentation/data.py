@@ -80,6 +80,8 @@ class SegmentationLayout:
     classes: Callable[[], tuple[str, ...]]  # class names in label order (ADE20K's are read from detectron2)
     list_split: Callable[[Path, str], tuple[list[tuple[str, str]], str]]  # -> ((image, label) paths, note)
     read_label: Callable[[str], np.ndarray]  # label file -> (H, W) uint8 class indices, IGNORE not scored
+    # The training set of the published protocol (a split that resolves to another is marked not comparable).
+    published_train: str = ""
 
 
 LAYOUTS: Registry[SegmentationLayout] = Registry("segmentation data set layout")
@@ -177,7 +179,7 @@ def _voc_split(data_dir: Path, split: str) -> tuple[list[tuple[str, str]], str]:
 
 
 LAYOUTS.add("voc2012", SegmentationLayout("voc2012", VOC_LAYOUT, lambda: VOC_CLASSES, _voc_split,
-                                                 read_voc_label))
+                                                 read_voc_label, published_train="train_aug"))  # BYOL App. D.4
 
 
 # ---- ADE20K SceneParsing ----------------------------------------------------------------------------------
@@ -216,7 +218,8 @@ def _ade_classes() -> tuple[str, ...]:
     return tuple(c.strip() for c in ADE20K_SEM_SEG_CATEGORIES)
 
 
-LAYOUTS.add("ade20k", SegmentationLayout("ade20k", ADE20K_LAYOUT, _ade_classes, _ade_split, read_ade20k_label))
+LAYOUTS.add("ade20k", SegmentationLayout("ade20k", ADE20K_LAYOUT, _ade_classes, _ade_split, read_ade20k_label,
+                                        published_train="training"))
 
 
 def layout_classes(layout: SegmentationLayout) -> tuple[str, ...]:

@@ -27,7 +27,7 @@ from PIL import Image
 from tasks.detection import backbone as _registers_fpn_builders  # noqa: F401  (BACKBONE_REGISTRY entries)
 from tasks.detection.schema import detection_devices
 from tasks.detection.train import DetectionTrainer, launch_settings, log_training, read_metrics_log
-from tasks.segmentation.config import SegmentationInputConfig, build_segmentation_config, data_root
+from tasks.segmentation.config import SegmentationInputConfig, build_segmentation_config, data_root, is_frozen
 from tasks.segmentation.data import IGNORE, LAYOUTS, SplitList, layout_classes, register_split, scan_split
 from transfer.backbones import build_backbone
 from transfer.engine import CHECKPOINT_DIR
@@ -37,6 +37,8 @@ from transfer.tasks import RunContext, TaskOutput
 from transfer.tracking import is_global_zero
 
 METRICS_LOG = "metrics.json"
+# Recorded as extra.head: the published VOC rows' condition head=... tells a Semantic FPN run from their FCN.
+HEAD = "semantic_fpn"
 START_RECORD = "transfer_start.json"  # where this process's training started (iteration, checkpoint)
 # SemSegEvaluator's scalars (percent) -> suite metric keys.
 METRIC_KEYS = {"mIoU": "test/miou", "fwIoU": "test/fwiou", "mACC": "test/mean_acc", "pACC": "test/pixel_acc"}
@@ -191,6 +193,21 @@ def split_metrics(record: dict) -> tuple[dict[str, float], dict[str, dict[str, f
     return metrics, per_class, absent
 
 
+def not_comparable(cfg, layout, train: SplitList, max_iter: int) -> dict[str, list[str]]:
+    """``extra.not_comparable`` (read by :mod:`transfer.compare`): a subset, another training set, another
+    schedule length. Empty when the run followed its recipe on the full data."""
+    task, reasons = cfg.task, []
+    if task.limit_per_split is not None:
+        reasons.append(f"task.limit_per_split={task.limit_per_split}: a subset of each split")
+    resolved = train.note.split(" ", 1)[0] or train.name
+    if layout.published_train and resolved != layout.published_train:
+        reasons.append(f"trained on {train.note or train.name}; the published protocol trains on "
+                       f"{layout.published_train}")
+    if max_iter != task.solver.max_iter:
+        reasons.append(f"trainer.max_steps={max_iter} replaces the recipe's {task.solver.max_iter} iterations")
+    return {"not_comparable": reasons} if reasons else {}
+
+
 def scan(cfg) -> tuple[list[SplitList], list[str]]:
     """Scan the training and evaluation splits (the evaluation split fully decoded) -> (splits, classes)."""
     task = cfg.task
@@ -237,7 +254,7 @@ def run(ctx: RunContext) -> TaskOutput:
         ctx.logger.table("test/per_class_iou", ["class", "iou", "acc"],
                          [[c, v, per_class["acc"].get(c)] for c, v in per_class["iou"].items()])
     recipe = {"architecture": "Semantic FPN (detectron2 SemanticSegmentor + SemSegFPNHead)",
-              "freeze_backbone": cfg.protocol.freeze_backbone, "train_split": train.note,
+              "freeze_backbone": is_frozen(cfg), "train_split": train.note,
               "train_images": len(train.pairs), "test_split": test.note, "test_images": len(test.pairs),
               "ims_per_batch": d2cfg.SOLVER.IMS_PER_BATCH, "base_lr": d2cfg.SOLVER.BASE_LR,
               "max_iter": d2cfg.SOLVER.MAX_ITER, "lr_scheduler": d2cfg.SOLVER.LR_SCHEDULER_NAME,
@@ -247,7 +264,8 @@ def run(ctx: RunContext) -> TaskOutput:
               "head_norm": task.head_norm, "input": dict(d2cfg.TRANSFER.INPUT), "amp": d2cfg.SOLVER.AMP.ENABLED}
     return TaskOutput(metrics=metrics, weights=weights.as_dict(), primary_metric="test/miou",
                       counts={**counts, "test/absent_classes": len(absent)}, recipe=recipe,
-                      extra={"per_class_iou": per_class["iou"], "per_class_acc": per_class["acc"],
+                      extra={"head": HEAD, **not_comparable(cfg, layout, train, d2cfg.SOLVER.MAX_ITER),
+                             "per_class_iou": per_class["iou"], "per_class_acc": per_class["acc"],
                              "absent_classes": absent, "classes": len(classes),
                              "detectron2_config": str(output_dir / "config.yaml"), **start,
                              "scan_examples": (train.examples + test.examples)[:20]})

@@ -72,7 +72,8 @@ def test_caltech101_draws_30_training_images_per_class_seeded_and_keeps_the_back
     train, test = source.splits["train"], source.splits["test"]
     assert Counter(train.labels.tolist()) == {i: 30 for i in range(len(CALTECH))}
     assert Counter(test.labels.tolist()) == {i: n - 30 for i, n in enumerate(CALTECH.values())}
-    every = sorted((str(p), source.class_names[lab]) for s in (train, test) for p, lab in zip(s.dataset.paths, s.labels))
+    every = sorted((str(p), source.class_names[lab])
+                   for s in (train, test) for p, lab in zip(s.dataset.paths, s.labels))
     assert every == sorted((str(f), f.parent.name) for f in written.files)
     again = _read("caltech101", written, seed=0).splits["train"].dataset.paths
     other = _read("caltech101", written, seed=1).splits["train"].dataset.paths

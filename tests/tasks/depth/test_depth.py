@@ -13,10 +13,13 @@ from suite_helpers import run_cli
 from tasks.depth.config import DepthTaskConfig
 from tasks.depth.data import h5py_available, load_splits
 from tasks.depth.metrics import METRIC_NAMES, berhu_loss, depth_errors, eval_mask
-from tasks.depth.model import FastUpConv
+from tasks.depth.model import DepthModel, FastUpConv
+from tasks.depth.task import not_comparable
+from transfer.backbones import build_backbone
 from transfer.config import compose, validate
 from transfer.errors import ConfigError, DataError
 from transfer.run import main
+from transfer.rundir import plan_run_dir
 
 NO_H5PY = "h5py is not installed here; the labelled NYU .mat release (MATLAB v7.3 = HDF5) can only be read with it"
 
@@ -138,8 +141,51 @@ def test_mat_release_reads_frames_in_image_orientation_and_the_official_split(tm
 def test_protocol_values_that_depth_would_ignore_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"task.optim.*\['lr'\]"):
         validate(compose(["task=nyu_depth", f"task.data_dir={tmp_path}", "protocol.lr=0.5"]))
-    cfg = validate(compose(["task=nyu_depth", f"task.data_dir={tmp_path}", "protocol.freeze_backbone=true"]))
-    assert cfg.protocol.freeze_backbone and cfg.task.optim.lr == 0.16
+    with pytest.raises(ConfigError, match="Use protocol=frozen"):  # frozen transfer is its own protocol
+        validate(compose(["task=nyu_depth", f"task.data_dir={tmp_path}", "protocol.freeze_backbone=true"]))
+
+
+def test_frozen_protocol_has_its_own_run_folder(tmp_path):
+    cfg = validate(compose(["task=nyu_depth", f"task.data_dir={tmp_path}", "protocol=frozen", f"run.root={tmp_path}"]))
+    assert cfg.protocol.name == "frozen" and cfg.task.optim.lr == 0.16
+    assert plan_run_dir(cfg).path.parent == tmp_path / "nyu_depth" / "rs50-frozen"
+
+
+def test_frozen_backbone_keeps_its_weights_and_batch_norm_statistics():
+    torch.manual_seed(0)
+    model = DepthModel(build_backbone("rs50", weights="random"), [32, 16, 16, 8, 8], frozen_backbone=True)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    model.train()  # what Lightning does at every epoch start
+    assert not model.backbone.training and model.decoder.training
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        loss = model(torch.randn(2, 3, 32, 48)).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a backbone tensor (weight or BN statistic) changed"
+    assert any(not torch.equal(decoder_before[k], v) for k, v in model.decoder.state_dict().items())
+
+
+@pytest.mark.parametrize("kwargs, steps, batch, expected", [
+    ({}, 7500, 256, []),
+    ({}, 2, 256, ["trained 2 steps at global batch 256"]),
+    ({"limit_per_split": 3}, 7500, 256, ["task.limit_per_split=3"]),
+    ({"expected_test_images": None}, 7500, 256, ["expected_test_images=null"]),
+])
+def test_depth_runs_off_the_published_protocol_say_why(kwargs, steps, batch, expected, tmp_path):
+    from types import SimpleNamespace
+
+    task = DepthTaskConfig(name="nyu_depth", data_dir=str(tmp_path), **kwargs)
+    test = SimpleNamespace(items=list(range(654)))
+    reasons = not_comparable(task, None, test, steps=steps, batch=batch).get("not_comparable", [])
+    assert len(reasons) == len(expected) and all(e in r for e, r in zip(expected, reasons)), reasons
+    short = not_comparable(DepthTaskConfig(name="nyu_depth"), None, SimpleNamespace(items=[0, 1]), steps=7500,
+                           batch=256)["not_comparable"]
+    assert short == ["the test split has 2 frames, not the official 654"]
 
 
 @pytest.mark.e2e

@@ -116,8 +116,17 @@ def test_bad_values_fail_in_validate(override, match, tmp_path):
 def test_protocol_values_that_segmentation_would_ignore_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"task.solver.*\['lr'\]"):
         validate(compose(["task=voc_semseg", f"task.data_dir={tmp_path}", "protocol.lr=0.5"]))
-    assert validate(compose(["task=voc_semseg", f"task.data_dir={tmp_path}",
-                             "protocol.freeze_backbone=true"])).protocol.freeze_backbone
+    with pytest.raises(ConfigError, match="Use protocol=frozen"):  # frozen transfer is its own protocol
+        validate(compose(["task=voc_semseg", f"task.data_dir={tmp_path}", "protocol.freeze_backbone=true"]))
+
+
+@pytest.mark.parametrize("task", ["voc_semseg", "ade20k"])
+def test_frozen_protocol_has_its_own_run_folder(task, tmp_path):
+    from transfer.rundir import plan_run_dir
+
+    cfg = validate(compose([f"task={task}", f"task.data_dir={tmp_path}", "protocol=frozen", f"run.root={tmp_path}"]))
+    assert cfg.protocol.name == "frozen"
+    assert plan_run_dir(cfg).path.parent == tmp_path / task / "rs50-frozen"
 
 
 def test_segmentation_class_aug_folder_with_a_deeplab_style_list(tmp_path, seg):

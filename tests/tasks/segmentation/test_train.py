@@ -76,11 +76,15 @@ def test_voc_semseg_end_to_end(voc_root, seg, tmp_path):
     run_dir = tmp_path / "run"
     # Frozen backbone: 12 iterations train FPN and head, fast on CPU; the loss must come down.
     out = run_cli("task=voc_semseg", "backbone=rs50", f"task.data_dir={voc_root}", "trainer.max_steps=12",
-                  "protocol.freeze_backbone=true", "task.solver.base_lr=0.02", f"run.dir={run_dir}", *seg.FAST,
+                  "protocol=frozen", "task.solver.base_lr=0.02", f"run.dir={run_dir}", *seg.FAST,
                   cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     results = _results(run_dir)
     assert results["task"] == "voc_semseg" and results["primary_metric"] == "test/miou"
+    assert results["protocol"] == "frozen" and results["recipe"]["freeze_backbone"] is True
+    assert results["extra"]["head"] == "semantic_fpn"
+    # a 3-image copy, 12 iterations: not the published data or schedule, and it says so
+    assert any("max_steps=12" in r for r in results["comparison"]["reasons"])
     for key in ("test/miou", "test/pixel_acc", "test/mean_acc", "test/fwiou"):
         assert 0.0 <= results["metrics"][key] <= 100.0
     assert results["counts"]["train/images"] == 7 and results["counts"]["test/images"] == 3
@@ -124,7 +128,7 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(voc_root, seg, tmp_
 
     run_dir = tmp_path / "run"
     args = ["task=voc_semseg", f"task.data_dir={voc_root}", "trainer.max_steps=3", "task.solver.checkpoint_period=1",
-            "protocol.freeze_backbone=true", f"run.dir={run_dir}", *seg.FAST]
+            "protocol=frozen", f"run.dir={run_dir}", *seg.FAST]
     assert main(args) == 0
     assert _results(run_dir)["extra"]["start_iter"] == 0 and _results(run_dir)["extra"]["resumed_from"] is None
     # As if killed after the second iteration: its checkpoint is the last one, no final model, no results.

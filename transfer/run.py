@@ -42,15 +42,15 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
     """Compose, validate, run the task and write results.json; returns the results.
 
     Everything that can be checked is checked before the run directory or a W&B run exists: the
-    config, the baselines file, the weights (downloaded or found, keys matched to the backbone), the run
-    directory (occupied, nothing to resume, a changed config).
+    config, the baselines file, the run directory (occupied, nothing to resume, a changed config), the weights
+    (downloaded or found, keys matched to the backbone; before the task reads any data).
     The metrics are printed before results.json is written, so a failed write loses no number.
     """
     cfg = validate(compose(overrides))
     load_baselines()  # a damaged baselines file fails here, not after the task's work is done
+    plan = plan_run_dir(cfg, sweep_index=sweep_index)  # writes nothing: an occupied or missing run dir fails first
     b = cfg.backbone  # weights found, read and matched to the architecture before any data work
     check_weights(b.name, weights=b.weights, strict=b.strict, min_loaded_fraction=b.min_loaded_fraction)
-    plan = plan_run_dir(cfg, sweep_index=sweep_index)
     writer = is_global_zero()
     record = open_run_dir(cfg, plan, writer=writer)
     run_dir = plan.path

@@ -50,7 +50,9 @@ def test_bench_command_writes_table_csv_and_plot(tmp_path, capsys):
     sheet = json.loads((tmp_path / "backbone_sheet.json").read_text())
     assert sheet["machine"]["device"] == "cpu" and len(sheet["rows"]) == 2
     assert "backbone=rs50,resnet50" in sheet["command"]
-    assert "| rs50 |" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "| rs50 |" in captured.out
+    assert "[1/2] rs50 at 32 px" in captured.err and "[2/2] resnet50 at 32 px" in captured.err  # progress
 
 
 @pytest.mark.parametrize("name", RESNET_RS)

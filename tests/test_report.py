@@ -124,7 +124,8 @@ def test_report_over_the_sweep_shows_runs_and_baselines(sweep, tmp_path):
     md = (out / "report.md").read_text()
     section = md.split("## digits", 1)[1]
     for _, r in find_results(sweep["root"]):
-        assert f"| {r['backbone']} | this suite | {r['metrics']['test/top1']:.2f} (not comparable) |" in section
+        assert (f"| {r['backbone']} | this suite | {r['metrics']['test/top1']:.2f} @32px (not comparable: random "
+                "weights, subset) |") in section
         assert "knn not comparable: task.limit_per_split=60" in section
     for b in baselines_for("digits", "knn", "test/top1", path=sweep["csv"]):
         assert f"| {b.method} ({b.arch}), knn | context | {b.value:.2f} |" in section
@@ -190,7 +191,7 @@ def test_matrix_covers_backbones_tasks_protocols_with_packaged_baselines(runs, t
     assert "digits · knn test/mean_per_class | digits · knn test/top1" in overview
     assert "| rs50 | — | 72.50 (newest of 2) | 54.00 | 55.00 |" in overview
     assert "| rs101 | 84.00 | — | — | — |" in overview
-    assert "| resnet50 | — | 60.00 (not comparable) | — | — |" in overview
+    assert "| resnet50 | — | 60.00 (not comparable: random weights) | — | — |" in overview
     cifar = next(t for t in tasks if t.task == "cifar100")
     # Published: measured as the rs50 linear run (supervised, linear, the papers' preprocessing). Every other
     # cifar100 test/top1 row is context, shown once.

@@ -353,9 +353,9 @@ def plot(rows: list[dict], path: Path, *, machine: str) -> None:
 def run(cfg: BenchConfig) -> dict[str, Path]:
     """Measure every selected backbone and write the sheet; return the written files.
 
-    Entries that are the same network at the same resolution (one architecture, several weights)
-    are measured once and share the figures. The sheet is rewritten after every backbone, so a long
-    run that is stopped keeps what it measured.
+    Entries that are the same network at the same resolution (one architecture, several weights) are measured
+    once and share the figures. Each backbone prints a progress line ``[i/n] name at R px`` on stderr. The sheet
+    is rewritten after every backbone, so a long run that is stopped keeps what it measured.
     """
     specs = select_backbones(cfg.backbone)
     device = resolve_device(cfg.bench.device)
@@ -366,11 +366,16 @@ def run(cfg: BenchConfig) -> dict[str, Path]:
     files = {k: out / f"backbone_sheet.{k}" for k in ("md", "csv", "png", "json")}
     rows: list[dict] = []
     measured: dict[tuple, dict] = {}
-    for spec in specs:
+    first: dict[tuple, str] = {}  # the backbone each measurement was made for
+    for i, spec in enumerate(specs, start=1):
         res = cfg.bench.resolution or spec.test_res
         key = (spec.arch, repr(sorted(spec.arch_kwargs.items())), res)
+        # One line per backbone on stderr (each takes seconds to minutes): progress also in a log file.
+        print(f"[{i}/{len(specs)}] {spec.name} at {res} px" + (f": the network of {first[key]}, figures shared"
+                                                                if key in measured else ""),
+              file=sys.stderr, flush=True)
         if key not in measured:
-            measured[key] = measure(spec, cfg.bench, device)
+            measured[key], first[key] = measure(spec, cfg.bench, device), spec.name
         rows.append({**measured[key], "backbone": spec.name, "family": spec.family, "top1_published": spec.top1})
         atomic_write_text(files["md"], markdown_table(rows))
         atomic_write_text(files["csv"], csv_text(rows))

@@ -192,6 +192,35 @@ def recipe_names(group: str) -> list[str]:
     return sorted(p.stem for p in (RECIPES_DIR / group).glob("*.yaml"))
 
 
+def top_level_keys() -> list[str]:
+    """The keys a run configuration has at its top: the recipe groups and :class:`RunConfig`'s other fields."""
+    return sorted(RunConfig.__dataclass_fields__)
+
+
+def did_you_mean(key: str, value: str | None, choices: list[str], *, prefix: str = "", rest: str = "") -> str:
+    """`` Did you mean protocol=knn?`` for the choice closest to ``key`` (then ``rest`` and ``=value``), or "" when
+    none is close."""
+    from transfer.registry import closest_match
+
+    best = closest_match(key, choices)
+    return f" Did you mean {prefix}{best}{rest}{'' if value is None else '=' + value}?" if best else ""
+
+
+def check_top_level_keys(keys: list[str]) -> None:
+    """Refuse a first key that is no key of the run config (``protocl=knn``, ``+protocl=knn``, ``trainr.max_epochs=3``)
+    naming the closest valid one, instead of letting Hydra add it unused. ``keys`` are overrides ``key=value``."""
+    valid = top_level_keys()
+    for ov in keys:
+        key, sep, value = ov.partition("=")
+        key = key.lstrip("+~")
+        head, _, rest = key.partition(".")
+        if head not in valid:
+            hint = did_you_mean(head, value if sep else None, valid, rest=f".{rest}" if rest else "")
+            raise ConfigError(f"unknown key {key!r} ({ov}).{hint} Valid top-level keys: {', '.join(valid)}; a nested "
+                              "key is written section.key=value (python -m transfer.run --help lists the common "
+                              "ones).")
+
+
 def check_group_choices(overrides: list[str]) -> None:
     """Fail on ``task=nope`` before composing, listing the valid names and the closest match."""
     for ov in overrides:
@@ -210,6 +239,7 @@ def compose(overrides: list[str]) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
+    check_top_level_keys(overrides)
     check_group_choices(overrides)
     GlobalHydra.instance().clear()
     try:
@@ -232,7 +262,40 @@ def _add_if_absent(base: DictConfig, override: str) -> str:
 _ABSENT = object()
 
 
+def _nested_schemas(schema: type) -> dict[str, type]:
+    """The fields of dataclass ``schema`` whose type is itself a dataclass (``logger.wandb``)."""
+    import dataclasses
+    import typing
+
+    try:
+        hints = typing.get_type_hints(schema)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: check this level only
+        return {}
+    return {name: hint for name, hint in hints.items()
+            if name in schema.__dataclass_fields__ and dataclasses.is_dataclass(hint)}
+
+
+def unknown_keys(schema: type, node: Any, where: str) -> None:
+    """Raise :class:`ConfigError` for the first key of ``node`` that ``schema`` has no field for, naming the
+    closest field (``trainer.max_epoch=3``: did you mean ``trainer.max_epochs=3``) and the valid ones."""
+    if not isinstance(node, DictConfig):
+        return
+    fields = list(schema.__dataclass_fields__)
+    nested = _nested_schemas(schema)
+    for key in node.keys():
+        key = str(key)
+        if key not in fields:
+            value = OmegaConf.to_container(node, resolve=False).get(key)
+            shown = "null" if value is None else str(value)
+            raise ConfigError(f"unknown key '{where}.{key}' ({where}.{key}={shown})."
+                              f"{did_you_mean(key, shown, fields, prefix=where + '.')} Valid keys of {where}: "
+                              f"{', '.join(fields)}.")
+        if key in nested:
+            unknown_keys(nested[key], node[key], f"{where}.{key}")
+
+
 def _typed(schema: type, node: Any, where: str) -> Any:
+    unknown_keys(schema, node, where)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return OmegaConf.to_object(merged)
@@ -248,6 +311,7 @@ def validate(raw: DictConfig) -> RunConfig:
     from transfer.tasks import TASKS, load_adapters
 
     load_adapters()
+    check_top_level_keys([str(k) for k in raw.keys()])
     for key in ("task", "protocol"):
         if not isinstance(raw.get(key), DictConfig) or "name" not in raw[key]:
             raise ConfigError(f"the {key} recipe must be a mapping with a 'name' key; got {raw.get(key)!r}")

@@ -26,6 +26,9 @@ from typing import Any
 from transfer.errors import StorageError
 
 log = logging.getLogger(__name__)
+_UMASK = os.umask(0o022)  # reading the umask means setting it: put it straight back
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
 
@@ -59,8 +62,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results and caches are meant to be shared
         yield tmp
+        # The mode of a file created normally (0644 under the usual umask 022): mkstemp makes 0600, and writers
+        # that recreate the path (safetensors' save_file) do too; results, caches and weights are meant to be shared.
+        os.chmod(tmp, FILE_MODE)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

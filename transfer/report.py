@@ -8,8 +8,11 @@ Reads every ``results.json`` under RUNS_DIR (any depth) and writes, to ``--out``
 table: rows = backbones, columns = the suite's columns, published numbers beside them
 (:mod:`transfer.suite_report`), also as ``charts/suite_<name>.png`` and the first section of the W&B Report.
 
-When several runs share task, backbone and protocol, the newest ``results.json`` is shown and the
-cell says how many runs there were. Published rows are matched to each run by :func:`transfer.compare.assess`:
+When several runs share task, backbone, weights (their sha256, or their source when there is no file) and protocol,
+the newest ``results.json`` is shown and the cell says how many runs there were; runs of one backbone with other
+weights are rows of their own, named with the weights' digest. Each run shows its input resolution, and a run that
+is not comparable says why in short (random weights, a subset, other splits) and in full in its row.
+Published rows are matched to each run by :func:`transfer.compare.assess`:
 ``published`` rows were measured the same way as at least one run shown, ``context`` rows were not (the
 table says how they differ); a run that cannot stand next to published numbers is marked ``(not comparable)``.
 """
@@ -65,6 +68,8 @@ class Entry:
     values: dict[tuple[str, str], float] = field(default_factory=dict)  # (protocol, metric) -> value
     runs: dict[str, int] = field(default_factory=dict)  # protocol -> number of runs found
     not_comparable: dict[str, str] = field(default_factory=dict)  # protocol -> why that run is not comparable
+    marks: dict[str, list[str]] = field(default_factory=dict)  # protocol -> short reasons (random weights, subset)
+    resolution: dict[str, Any] = field(default_factory=dict)  # protocol -> input resolution of that run
 
 
 @dataclass
@@ -101,22 +106,29 @@ def build_comparison(found: list[tuple[Path, dict[str, Any]]], *,
     """Group runs by task; add the task's published rows, each marked published or context for these runs."""
     out = []
     for task in sorted({r["task"] for _, r in found}):
-        newest: dict[tuple[str, str], tuple[Path, dict[str, Any]]] = {}
-        counts: dict[tuple[str, str], int] = {}
-        for path, r in found:  # oldest first, so the newest run of a backbone and protocol wins
+        newest: dict[tuple[str, str, str], tuple[Path, dict[str, Any]]] = {}
+        counts: dict[tuple[str, str, str], int] = {}
+        for path, r in found:  # oldest first, so the newest run of a backbone, weights and protocol wins
             if r["task"] == task:
-                newest[r["backbone"], r["protocol"]] = (path, r)
-                counts[r["backbone"], r["protocol"]] = counts.get((r["backbone"], r["protocol"]), 0) + 1
+                key = (r["backbone"], weights_id(r), r["protocol"])
+                newest[key] = (path, r)
+                counts[key] = counts.get(key, 0) + 1
+        weights_of: dict[str, set[str]] = {}
+        for backbone, weights, _ in newest:
+            weights_of.setdefault(backbone, set()).add(weights)
         columns = sorted({(r["protocol"], m) for _, r in newest.values() for m in compared_metrics(r)})
         entries: dict[tuple[str, str], Entry] = {}
         published: dict[tuple, dict] = {}  # row identity -> {"row", "comparable": {column}, "context": {column: why}}
-        for (backbone, protocol), (path, r) in sorted(newest.items(), key=lambda kv: kv[1][0].stat().st_mtime):
+        for (backbone, weights, protocol), (path, r) in sorted(newest.items(), key=lambda kv: kv[1][0].stat().st_mtime):
             verdict = assess(r, path=baselines)
-            e = entries.setdefault((SUITE, backbone), Entry(backbone, SUITE, "", ""))
+            name = backbone if len(weights_of[backbone]) == 1 else f"{backbone} [{_short_weights(weights)}]"
+            e = entries.setdefault((SUITE, f"{backbone}|{weights}"), Entry(name, SUITE, "", ""))
             e.values.update({(protocol, m): r["metrics"][m] for m in compared_metrics(r)})
-            e.runs[protocol] = counts[backbone, protocol]
+            e.runs[protocol] = counts[backbone, weights, protocol]
+            e.resolution[protocol] = (r.get("extra") or {}).get("resolution")
             if not verdict["comparable"]:
                 e.not_comparable[protocol] = "; ".join(verdict["comparison"]["reasons"])
+                e.marks[protocol] = short_reasons(verdict["comparison"]["reasons"])
             e.detail = _weights_text(r["weights"])
             e.source = str(path)
             for row in verdict["baselines"]:
@@ -152,8 +164,32 @@ def build_comparison(found: list[tuple[Path, dict[str, Any]]], *,
     return out
 
 
+def weights_id(results: dict[str, Any]) -> str:
+    """What tells a run's weights apart: the file's sha256, else the source (``random``, ``hub:…``)."""
+    w = results.get("weights") or {}
+    return str(w.get("sha256") or w.get("source") or "unknown")
+
+
+def _short_weights(weights: str) -> str:
+    return f"sha256 {weights[:10]}" if len(weights) == 64 and all(c in "0123456789abcdef" for c in weights) \
+        else weights
+
+
+# Short marks for the reasons a run is not comparable (transfer.compare.run_reasons), by how each reason begins.
+SHORT_REASONS = (("backbone.weights=random", "random weights"), ("task.limit_per_split", "subset"),
+                 ("task.check_split_sizes=false", "other splits"), ("protocol.", "changed protocol"))
+
+
+def short_reasons(reasons: list[str]) -> list[str]:
+    """``["random weights", "subset"]`` for the reasons a run is not comparable; "see row" for any other."""
+    out = [mark for prefix, mark in SHORT_REASONS if any(r.startswith(prefix) for r in reasons)]
+    other = any(not r.startswith(tuple(prefix for prefix, _ in SHORT_REASONS)) for r in reasons)
+    return out + (["see row"] if other else [])
+
+
 def _weights_text(weights: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in weights.items() if k in ("source", "hub_id", "path") and v)
+    text = ", ".join(f"{k}={v}" for k, v in weights.items() if k in ("source", "hub_id", "path") and v)
+    return text + (f", sha256 {weights['sha256'][:12]}" if weights.get("sha256") else "")
 
 
 def _fmt(v: float | None) -> str:
@@ -163,8 +199,12 @@ def _fmt(v: float | None) -> str:
 def _cell(e: Entry, c: Column) -> str:
     v = e.values.get((c.protocol, c.metric))
     n = e.runs.get(c.protocol, 0)
-    flag = f" ({NOT_COMPARABLE})" if v is not None and c.protocol in e.not_comparable else ""
-    return _fmt(v) + (f" (newest of {n})" if v is not None and n > 1 else "") + flag
+    marks = e.marks.get(c.protocol)
+    flag = (f" ({NOT_COMPARABLE}{': ' + ', '.join(marks) if marks else ''})"
+            if v is not None and c.protocol in e.not_comparable else "")
+    res = e.resolution.get(c.protocol)
+    return _fmt(v) + (f" @{res}px" if v is not None and res else "") + \
+        (f" (newest of {n})" if v is not None and n > 1 else "") + flag
 
 
 def overview_rows(tasks: list[TaskComparison]) -> tuple[list[str], list[list[str]]]:

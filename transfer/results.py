@@ -57,7 +57,7 @@ def build_results(cfg, output, wall_time_s: float, run_dir: Path, *, record=None
         "protocol": cfg.protocol.name,
         "weights": output.weights,
         "primary_metric": output.primary_metric,
-        "metrics": {k: float(v) for k, v in output.metrics.items()},
+        "metrics": {k: tidy_metric(v) for k, v in output.metrics.items()},
         "lower_is_better": lower_is_better(cfg, output.metrics),
         "counts": dict(output.counts),
         "extra": output.extra,
@@ -70,6 +70,18 @@ def build_results(cfg, output, wall_time_s: float, run_dir: Path, *, record=None
         "run_dir": str(run_dir),
         "status": "complete" if output.metrics else "failed",
     }
+
+
+# Metrics mostly come out of float32 tensors (torchmetrics, Lightning's logged values), which hold about seven
+# significant decimal digits; the float64 they become carries conversion noise past those (97.5 as float32 is
+# 97.50000238418579). results.json keeps the seven digits that mean something, at every scale (97.5, 0.1234568).
+METRIC_DIGITS = 7
+
+
+def tidy_metric(value) -> float:
+    """``value`` as a float rounded to :data:`METRIC_DIGITS` significant digits (NaN and inf pass unchanged)."""
+    v = float(value)
+    return float(f"{v:.{METRIC_DIGITS}g}") if math.isfinite(v) else v
 
 
 def lower_is_better(cfg, metrics: dict[str, float]) -> list[str]:
@@ -114,11 +126,12 @@ def format_table(results: list[dict[str, Any]]) -> str:
     """A markdown table: one row per run, one column per metric."""
     keys = sorted({k for r in results for k in r["metrics"]})
     head = ["task", "backbone", "protocol", *keys]
-    rows = [[r["task"], r["backbone"], r["protocol"], *(_fmt(r["metrics"].get(k)) for k in keys)] for r in results]
+    rows = [[r["task"], r["backbone"], r["protocol"], *(format_metric(r["metrics"].get(k)) for k in keys)]
+            for r in results]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
-def _fmt(v: float | None) -> str:
+def format_metric(v: float | None) -> str:
     return "" if v is None else f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:.4f}"

@@ -13,14 +13,17 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+from transfer.backbones import check_weights
 from transfer.baselines import load_baselines
 from transfer.compare import assess, log_comparison
-from transfer.config import RunConfig, compose, validate
-from transfer.errors import TransferError
+from transfer.config import RunConfig, check_top_level_keys, compose, validate
+from transfer.console import setup_logging
+from transfer.errors import ConfigError, TransferError
 from transfer.registry import UnknownNameError
-from transfer.results import build_results, format_table, write_results
+from transfer.results import build_results, format_metric, format_table, write_results
 from transfer.rundir import RESULTS_FILE, RUN_DIR_ENV, config_tree, open_run_dir, plan_run_dir
 from transfer.suite import requested as suite_requested
 from transfer.suite import run_suite
@@ -39,12 +42,15 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
     """Compose, validate, run the task and write results.json; returns the results.
 
     Everything that can be checked is checked before the run directory or a W&B run exists: the
-    config, the baselines file, the run directory (occupied, nothing to resume, a changed config).
+    config, the baselines file, the run directory (occupied, nothing to resume, a changed config), the weights
+    (downloaded or found, keys matched to the backbone; before the task reads any data).
     The metrics are printed before results.json is written, so a failed write loses no number.
     """
     cfg = validate(compose(overrides))
     load_baselines()  # a damaged baselines file fails here, not after the task's work is done
-    plan = plan_run_dir(cfg, sweep_index=sweep_index)
+    plan = plan_run_dir(cfg, sweep_index=sweep_index)  # writes nothing: an occupied or missing run dir fails first
+    b = cfg.backbone  # weights found, read and matched to the architecture before any data work
+    check_weights(b.name, weights=b.weights, strict=b.strict, min_loaded_fraction=b.min_loaded_fraction)
     writer = is_global_zero()
     record = open_run_dir(cfg, plan, writer=writer)
     run_dir = plan.path
@@ -89,25 +95,71 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
     return results
 
 
+def sweep_axes(overrides: list[str]) -> list[tuple[str, list[str]]]:
+    """``(key, values)`` of every override, ``values`` holding each comma-separated value (Hydra's sweep syntax)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError(f"cannot read the overrides {overrides}: {str(e).splitlines()[0]}") from None
+    return [(ov.get_key_element(), list(ov.sweep_string_iterator()) if ov.is_sweep_override()
+             else [ov.get_value_element_as_str()]) for ov in parsed]
+
+
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """Every combination of the comma-separated values in ``overrides`` (Hydra's sweep syntax)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    axes = []
-    for ov in parsed:
-        key = ov.get_key_element()
-        values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.get_value_element_as_str()]
-        axes.append([f"{key}={v}" for v in values])
+    axes = [[f"{key}={v}" for v in values] for key, values in sweep_axes(overrides)]
     return [list(combo) for combo in itertools.product(*axes)]
+
+
+@dataclass
+class JobOutcome:
+    """One job of a ``-m`` sweep: its overrides, its results or its exit status and error."""
+
+    overrides: list[str]
+    results: dict | None = None
+    status: int = 0  # the exit status the job alone would have had: 2 for a TransferError, 1 for a crash
+    error: str = ""
+
+
+def sweep_summary(swept: list[str], outcomes: list[JobOutcome]) -> str:
+    """A table with one row per job: the swept keys' values, its exit status, its metrics and results file; then
+    every failed job with its exit status and error."""
+    metrics = sorted({k for o in outcomes if o.results for k in o.results["metrics"]})
+    head = [*swept, "status", *metrics, "results"]
+    rows = []
+    for o in outcomes:
+        values = dict(ov.lstrip("+~").split("=", 1) for ov in o.overrides if "=" in ov)
+        got = o.results["metrics"] if o.results else {}
+        where = str(Path(o.results["run_dir"]) / RESULTS_FILE) if o.results else "—"
+        rows.append([*(values.get(k, "") for k in swept), "ok" if not o.status else f"failed ({o.status})",
+                     *(format_metric(got[m]) if m in got else "" for m in metrics), where])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    out = [f"sweep: {len(outcomes)} job(s), {sum(1 for o in outcomes if o.status)} failed", line(head),
+           "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+    failed = [(i, o) for i, o in enumerate(outcomes, start=1) if o.status]
+    if failed:
+        out += ["", "failed jobs:"]
+        out += [f"  [{i}/{len(outcomes)}] {' '.join(o.overrides)}: exit status {o.status}: {o.error}"
+                for i, o in failed]
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+        from transfer.usage import help_text
+
+        try:
+            print(help_text(__doc__, [a for a in argv if a not in ("-h", "--help")]), end="")
+        except (TransferError, UnknownNameError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # The engine's first ModelCheckpoint is the best epoch on purpose (last.ckpt is the second).
     warnings.filterwarnings("ignore", message=".*multiple `ModelCheckpoint` callbacks.*")
@@ -123,27 +175,30 @@ def main(argv: list[str] | None = None) -> int:
             cfg = validate(compose(overrides))
             print(cfg.to_yaml())
             return 0
-        jobs = expand_sweep(overrides) if multirun else [overrides]
-        results, failures = [], []
-        for i, job in enumerate(jobs):
-            if multirun:
-                print(f"[{i + 1}/{len(jobs)}] {' '.join(job)}", flush=True)
-            try:
-                results.append(run_one(job, sweep_index=i if multirun else None))
-            except (TransferError, UnknownNameError) as e:
-                if not multirun:
-                    raise
-                failures.append((job, e))
-                print(f"error: {e}", file=sys.stderr)
+        if not multirun:
+            run_one(overrides)
+            return 0
+        check_top_level_keys(overrides)  # a typo fails once, not once per job
+        swept = [key.lstrip("+~") for key, values in sweep_axes(overrides) if len(values) > 1]
+        jobs = expand_sweep(overrides)
     except (TransferError, UnknownNameError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if len(results) > 1 and is_global_zero():
-        print("\n" + format_table(results))
-        for r in results:
-            print(f"results: {Path(r['run_dir']) / RESULTS_FILE}")
-    return 1 if failures else 0
-
+    outcomes = []
+    for i, job in enumerate(jobs):
+        print(f"[{i + 1}/{len(jobs)}] {' '.join(job)}", flush=True)
+        try:
+            outcomes.append(JobOutcome(job, run_one(job, sweep_index=i)))
+        except (TransferError, UnknownNameError) as e:
+            outcomes.append(JobOutcome(job, status=2, error=str(e)))
+            print(f"error: {e}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - one crashed job must not lose the others; its traceback is logged
+            log.exception("job %d/%d (%s) crashed", i + 1, len(jobs), " ".join(job))
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            outcomes.append(JobOutcome(job, status=1, error=f"{type(e).__name__}: {first}"))
+    if is_global_zero():
+        print("\n" + sweep_summary(swept, outcomes), flush=True)
+    return 1 if any(o.status for o in outcomes) else 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -165,14 +165,15 @@ def write_safetensors(sd: Mapping[str, torch.Tensor], path: str | os.PathLike,
 
 def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, origin: str,
                 optional_prefixes: tuple[str, ...] = (), strict: bool = True,
-                min_loaded_fraction: float = DEFAULT_MIN_LOADED_FRACTION) -> LoadReport:
+                min_loaded_fraction: float = DEFAULT_MIN_LOADED_FRACTION, dry_run: bool = False) -> LoadReport:
     """Load ``sd`` into ``model`` and report what was loaded.
 
     Wrapper prefixes are removed first (:func:`strip_wrapper_prefixes`). Keys under ``optional_prefixes``
     (the ImageNet classifier, dropped for transfer) may be absent. Raises :class:`WeightsError` for
     mis-shaped keys; for NaN/Inf tensors (naming them); when ``strict`` and keys are missing or unexpected
-    (listing them); and, when not ``strict``, when it would load none of the backbone's tensors or fewer
-    than ``min_loaded_fraction`` of them.
+    (listing them, with a hint when one other key prefix explains the mismatch); and, when not ``strict``, when
+    it would load none of the backbone's tensors or fewer than ``min_loaded_fraction`` of them. ``dry_run``
+    checks all that and loads nothing (``model`` may then live on the ``meta`` device).
     """
     own = model.state_dict()
     sd, prefix = strip_wrapper_prefixes(sd, own)
@@ -185,8 +186,9 @@ def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, origi
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
             if keys:
                 parts.append(f"{label} ({len(keys)}): {_some(keys)}")
-        raise WeightsError(f"weights from {origin!r} do not match the model: " + "; ".join(parts)
-                           + ". Check that the file belongs to this backbone (timm key layout), or pass "
+        raise WeightsError(f"weights from {origin!r} do not match the model: " + "; ".join(parts) + "."
+                           + prefix_hint(missing, unexpected)
+                           + " Check that the file belongs to this backbone (timm key layout), or pass "
                              "backbone.strict=false to load the matching keys only (a non-strict load must "
                              "still cover backbone.min_loaded_fraction of the backbone).")
     taken = {k: v for k, v in sd.items() if k in own}
@@ -210,9 +212,35 @@ def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, origi
             f"{len(counted)} tensors ({100 * report.fraction:.1f} %; backbone.min_loaded_fraction="
             f"{min_loaded_fraction}), leaving the rest at their random initialisation. File keys look like "
             f"{_some(file_keys, 3)}; the model's like {_some(counted, 3)} (wrapper prefixes recognised: "
-            f"{', '.join(WRAPPER_PREFIXES)}). {fix}")
-    model.load_state_dict(taken, strict=False)
+            f"{', '.join(WRAPPER_PREFIXES)}).{prefix_hint(missing, unexpected)} {fix}")
+    if not dry_run:
+        model.load_state_dict(taken, strict=False)
     return report
+
+
+def prefix_hint(missing: list[str], unexpected: list[str]) -> str:
+    """A sentence when most ``missing`` model keys are in the file under one prefix that is not a recognised
+    wrapper (``student.``, ``net.``, ``encoder_q.``), with how to remove it; "" otherwise."""
+    wanted = set(missing)
+    found: dict[str, list[tuple[str, str]]] = {}
+    for key in unexpected:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            rest = ".".join(parts[i:])
+            if rest in wanted:
+                found.setdefault(".".join(parts[:i]) + ".", []).append((key, rest))
+                break
+    if not found:
+        return ""
+    prefix, pairs = max(found.items(), key=lambda kv: len(kv[1]))
+    if len(pairs) < max(1, len(missing) // 2):
+        return ""
+    file_key, model_key = next((pair for pair in pairs if not pair[1].endswith(COUNTERS_SUFFIX)), pairs[0])
+    return (f" Hint: {len(pairs)} of the {len(missing)} missing keys are in the file under the prefix {prefix!r} "
+            f"({file_key!r} is the model's {model_key!r}), which is not one of the wrapper prefixes removed "
+            f"automatically ({', '.join(WRAPPER_PREFIXES)}). If those are the backbone's weights, re-save them "
+            f"without it: sd = {{k[{len(prefix)}:]: v for k, v in sd.items() if k.startswith({prefix!r})}}, "
+            "then safetensors.torch.save_file(sd, 'backbone.safetensors').")
 
 
 def _some(keys: list[str], n: int = 10) -> str:

@@ -16,16 +16,20 @@ class ClassificationTaskConfig:
     dataset: str  # a DATASETS registry key
     adapter: str = "classification"
     metric: str = "top1"  # what the SimCLR/BYOL transfer tables report for this data set
-    data_dir: str | None = None  # local copy: save_to_disk folder, parquet files or ImageFolder tree
+    # local copy: the data set's official release files (CIFAR pickles, Flowers .mat, split lists …), a save_to_disk
+    # folder, parquet files or an ImageFolder tree (docs/classification.md)
+    data_dir: str | None = None
     hub_id: str | None = None  # Hugging Face Hub data set id, used when data_dir is not given (default: the registry's)
     image_column: str | None = None  # default: the registry's; else the one Image column
     label_column: str | None = None  # default: the registry's; else the one ClassLabel column
     scan_images: bool = True  # check every image header first; unreadable ones are skipped and counted
     resolution: int | None = None  # default: the backbone checkpoint's own resolution
     val_fraction: float = 0.2  # held out of train (seeded) where the data set has no validation split
-    split_seed: int = 0
+    split_seed: int = 0  # seeds the held-out val, task.limit_per_split's sample and Caltech-101's 30-per-class draw
     max_bad_fraction: float = 0.01  # unreadable images above this fraction stop the run
-    limit_per_split: int | None = None  # keep the first N images of each split (quick checks; not comparable)
+    # quick checks: keep N images of each split, a sample stratified by class and seeded by split_seed (the run is
+    # marked not comparable)
+    limit_per_split: int | None = None
     # Stop when the copy's split sizes differ from the published ones (tasks/classification/splits.py);
     # false runs anyway and marks the run not comparable.
     check_split_sizes: bool = True

@@ -5,27 +5,20 @@ import dataclasses
 import functools
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from tasks.classification.config import ClassificationTaskConfig
-from tasks.classification.sources import Source, check_damage, load_source
-from tasks.classification.splits import (
-    PUBLISHED_SPLITS,
-    FoundSizes,
-    SplitSizes,
-    check_split_sizes,
-    flowers102_official,
-    has_flowers102_files,
-)
+from tasks.classification.official import OFFICIAL_LAYOUTS, OfficialLayout
+from tasks.classification.sources import ArrayImages, Source, check_damage, labels_of, load_source
+from tasks.classification.splits import PUBLISHED_SPLITS, FoundSizes, SplitSizes, check_split_sizes
 from transfer.errors import DataError
-from transfer.images import MARKERS, Undecodable, decode_image
+from transfer.images import MARKERS, Undecodable
 from transfer.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -52,19 +45,6 @@ class Splits:
 DATASETS: Registry[Callable[[ClassificationTaskConfig], Splits]] = Registry("dataset")
 
 
-class ArrayImages(Dataset):
-    """Images held in memory as a uint8 array (N, H, W) or (N, H, W, 3)."""
-
-    def __init__(self, images: np.ndarray, labels: Sequence[int]):
-        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        return decode_image(Image.fromarray(self.images[i])), int(self.labels[i])
-
-
 class Transformed(Dataset):
     """Apply an image transform to a split: items become ``(Tensor (3, H, W), label)``."""
 
@@ -86,13 +66,31 @@ def hold_out(train: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset
     return Subset(train, sorted(order[n_val:].tolist())), Subset(train, sorted(order[:n_val].tolist()))
 
 
-def limit(ds: Dataset, n: int | None) -> Dataset:
-    return ds if n is None or n >= len(ds) else Subset(ds, list(range(n)))
+def limit(ds: Dataset, n: int | None, seed: int = 0) -> Dataset:
+    """``n`` items of ``ds`` (all when ``n`` is None or not smaller), stratified by label and seeded.
+
+    Each class keeps its share of the ``n`` (largest remainder: ``n * count / len(ds)`` rounded so the shares
+    add up to ``n``, the rounding ties broken by a draw from ``seed``); within a class the items kept are a
+    seeded random draw. On class-sorted data the subset still spans the classes in their proportions. The
+    items keep their order in ``ds``.
+    """
+    if n is None or n >= len(ds):
+        return ds
+    labels = labels_of(ds)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    share = n * counts / len(labels)
+    quota = np.floor(share).astype(np.int64)
+    remainder_order = np.lexsort((rng.random(len(classes)), -(share - quota)))  # largest remainder first
+    quota[remainder_order[:n - int(quota.sum())]] += 1
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
+    return Subset(ds, sorted(np.concatenate(keep).tolist()))
 
 
-def limit_reason(n: int | None) -> list[str]:
+def limit_reason(n: int | None, seed: int = 0) -> list[str]:
     """``task.limit_per_split`` scores a subset: never comparable with a number measured on the whole split."""
-    return [] if n is None else [f"task.limit_per_split={n}: only the first {n} images of each split are used"]
+    return [] if n is None else [f"task.limit_per_split={n}: a stratified sample of {n} images of each split "
+                                 f"(seed task.split_seed={seed}) is used"]
 
 
 @DATASETS.register("digits")
@@ -108,10 +106,11 @@ def build_digits(cfg: ClassificationTaskConfig) -> Splits:
     full = ArrayImages(images, digits.target)
     order = np.random.default_rng(0).permutation(len(full))
     test, val, train = order[:360], order[360:720], order[720:]
-    pick = lambda idx: limit(Subset(full, sorted(idx.tolist())), cfg.limit_per_split)  # noqa: E731
+    pick = lambda idx: limit(Subset(full, sorted(idx.tolist())), cfg.limit_per_split, cfg.split_seed)  # noqa: E731
     source_id = hashlib.sha256(images.tobytes() + np.asarray(digits.target, dtype=np.int64).tobytes()).hexdigest()
     return Splits(train=pick(train), val=pick(val), test=pick(test), num_classes=10,
-                  class_names=[str(i) for i in range(10)], not_comparable=limit_reason(cfg.limit_per_split),
+                  class_names=[str(i) for i in range(10)],
+                  not_comparable=limit_reason(cfg.limit_per_split, cfg.split_seed),
                   source_id=source_id, label_column="target")
 
 
@@ -122,7 +121,7 @@ class DatasetSpec:
     Split names are candidates, first match wins; when no validation split exists, ``val_fraction`` of
     train is held out with a fixed seed (ssl-transfer ``linear.py`` ``get_train_valid_loader``: 20 %, seed 0).
     ``sizes`` are the published split sizes, checked on every load (:mod:`tasks.classification.splits`);
-    ``official_files`` reads a local copy in the data set's official release layout, when it is one.
+    ``official`` reads a local copy in the data set's official release layout (:mod:`tasks.classification.official`).
     """
 
     hub_id: str | None
@@ -133,7 +132,7 @@ class DatasetSpec:
     test: tuple[str, ...] = ("test",)
     num_classes: int | None = None
     sizes: SplitSizes | None = None
-    official_files: tuple[Callable[[Path], bool], Callable[[Path, bool], Source]] | None = None
+    official: OfficialLayout | None = None
 
 
 def _pick(source: Source, candidates: tuple[str, ...]) -> str | None:
@@ -146,13 +145,7 @@ def build_from_spec(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Splits:
     Raises :class:`DataError` when the splits' sizes differ from the published ones (``spec.sizes``) and
     ``cfg.check_split_sizes`` is true.
     """
-    if cfg.data_dir and spec.official_files and spec.official_files[0](Path(cfg.data_dir).expanduser()):
-        source = spec.official_files[1](Path(cfg.data_dir).expanduser(), cfg.scan_images)
-    else:
-        source = load_source(data_dir=cfg.data_dir, hub_id=cfg.hub_id or spec.hub_id,
-                             image_column=cfg.image_column or spec.image_column,
-                             label_column=cfg.label_column or spec.label_column, scan=cfg.scan_images,
-                             max_pixels=cfg.max_image_pixels)
+    source = _read(spec, cfg)
     train_name, test_name = _pick(source, spec.train), _pick(source, spec.test)
     if train_name is None or test_name is None:
         raise DataError(f"{source.origin}: needs a train split (one of {list(spec.train)}) and a test split "
@@ -166,7 +159,7 @@ def build_from_spec(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Splits:
                             f"check task.label_column.")
     if spec.num_classes is not None and num_classes != spec.num_classes:
         log.warning("%s: %d classes, the published data set has %d", source.origin, num_classes, spec.num_classes)
-    not_comparable = limit_reason(cfg.limit_per_split)
+    not_comparable = limit_reason(cfg.limit_per_split, cfg.split_seed)
     if spec.sizes is not None:
         size = lambda name: len(source.splits[name].labels) + source.splits[name].skipped  # noqa: E731
         training = [source.splits[n] for n in (train_name, val_name) if n]
@@ -182,12 +175,34 @@ def build_from_spec(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Splits:
     else:
         val = source.splits[val_name].dataset
     counts = {"skipped_images": sum(s.skipped for s in source.splits.values())}
-    splits = Splits(train=limit(train, cfg.limit_per_split), val=limit(val, cfg.limit_per_split),
-                    test=limit(source.splits[test_name].dataset, cfg.limit_per_split), num_classes=num_classes,
+    cut = lambda ds: limit(ds, cfg.limit_per_split, cfg.split_seed)  # noqa: E731
+    splits = Splits(train=cut(train), val=cut(val), test=cut(source.splits[test_name].dataset), num_classes=num_classes,
                     class_names=source.class_names, val_held_out=val_name is None, counts=counts,
                     not_comparable=not_comparable, source_id=source.identity, label_column=source.label_column)
     counts.update({f"images_{k}": len(getattr(splits, k)) for k in ("train", "val", "test")})
     return splits
+
+
+def _read(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Source:
+    """The data set's official release layout when ``task.data_dir`` holds it, else a generic layout or the Hub."""
+    root = Path(cfg.data_dir).expanduser() if cfg.data_dir else None
+    if root is not None and spec.official is not None and root.is_dir():
+        where = spec.official.find(root)
+        if where is not None:
+            log.info("%s: reading %s", cfg.name, spec.official.describe.split(":")[0])
+            return spec.official.read(where, scan=cfg.scan_images, max_pixels=cfg.max_image_pixels,
+                                      seed=cfg.split_seed)
+    hint = ""
+    if root is not None and root.is_dir():  # another data set's release: say which, rather than only "no layout"
+        other = [name for name, s in SPECS.items() if s.official is not None and name != cfg.dataset
+                 and s.official.find(root) is not None]
+        if other:
+            hint = f"It holds the official layout of {' / '.join(other)}: did you mean task={other[0]}?"
+    return load_source(data_dir=cfg.data_dir, hub_id=cfg.hub_id or spec.hub_id,
+                       image_column=cfg.image_column or spec.image_column,
+                       label_column=cfg.label_column or spec.label_column, scan=cfg.scan_images,
+                       max_pixels=cfg.max_image_pixels,
+                       official=[spec.official.describe] if spec.official else [], hint=hint)
 
 
 def _check_damage(source: Source, max_bad_fraction: float) -> None:
@@ -208,8 +223,7 @@ _SPECS = {
     "food101": DatasetSpec("ethz/food101", val=(), test=("test", "validation"), num_classes=101),
     # This Hub copy has the official 1,020 / 1,020 / 6,149 splits (its dataset viewer lists train 1.02k,
     # validation 1.02k, test 6.15k); nelorth/oxford-flowers, used before, has 7,169 / 1,020 and no val.
-    "flowers102": DatasetSpec("dpdl-benchmark/oxford_flowers102", num_classes=102,
-                              official_files=(has_flowers102_files, flowers102_official)),
+    "flowers102": DatasetSpec("dpdl-benchmark/oxford_flowers102", num_classes=102),
     "oxford_pets": DatasetSpec("timm/oxford-iiit-pet", num_classes=37),
     "dtd": DatasetSpec("tanganke/dtd", num_classes=47),
     "stanford_cars": DatasetSpec("tanganke/stanford_cars", num_classes=196),
@@ -218,6 +232,7 @@ _SPECS = {
     "sun397": DatasetSpec("tanganke/sun397", num_classes=397),
     "birdsnap": DatasetSpec(None, num_classes=500),
 }
-SPECS = {name: dataclasses.replace(spec, sizes=PUBLISHED_SPLITS.get(name)) for name, spec in _SPECS.items()}
+SPECS = {name: dataclasses.replace(spec, sizes=PUBLISHED_SPLITS.get(name), official=OFFICIAL_LAYOUTS.get(name))
+         for name, spec in _SPECS.items()}
 for _name, _spec in SPECS.items():
     DATASETS.add(_name, functools.partial(build_from_spec, _spec))

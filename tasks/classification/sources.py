@@ -1,4 +1,5 @@
-"""Reading a classification data set: a Hugging Face Hub id, or a local copy in one of three layouts.
+"""Reading a classification data set: a Hugging Face Hub id, or a local copy in one of three generic layouts
+(a data set's official release layout is read by :mod:`tasks.classification.official`).
 
 Every layout ends as named source splits (``train``, ``validation``, ``test`` …) of ``(PIL image, label)``
 items, after a scan that skips unreadable images and counts them. The scan only parses image headers
@@ -27,16 +28,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
 from transfer.errors import DataError
-from transfer.images import ImageDecodeError, TooLarge, Undecodable, check_header, load_image
+from transfer.images import ImageDecodeError, TooLarge, Undecodable, check_header, decode_image, load_image
 
 log = logging.getLogger(__name__)
-
-LAYOUTS = """\
-  1. a datasets.save_to_disk folder (DATA_DIR/dataset_dict.json, DATA_DIR/train/…, DATA_DIR/test/…);
-  2. parquet files named by split, as on the Hub (DATA_DIR/data/train-00000-of-00001.parquet,
-     DATA_DIR/data/test-00000-of-00001.parquet);
-  3. an ImageFolder tree: DATA_DIR/train/<class>/*.jpg, DATA_DIR/test/<class>/*.jpg
-     (optionally DATA_DIR/val/<class>/*.jpg)."""
 
 
 @dataclass
@@ -79,7 +73,7 @@ class HubRows(Dataset):
 
 
 class FileImages(Dataset):
-    """Image files with labels (an ImageFolder tree after the scan)."""
+    """Image files with labels (an ImageFolder tree or an official file list, after the scan)."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], *, max_pixels: int | None = None):
         self.paths, self.labels = list(paths), np.asarray(labels, dtype=np.int64)
@@ -91,6 +85,37 @@ class FileImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image | Undecodable | TooLarge, int]:
         return load_image(self.paths[i], max_pixels=self.max_pixels), int(self.labels[i])
+
+
+class ArrayImages(Dataset):
+    """Images held in memory as a uint8 array (N, H, W) or (N, H, W, 3); ``item_ids`` name them for the feature
+    cache key (default: the index)."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], item_ids: Sequence[str] | None = None):
+        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
+        if item_ids is not None:
+            self.item_ids = list(item_ids)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return decode_image(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def scan_files(paths: Sequence[str | Path], labels: Sequence[int], *, split: str, scan: bool = True,
+               max_pixels: int | None = None) -> SourceSplit:
+    """One split of image files: with ``scan``, every header is checked (a progress bar on a terminal) and the
+    unreadable or missing files are skipped and counted, as for every other layout."""
+    paths, labels = [str(p) for p in paths], np.asarray(labels, dtype=np.int64)
+    good = np.ones(len(paths), dtype=bool)
+    if scan:
+        for i, f in enumerate(tqdm(paths, desc=f"scan {split}", unit="img", leave=False, disable=None)):
+            good[i] = readable(f, max_pixels=max_pixels)
+    bad = [f for f, ok in zip(paths, good) if not ok]
+    keep = np.flatnonzero(good)
+    return SourceSplit(FileImages([paths[i] for i in keep], labels[keep], max_pixels=max_pixels), labels[keep],
+                       len(bad), bad[:5])
 
 
 def readable(value, *, max_pixels: int | None = None, name: str | None = None) -> bool:
@@ -164,33 +189,49 @@ def check_damage(*, bad: int, total: int, examples: Sequence[str], max_bad_fract
                         "task.max_bad_fraction to skip them.")
 
 
+def accepted_layouts(official: Sequence[str] = ()) -> str:
+    """The numbered list of layouts ``task.data_dir`` may have: the data set's official ones, then the generic."""
+    generic = [
+        "a datasets.save_to_disk folder (DATA_DIR/dataset_dict.json, DATA_DIR/train/…, DATA_DIR/test/…);",
+        "parquet files named by split, as on the Hub (DATA_DIR/data/train-00000-of-00001.parquet,\n"
+        "     DATA_DIR/data/test-00000-of-00001.parquet);",
+        "an ImageFolder tree: DATA_DIR/train/<class>/*.jpg, DATA_DIR/test/<class>/*.jpg\n"
+        "     (optionally DATA_DIR/val/<class>/*.jpg).",
+    ]
+    return "\n".join(f"  {i}. {text}" for i, text in enumerate([*official, *generic], start=1))
+
+
 def load_source(*, data_dir: str | None, hub_id: str | None, image_column: str, label_column: str,
-                scan: bool = True, max_pixels: int | None = None) -> Source:
+                scan: bool = True, max_pixels: int | None = None, official: Sequence[str] = (),
+                hint: str = "") -> Source:
     """Open the data set from ``data_dir`` when given, else from the Hub by ``hub_id``; scan every split.
 
     ``max_pixels``: the image size limit of :func:`transfer.images.decode_image` (default Pillow's).
+    ``official`` describes the data set's official release layouts (read elsewhere, before this): every error
+    lists them with the generic layouts; ``hint`` is added to the error for a folder in no layout.
     """
+    layouts = accepted_layouts(official)
     if data_dir:
         root = Path(data_dir).expanduser()
         if not root.is_dir():
-            raise DataError(f"task.data_dir={data_dir!r} is not a directory. Accepted layouts:\n{LAYOUTS}")
+            raise DataError(f"task.data_dir={data_dir!r} is not a directory. Accepted layouts:\n{layouts}")
         if _is_saved_dataset(root):
             identity = files_identity(root, (p for p in root.rglob("*") if p.is_file()))
             return _from_hf(_load_from_disk(root), image_column, label_column, str(root), scan, max_pixels,
                             identity)
         parquet = sorted(root.rglob("*.parquet"))
         if parquet:
-            return _from_hf(_load_parquet(root, parquet), image_column, label_column, str(root), scan, max_pixels,
-                            files_identity(root, parquet))
+            return _from_hf(_load_parquet(root, parquet, layouts), image_column, label_column, str(root), scan,
+                            max_pixels, files_identity(root, parquet))
         if (root / "train").is_dir():
-            return _from_folders(root, scan, max_pixels)
+            return _from_folders(root, scan, max_pixels, layouts)
         found = sorted(p.name for p in root.iterdir())[:10]
         raise DataError(f"task.data_dir={str(root)!r} is in none of the accepted layouts (found: "
-                        f"{found or 'nothing'}). Accepted layouts:\n{LAYOUTS}")
+                        f"{found or 'nothing'}).{' ' + hint if hint else ''} Accepted layouts:\n{layouts}")
     if not hub_id:
         raise DataError("this data set has no Hugging Face Hub copy on record; download it yourself and pass "
-                        f"task.data_dir=PATH. Accepted layouts:\n{LAYOUTS}")
-    dsd = _load_hub(hub_id)
+                        f"task.data_dir=PATH. Accepted layouts:\n{layouts}")
+    dsd = _load_hub(hub_id, layouts)
     identity = hashlib.sha256(repr(sorted((k, v._fingerprint) for k, v in dsd.items())).encode()).hexdigest()
     return _from_hf(dsd, image_column, label_column, f"hub:{hub_id}", scan, max_pixels, identity)
 
@@ -206,7 +247,7 @@ def _load_from_disk(root: Path):
     return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
 
 
-def _load_parquet(root: Path, files: list[Path]):
+def _load_parquet(root: Path, files: list[Path], layouts: str):
     import datasets
 
     by_split: dict[str, list[str]] = {}
@@ -218,10 +259,10 @@ def _load_parquet(root: Path, files: list[Path]):
         return datasets.load_dataset("parquet", data_files=by_split)
     except Exception as e:  # noqa: BLE001 - arrow/parquet raise many types for a damaged file
         raise DataError(f"task.data_dir={str(root)!r}: cannot read its parquet files ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}). Accepted layouts:\n{LAYOUTS}") from None
+                        f"{str(e).splitlines()[0][:200]}). Accepted layouts:\n{layouts}") from None
 
 
-def _load_hub(hub_id: str):
+def _load_hub(hub_id: str, layouts: str):
     import datasets
 
     try:
@@ -230,7 +271,7 @@ def _load_hub(hub_id: str):
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise DataError(f"could not load the Hugging Face data set {hub_id!r} ({type(e).__name__}: {first}). "
                         f"Without network access, or if the id is wrong, download a copy and pass "
-                        f"task.data_dir=PATH (or another id as task.hub_id=ID). Accepted layouts:\n{LAYOUTS}") from None
+                        f"task.data_dir=PATH (or another id as task.hub_id=ID). Accepted layouts:\n{layouts}") from None
 
 
 def _column(ds, wanted: str, kind: str, origin: str) -> str:
@@ -264,7 +305,7 @@ def _from_hf(dsd, image_column: str, label_column: str, origin: str, scan: bool,
         good, bad = np.ones(len(raw), dtype=bool), []
         if scan:
             for i, cell in enumerate(tqdm(raw.select_columns([image_col]), desc=f"scan {split_name}",
-                                          unit="img", leave=False)):
+                                          unit="img", leave=False, disable=None)):
                 where = f"{split_name}[{i}]" + (f" {cell[image_col].get('path')}"
                                                 if cell[image_col].get("path") else "")
                 if not readable(cell[image_col], max_pixels=max_pixels, name=where):
@@ -279,27 +320,22 @@ def _from_hf(dsd, image_column: str, label_column: str, origin: str, scan: bool,
     return Source(splits, names, origin, identity=identity, label_column="+".join(sorted(label_cols)))
 
 
-def _from_folders(root: Path, scan: bool, max_pixels: int | None) -> Source:
+def _from_folders(root: Path, scan: bool, max_pixels: int | None, layouts: str) -> Source:
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
-        raise DataError(f"{root / 'train'} has no class folders. Accepted layouts:\n{LAYOUTS}")
+        raise DataError(f"{root / 'train'} has no class folders. Accepted layouts:\n{layouts}")
     index = {c: i for i, c in enumerate(classes)}
     splits, listed = {}, []
     for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        paths, labels, bad = [], [], []
+        paths, labels = [], []
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             if class_dir.name not in index:
                 raise DataError(f"{split_dir}: class folder {class_dir.name!r} is not among the train classes "
                                 f"({len(classes)} folders under {root / 'train'}).")
             for f in sorted(class_dir.iterdir()):
-                if f.suffix.lower() not in IMG_EXTENSIONS:
-                    continue
-                listed.append(f)
-                if scan and not readable(str(f), max_pixels=max_pixels):
-                    bad.append(str(f))
-                    continue
-                paths.append(str(f))
-                labels.append(index[class_dir.name])
-        splits[split_dir.name] = SourceSplit(FileImages(paths, labels, max_pixels=max_pixels),
-                                             np.asarray(labels, dtype=np.int64), len(bad), bad[:5])
+                if f.suffix.lower() in IMG_EXTENSIONS:
+                    paths.append(f)
+                    labels.append(index[class_dir.name])
+        listed += paths
+        splits[split_dir.name] = scan_files(paths, labels, split=split_dir.name, scan=scan, max_pixels=max_pixels)
     return Source(splits, classes, str(root), identity=files_identity(root, listed))

@@ -1,5 +1,5 @@
-"""Published split sizes of the many-shot transfer sets, checked whenever a copy is loaded; Flowers-102's
-official split files.
+"""Published split sizes of the many-shot transfer sets, checked whenever a copy is loaded (the official
+release layouts that give these splits are read by :mod:`tasks.classification.official`).
 
 A score stands next to a published number only when it was measured on the same images. Every data set
 below has the train / val / test sizes its transfer protocol used; a copy whose splits differ (the common
@@ -11,13 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
-from torchvision.datasets import Flowers102
-from tqdm.auto import tqdm
-
-from tasks.classification.sources import FileImages, Source, SourceSplit, readable
 from transfer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -65,7 +59,9 @@ PUBLISHED_SPLITS: dict[str, SplitSizes] = {
     # 3,060 = 30 training images per class x 102 classes (101 + background); the remaining 6,084 are test.
     "caltech101": SplitSizes(3_060, 6_084, train_per_class=30,
                              where="Caltech-101 with 30 training images per class and the rest as test (SimCLR "
-                                   "App. B.8; the ssl-transfer repository ships such a split, caltech101-splits/)."),
+                                   "App. B.8): the official 101_ObjectCategories/ folder as task.data_dir draws "
+                                   "such a split (seeded by task.split_seed); the ssl-transfer repository ships one, "
+                                   "caltech101-splits/."),
     "flowers102": SplitSizes(1_020, 6_149, val=1_020,
                              where="the official files: task.data_dir=PATH holding setid.mat, imagelabels.mat "
                                    "and jpg/ from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/, or the default "
@@ -132,58 +128,3 @@ def check_split_sizes(task: str, expected: SplitSizes, found: FoundSizes, *, ori
               f"{'; '.join(differences)} ({expected.source})")
     log.warning("not comparable: %s", reason)
     return [reason]
-
-
-# --- Flowers-102 from its official files ---------------------------------------------------------------------
-
-FLOWERS_FILES = ("setid.mat", "imagelabels.mat", "jpg")
-# The suite's split names for torchvision's: train / val / test read from setid.mat's trnid / valid / tstid.
-FLOWERS_SPLITS = {"train": "train", "validation": "val", "test": "test"}
-
-
-class _LocalFlowers102(Flowers102):
-    """torchvision's Flowers-102 reader on a local copy, never downloading.
-
-    torchvision looks in ``root/flowers-102`` and accepts the two ``.mat`` files only with the md5 of the
-    official download; here the files may also sit in ``root`` itself (the official tarball unpacked), and a
-    re-saved but equal ``setid.mat`` is accepted: the published split sizes are checked on the result instead.
-    """
-
-    def _check_integrity(self) -> bool:
-        # Called by torchvision's __init__ before it reads the .mat files from self._base_folder.
-        for base in (Path(self._base_folder), Path(self.root)):
-            if all((base / f).exists() for f in FLOWERS_FILES):
-                self._base_folder, self._images_folder = base, base / "jpg"
-                return True
-        return False
-
-
-def has_flowers102_files(root: Path) -> bool:
-    return any(all((base / f).exists() for f in FLOWERS_FILES) for base in (root, root / "flowers-102"))
-
-
-def flowers102_official(root: Path, scan: bool = True) -> Source:
-    """The official Flowers-102 splits (train 1,020 / val 1,020 / test 6,149) from ``setid.mat``.
-
-    ``root`` holds ``setid.mat``, ``imagelabels.mat`` and ``jpg/image_NNNNN.jpg`` (the official download),
-    directly or under ``root/flowers-102`` (torchvision's layout). Raises :class:`DataError` for unreadable
-    ``.mat`` files.
-    """
-    splits = {}
-    for ours, theirs in FLOWERS_SPLITS.items():
-        try:
-            ds = _LocalFlowers102(str(root), split=theirs)
-        except Exception as e:  # noqa: BLE001 - scipy raises many types for a damaged .mat file
-            raise DataError(f"{root}: cannot read the Flowers-102 split files setid.mat / imagelabels.mat "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Re-download "
-                            "them from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/.") from None
-        # torchvision keeps the file list private; it is the one attribute read here (torchvision 0.29).
-        files, labels = [str(p) for p in ds._image_files], np.asarray(ds._labels, dtype=np.int64)
-        good = np.ones(len(files), dtype=bool)
-        if scan:
-            for i, f in enumerate(tqdm(files, desc=f"scan {ours}", unit="img", leave=False)):
-                good[i] = readable({"path": f, "bytes": None})
-        bad = [f for f, ok in zip(files, good) if not ok]
-        keep = np.flatnonzero(good)
-        splits[ours] = SourceSplit(FileImages([files[i] for i in keep], labels[keep]), labels[keep], len(bad), bad[:5])
-    return Source(splits, list(Flowers102.classes), f"{root} (official Flowers-102 files)")

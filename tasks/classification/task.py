@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -59,6 +60,10 @@ def check(cfg) -> None:
     if cfg.task.preprocess == "paper" and cfg.protocol.name not in FROZEN:
         raise ConfigError(f"task.preprocess=paper applies to the frozen protocols ({', '.join(FROZEN)}), not "
                           f"protocol={cfg.protocol.name}; use task.preprocess=auto or checkpoint.")
+    if cfg.task.data_dir and not Path(cfg.task.data_dir).expanduser().is_dir():
+        raise ConfigError(f"task.data_dir={cfg.task.data_dir!r} is not a directory; pass the folder holding a copy "
+                          f"of {cfg.task.dataset} (layouts: docs/classification.md, or python -m transfer.run --help "
+                          f"task={cfg.task.name}).")
 
 
 def _build(ctx: RunContext) -> tuple[Backbone, Splits, int]:

@@ -1,6 +1,7 @@
 """Detection settings, data layout checks and the detectron2 requirement: most run without detectron2."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,8 +84,9 @@ def test_base_config_is_checked_with_or_without_detectron2(detectron2):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "transfer.run", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    # In the test's own working folder (conftest.py), never the checkout.
+    return subprocess.run([sys.executable, "-m", "transfer.run", *args], cwd=Path.cwd(), capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.mark.parametrize("override, fragment", [

@@ -106,9 +106,11 @@ def test_other_architectures_run_through_the_adapter(recipe, coco_root, fast_ove
 
 
 def _cli(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the one_thread fixture, for the run's own process(es)
-    return subprocess.run([sys.executable, "-m", "transfer.run", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, env=env)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",  # as the one_thread fixture, for the run's own process(es)
+           "PYTHONPATH": str(ROOT)}
+    # In the test's own working folder (conftest.py): the default caches under ./runs stay out of the checkout.
+    return subprocess.run([sys.executable, "-m", "transfer.run", *args], cwd=Path.cwd(), capture_output=True,
+                          text=True, timeout=900, env=env)
 
 
 def test_coco_instance_seg_end_to_end(coco_root, fast_overrides, tmp_path):

@@ -145,8 +145,41 @@ def build_backbone(name: str, *, weights: str = "pretrained", strict: bool = Tru
     return Backbone(spec, model, info)
 
 
+def check_weights(name: str, *, weights: str = "pretrained", strict: bool = True,
+                  min_loaded_fraction: float = DEFAULT_MIN_LOADED_FRACTION) -> WeightsInfo:
+    """Resolve ``weights`` for backbone ``name`` (download, find the file, convert an official format) and check
+    its keys, shapes and values against the architecture, loading nothing: the checks of :func:`build_backbone`,
+    done before any data work so that a bad or unreachable file fails first (``python -m transfer.run`` calls it
+    before the task starts). The state dict read is kept for the next :func:`build_backbone` of the same file,
+    which then does not read it again. Raises :class:`WeightsError`.
+    """
+    spec = BACKBONES.get(name)
+    if weights == "random":
+        return WeightsInfo("random")
+    with torch.device("meta"):  # shapes and names only: no memory, no initialisation work
+        model = timm.create_model(spec.arch, pretrained=False, **spec.arch_kwargs)
+    path, info = _resolve_weights_file(spec, weights)
+    sd = _read_or_convert(spec, model, path)
+    report = load_strict(model, sd, origin=str(path), optional_prefixes=(spec.classifier_prefix,), strict=strict,
+                         min_loaded_fraction=min_loaded_fraction, dry_run=True)
+    _READ.clear()
+    _READ[_file_key(path)] = sd
+    return dataclasses.replace(info, load=report)
+
+
+# The state dict :func:`check_weights` read last, by (path, size, mtime): handed to the build that follows.
+_READ: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def _file_key(path: Path) -> tuple:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
 def _read_or_convert(spec: BackboneSpec, model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
     """A timm-layout state dict from ``path``; an official release format is converted on first use."""
+    if _READ and path.exists() and _file_key(path) in _READ:
+        return _READ.pop(_file_key(path))
     if spec.convert is None:
         if not (is_state_dict_file(path) and path.is_file()):
             raise WeightsError(f"backbone.weights={str(path)!r}: not a weights file. Pass a .safetensors, "
@@ -198,15 +231,18 @@ def _offline_message(spec: BackboneSpec, where: str, err: Exception) -> str:
             f"backbone.weights=random. {spec.download_hint}").strip()
 
 
-def _check_resolvable(url: str) -> None:
-    """Fail at once when the host has no address and no proxy is set, instead of after minutes of retries."""
+def _check_reachable(url: str, timeout: float = 10.0) -> None:
+    """Fail at once when the host of ``url`` has no address or refuses or drops a connection (and no proxy is
+    set), instead of after the download client's retries: the Hub client retries five times with back-off,
+    printing two lines each time, before its own error."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
         return
-    host = urlparse(url).hostname
+    parsed = urlparse(url)
+    host, port = parsed.hostname, parsed.port or (80 if parsed.scheme == "http" else 443)
     try:
-        socket.getaddrinfo(host, 443)
-    except socket.gaierror as e:
-        raise ConnectionError(f"cannot resolve host {host!r}: {e}") from None
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:  # socket.gaierror (no address), refused, unreachable, timed out
+        raise ConnectionError(f"cannot reach {host}:{port} ({e})") from None
 
 
 def _download_hub(spec: BackboneSpec) -> Path:
@@ -218,7 +254,7 @@ def _download_hub(spec: BackboneSpec) -> Path:
         return Path(cached)
     try:
         if not constants.HF_HUB_OFFLINE:
-            _check_resolvable(constants.ENDPOINT)
+            _check_reachable(constants.ENDPOINT)
         try:
             return Path(hf_hub_download(spec.hub_id, "model.safetensors"))
         except RemoteEntryNotFoundError:
@@ -232,7 +268,7 @@ def _download_url(spec: BackboneSpec) -> Path:
     target = cache / Path(urlparse(spec.url).path).name
     if not target.exists():
         try:
-            _check_resolvable(spec.url)
+            _check_reachable(spec.url)
             cache.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(spec.url, str(target), progress=True)
         except Exception as e:  # noqa: BLE001 - network failures take many forms

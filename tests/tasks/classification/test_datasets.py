@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from tasks.classification.config import ClassificationTaskConfig
-from tasks.classification.datasets import DATASETS, SPECS
+from tasks.classification.datasets import DATASETS, SPECS, limit
+from tasks.classification.sources import ArrayImages, labels_of
 from transfer.errors import DataError
 
 # Mirrors conftest.py: 3 classes, 6 train and 3 test images per class, one corrupt train image.
@@ -99,3 +102,29 @@ def test_an_image_above_the_size_limit_is_too_large_not_unreadable(image_folder)
         DATASETS.get("cifar100")(config(image_folder, max_image_pixels=1000))
     text = str(err.value)
     assert str(big) in text and "too large" in text and "not damaged" in text and "task.max_image_pixels" in text
+
+
+def test_limit_per_split_is_a_seeded_sample_stratified_by_class():
+    """On class-sorted data (as many copies are) the first N items would hold one or two classes."""
+    labels = np.repeat(np.arange(5), [40, 40, 40, 40, 20])  # sorted by class; class 4 half as large
+    ds = ArrayImages(np.zeros((len(labels), 2, 2), dtype=np.uint8), labels)
+    kept = limit(ds, 18, seed=0)
+    assert len(kept) == 18
+    assert Counter(labels_of(kept).tolist()) == {0: 4, 1: 4, 2: 4, 3: 4, 4: 2}  # 18 x 40/180 = 4, 18 x 20/180 = 2
+    assert kept.indices == sorted(kept.indices)  # the split's order is kept
+    assert limit(ds, 18, seed=0).indices == kept.indices  # seeded: the same images again
+    assert limit(ds, 18, seed=1).indices != kept.indices
+    odd = Counter(labels_of(limit(ds, 7, seed=3)).tolist())  # shares 1.56 x 4 and 0.78: rounded to add up to 7
+    assert sum(odd.values()) == 7 and all(v in (1, 2) for v in odd.values()) and odd[4] == 1
+    assert limit(ds, None) is ds and limit(ds, 500) is ds
+
+
+def test_limit_per_split_through_a_local_copy(image_folder):
+    full = DATASETS.get("cifar100")(config(image_folder))
+    cut = DATASETS.get("cifar100")(config(image_folder, limit_per_split=4))
+    for split in ("train", "test"):
+        every = Counter(labels_of(getattr(full, split)).tolist())
+        some = Counter(labels_of(getattr(cut, split)).tolist())
+        assert sum(some.values()) == min(4, sum(every.values()))
+        assert len(some) == min(4, len(every)), (split, some, every)  # spread over the classes, not the first ones
+    assert any("stratified sample of 4" in r for r in cut.not_comparable)

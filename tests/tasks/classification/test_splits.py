@@ -19,12 +19,12 @@ from PIL import Image
 
 from tasks.classification.config import ClassificationTaskConfig
 from tasks.classification.datasets import DATASETS, SPECS, build_from_spec
+from tasks.classification.official import OFFICIAL_LAYOUTS
 from tasks.classification.splits import (
     PUBLISHED_SPLITS,
     FoundSizes,
     SplitSizes,
     check_split_sizes,
-    flowers102_official,
     size_differences,
 )
 from transfer.errors import DataError
@@ -37,6 +37,16 @@ PUBLISHED = {
     "fgvc_aircraft": (3_334, 3_333, 3_333), "dtd": (1_880, 1_880, 1_880), "oxford_pets": (3_680, None, 3_669),
     "caltech101": (3_060, None, 6_084), "flowers102": (1_020, 1_020, 6_149),
 }
+
+
+def flowers102_official(root):
+    """The official Flowers-102 reader on ``root`` (the release folder or torchvision's root holding it)."""
+    layout = OFFICIAL_LAYOUTS["flowers102"]
+    where = layout.find(root)
+    assert where is not None, f"no Flowers-102 layout in {root}"
+    return layout.read(where)
+
+
 TINY = {"train": 2, "val": 2, "test": [3, 4, 5]}  # images per class in the tiny Flowers copy (3 classes)
 
 
@@ -98,7 +108,7 @@ def test_the_flowers_hub_copy_used_before_is_refused_on_counts():
 def test_limit_per_split_marks_the_splits_not_comparable():
     splits = DATASETS.get("digits")(ClassificationTaskConfig(name="digits", dataset="digits", limit_per_split=30))
     assert len(splits.test) == 30 and splits.not_comparable == [
-        "task.limit_per_split=30: only the first 30 images of each split are used"]
+        "task.limit_per_split=30: a stratified sample of 30 images of each split (seed task.split_seed=0) is used"]
     assert DATASETS.get("digits")(ClassificationTaskConfig(name="digits", dataset="digits")).not_comparable == []
 
 

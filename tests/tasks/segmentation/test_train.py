@@ -115,8 +115,9 @@ def test_ade20k_end_to_end_with_a_damaged_image(seg, tmp_path):
 
 
 def test_a_missing_copy_is_one_line_with_the_layout(tmp_path):
-    out = run_cli("task=ade20k", f"task.data_dir={tmp_path}", "logger.wandb.mode=disabled", f"run.root={tmp_path}",
-                  cwd=tmp_path)
+    # Random weights: pretrained ones are resolved (and, offline, refused) before any data work.
+    out = run_cli("task=ade20k", f"task.data_dir={tmp_path}", "backbone.weights=random", "logger.wandb.mode=disabled",
+                  f"run.root={tmp_path}", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "annotations/training/ADE_train_<n>.png" in out.stderr
     assert not list(tmp_path.rglob("results.json"))

@@ -1,0 +1,259 @@
+"""The command line as a new user meets it: unknown keys refused with the closest name, ``--help`` built from the
+registries, weights checked before any data work, a sweep's summary with its swept keys and failures, the report
+telling weights apart, and the console (one line per log record, tidy metrics, shared file modes)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+from suite_helpers import QUICK, REPO, fake_task, run_cli
+
+from transfer.backbones import BACKBONES
+from transfer.config import compose, recipe_names, validate
+from transfer.errors import ConfigError, WeightsError
+from transfer.results import read_results, tidy_metric
+from transfer.run import JobOutcome, main, sweep_summary
+from transfer.tasks import TASKS, TaskOutput, load_adapters
+from transfer.weights import load_strict
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+# --- 2. unknown keys ------------------------------------------------------------------------------------------------
+
+def test_a_misspelt_group_exits_2_naming_the_valid_key(tmp_path):
+    proc = run_cli("protocl=knn", f"run.root={tmp_path / 'runs'}", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown key 'protocl'" in proc.stderr and "Did you mean protocol=knn?" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("+protocl=knn", "Did you mean protocol=knn?"),  # Hydra's own hint for the typo: refused all the same
+    ("trainr.max_epochs=3", "Did you mean trainer.max_epochs=3?"),
+    ("trainer.max_epoch=3", "Did you mean trainer.max_epochs=3?"),
+    ("+trainer.max_epoch=3", "Did you mean trainer.max_epochs=3?"),
+    ("logger.wandb.mod=disabled", "Did you mean logger.wandb.mode=disabled?"),
+    ("task.limit_per_splt=5", "Did you mean task.limit_per_split=5?"),
+])
+def test_unknown_keys_are_refused_with_the_closest_name(override, fragment, tmp_path, capsys):
+    assert main([override, f"run.root={tmp_path}"]) == 2
+    assert fragment in _one_error_line(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_sweep_with_an_unknown_key_fails_once_before_any_job(tmp_path, capsys):
+    assert main(["-m", *QUICK, "protocl=knn,linear", f"run.root={tmp_path}"]) == 2
+    assert "Did you mean protocol=knn,linear?" in _one_error_line(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+# --- 3. --help ------------------------------------------------------------------------------------------------------
+
+def test_help_lists_every_task_backbone_and_protocol_and_the_common_keys(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    load_adapters()
+    for name in [*recipe_names("task"), *BACKBONES.names(), *recipe_names("protocol")]:
+        assert name in out, name
+    for key in ("task.data_dir=null", "task.limit_per_split=null", "backbone.weights=pretrained", "run.root=runs",
+                "logger.wandb.mode="):
+        assert key in out, key
+    assert "results.json" in out and "docs/classification.md" in out and "python -m transfer.report" in out
+
+
+def test_help_for_one_task_shows_its_keys_with_the_recipes_values(capsys):
+    assert main(["--help", "task=cifar100"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("task=cifar100 (adapter classification")
+    for key in ("task.hub_id=uoft-cs/cifar100", "task.data_dir=null", "task.limit_per_split=null",
+                "task.split_seed=0", "task.val_fraction=0.2"):
+        assert key in out, key
+    assert "stratified" in out  # the key's own comment is its description
+
+
+def test_help_for_an_unknown_task_is_one_error(capsys):
+    assert main(["--help", "task=cifar101"]) == 2
+    assert "cifar100" in _one_error_line(capsys)
+
+
+# --- 4. weights before data -----------------------------------------------------------------------------------------
+
+def test_a_bad_weights_file_fails_before_the_data_set_is_read(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    from tasks.classification.datasets import DATASETS
+
+    read = []
+    monkeypatch.setitem(DATASETS._items, "digits", lambda cfg: read.append(cfg) or pytest.fail("data was read"))
+    bad = tmp_path / "w.safetensors"
+    save_file({"backbone.conv1.weight": torch.zeros(64, 3, 7, 7)}, str(bad))
+    args = [a for a in QUICK if not a.startswith("backbone.")]
+    assert main([*args, f"backbone.weights={bad}", "backbone=resnet50", f"run.root={tmp_path / 'runs'}"]) == 2
+    err = _one_error_line(capsys)
+    assert "do not match the model" in err and str(bad) in err
+    assert read == [] and not (tmp_path / "runs").exists()
+
+
+def test_a_common_prefix_is_named_with_the_fix():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
+    # backbone., encoder., module. … are removed by themselves (transfer.weights.WRAPPER_PREFIXES); "trunk." is not.
+    sd = {f"trunk.{k}": v for k, v in model.state_dict().items()}
+    with pytest.raises(WeightsError) as err:
+        load_strict(model, sd, origin="ckpt.safetensors")
+    message = str(err.value)
+    assert "Hint: 9 of the 9 missing keys are in the file under the prefix 'trunk.'" in message
+    assert "'trunk.0.weight' is the model's '0.weight'" in message and "k[6:]" in message
+    # Unrelated keys: no hint is made up.
+    with pytest.raises(WeightsError) as err:
+        load_strict(model, {"something.else": torch.zeros(1)}, origin="x")
+    assert "Hint" not in str(err.value)
+
+
+def test_check_weights_loads_nothing_and_hands_the_read_file_to_the_build(tmp_path):
+    from safetensors.torch import save_file
+
+    from transfer.backbones import build_backbone, check_weights
+
+    source = build_backbone("resnet50", weights="random").model
+    path = tmp_path / "r50.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    info = check_weights("resnet50", weights=str(path))
+    assert info.load is not None and info.load.fraction == 1.0
+    built = build_backbone("resnet50", weights=str(path)).model
+    assert all(torch.equal(built.state_dict()[k], v) for k, v in source.state_dict().items())
+
+
+# --- 5. sweep summary -----------------------------------------------------------------------------------------------
+
+def test_sweep_summary_has_the_swept_keys_and_lists_failures():
+    ok = {"metrics": {"test/top1": 97.5}, "run_dir": "/r/a"}
+    text = sweep_summary(["backbone.weights"], [
+        JobOutcome(["task=digits", "backbone.weights=/w/a.safetensors"], ok),
+        JobOutcome(["task=digits", "backbone.weights=/w/b.safetensors"], status=2, error="weights do not match"),
+    ])
+    lines = text.splitlines()
+    assert lines[0] == "sweep: 2 job(s), 1 failed"
+    assert lines[1].split("|")[1].strip() == "backbone.weights"
+    assert "/w/a.safetensors" in lines[3] and "| ok " in lines[3] and "97.50" in lines[3]
+    assert "/w/b.safetensors" in lines[4] and "failed (2)" in lines[4]
+    assert "failed jobs:" in lines and lines[-1] == ("  [2/2] task=digits backbone.weights=/w/b.safetensors: exit "
+                                                    "status 2: weights do not match")
+
+
+def test_a_sweep_prints_the_swept_key_and_its_failed_job(tmp_path, capsys, monkeypatch):
+    fake_task(monkeypatch, lambda ctx: TaskOutput(metrics={"test/top1": 50.0}, weights={"source": "random"}))
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    code = main(["-m", *QUICK, f"backbone.weights=random,{bad}", f"run.root={tmp_path / 'runs'}"])
+    assert code == 1
+    out = capsys.readouterr().out
+    summary = out[out.index("sweep: 2 job(s), 1 failed"):]
+    head, _, first, second = summary.splitlines()[1:5]
+    assert "backbone.weights" in head and "status" in head and "test/top1" in head
+    assert "| random " in first and "| ok " in first and "50.00" in first and "results.json" in first
+    assert str(bad) in second and "failed (2)" in second
+    failed = summary.split("failed jobs:\n", 1)[1].splitlines()
+    assert len(failed) == 1 and failed[0].startswith("  [2/2] ") and f"backbone.weights={bad} " in failed[0]
+    assert "exit status 2: " in failed[0] and "not a readable safetensors file" in failed[0]
+
+
+# --- 5. the report tells weights apart ------------------------------------------------------------------------------
+
+def test_report_keeps_runs_with_different_weights_apart(tmp_path):
+    from transfer.report import write_report
+    from transfer.results import SCHEMA_VERSION, write_results
+
+    root = tmp_path / "runs"
+    for i, (sha, value) in enumerate([("a" * 64, 70.0), ("b" * 64, 60.0), ("a" * 64, 71.0)]):
+        run_dir = root / "cifar100" / "rs50-linear" / str(i)
+        run_dir.mkdir(parents=True)
+        path = write_results(run_dir, {
+            "schema_version": SCHEMA_VERSION, "task": "cifar100", "backbone": "rs50", "protocol": "linear",
+            "weights": {"source": "file", "path": f"/w/{sha[0]}.safetensors", "sha256": sha},
+            "metrics": {"test/top1": value}, "counts": {}, "packages": {}, "wall_time_s": 1.0,
+            "primary_metric": "test/top1", "extra": {"resolution": 224}})
+        os.utime(path, (1000 + i, 1000 + i))
+    write_report(root, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    overview = md.split("## cifar100")[0]
+    assert "| rs50 [sha256 aaaaaaaaaa] | 71.00 @224px (newest of 2)" in overview
+    assert "| rs50 [sha256 bbbbbbbbbb] | 60.00 @224px" in overview
+    assert "(newest of 3)" not in md
+
+
+# --- 6 is in tests/tasks/classification/test_datasets.py; 7. console, metrics, files ------------------------------
+
+def test_library_log_lines_print_once(tmp_path):
+    code = ("import logging, lightning\n"  # Lightning attaches its own console handler on import
+            "from transfer.console import setup_logging\n"
+            "setup_logging()\n"
+            "logging.getLogger('lightning.pytorch.utilities.rank_zero').info('GPU available: False (test line)')\n"
+            "logging.getLogger('transfer').info('own line')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    both = proc.stdout + proc.stderr
+    assert both.count("GPU available: False (test line)") == 1 and both.count("own line") == 1, both
+
+
+def test_metrics_lose_float32_noise():
+    assert tidy_metric(97.50000238418579) == 97.5 and tidy_metric(0.123456789) == 0.1234568
+    assert tidy_metric(torch.tensor(0.975, dtype=torch.float32)) == 0.975  # float(...) alone: 0.9750000238418579
+    assert tidy_metric(float("inf")) == float("inf")
+
+
+def test_results_caches_and_converted_weights_are_written_with_the_shared_mode(tmp_path):
+    from transfer.io import atomic_path, atomic_write_json
+    from transfer.weights import write_safetensors
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "r.json", {"a": 1})
+        write_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+        with atomic_path(tmp_path / "c.bin") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    for name in ("r.json", "w.safetensors", "c.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_an_unreachable_host_fails_at_once(monkeypatch):
+    from transfer.backbones import _check_reachable
+
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConnectionError, match=f"cannot reach 127.0.0.1:{port}"):
+        _check_reachable(f"http://127.0.0.1:{port}/model.safetensors", timeout=2)
+
+
+def test_every_adapter_still_composes_after_the_key_checks(tmp_path):
+    """The unknown-key check must not refuse a key some task's schema has (every recipe composes)."""
+    load_adapters()
+    for task in recipe_names("task"):
+        protocol = TASKS.get(str(compose([f"task={task}"]).task.adapter)).protocols[0]
+        validate(compose([f"task={task}", f"protocol={protocol}", f"task.data_dir={tmp_path}"]))
+    with pytest.raises(ConfigError):
+        validate(compose(["task.no_such_key=1"]))
+
+
+def test_results_json_metrics_are_tidy_end_to_end(tmp_path, monkeypatch):
+    noisy = 97.50000238418579  # a float32 mean of 39 / 40 hits, as torchmetrics returns it
+    fake_task(monkeypatch, lambda ctx: TaskOutput(metrics={"test/top1": noisy}, weights={"source": "random"}))
+    assert main([*QUICK, f"run.dir={tmp_path / 'run'}"]) == 0
+    assert read_results(tmp_path / "run" / "results.json")["metrics"]["test/top1"] == 97.5
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]["test/top1"] == 97.5

@@ -7,8 +7,11 @@ so that no image is scored twice (``tasks/classification/finetune.py``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
+import weakref
 
 import lightning as L
 import torch
@@ -94,20 +97,56 @@ def _damage_check(ctx: RunContext, splits: Splits):
     return check_undecodable
 
 
+# task.* values that cannot change which images and labels are read, nor how they are decoded: only these are
+# left out of the feature cache key. Every other task value (image and label column, data_dir, hub_id,
+# limit_per_split, val_fraction, split_seed, scan_images, max_image_pixels, … and any value added later) is in it,
+# so a new option that changes what is read cannot be forgotten.
+NOT_IN_FEATURE_KEY = frozenset({"metric", "max_bad_fraction", "check_split_sizes"})
+
+
+def _reads(task_cfg) -> str:
+    """What the data part of the feature key holds of ``task.*``: every value but :data:`NOT_IN_FEATURE_KEY`."""
+    values = {k: v for k, v in dataclasses.asdict(task_cfg).items() if k not in NOT_IN_FEATURE_KEY}
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+_WEIGHTS_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per backbone: its tensors do not change
+
+
 def _weights_id(ctx: RunContext, backbone: Backbone) -> str:
+    """The weights part of the feature key: the file's sha256 and what the load took from it. When any backbone
+    tensor did not come from a file (``backbone.weights=random``, a non-strict partial load, a folder with no
+    single sha256), those tensors are random and depend on ``trainer.seed``: the seed and a digest of the
+    tensors themselves join the key."""
+    if backbone in _WEIGHTS_IDS:
+        return _WEIGHTS_IDS[backbone]
     w = backbone.weights
-    return w.sha256 or f"{w.source}-seed{ctx.cfg.trainer.seed}"
+    load = dataclasses.asdict(w.load) if w.load else None
+    parts = {"source": w.source, "sha256": w.sha256, "load": load}
+    if w.sha256 is None or w.load is None or w.load.missing:
+        parts["seed"] = ctx.cfg.trainer.seed
+        h = hashlib.sha256()
+        for name, t in backbone.model.state_dict().items():
+            h.update(name.encode() + t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        parts["tensors"] = h.hexdigest()
+    _WEIGHTS_IDS[backbone] = json.dumps(parts, sort_keys=True)
+    return _WEIGHTS_IDS[backbone]
 
 
 def feature_key(ctx: RunContext, backbone: Backbone, splits: Splits, split: str, *, transform, resolution: int,
                 preprocess: str, dtype: torch.dtype | None) -> dict[str, str]:
-    """The feature cache key of ``split``: everything that determines its features and labels."""
+    """The feature cache key of ``split``: everything that determines its features and labels.
+
+    Data: the data's identity, the split's items in order, its labels, the class names, and every ``task.*``
+    value that can change what is read (:func:`_reads`). Weights: :func:`_weights_id`. Input: transform,
+    resolution, preprocessing, autocast precision.
+    """
     data = getattr(splits, split)
     return cache_key(backbone=ctx.cfg.backbone.name, weights=_weights_id(ctx, backbone), dataset=ctx.cfg.task.name,
                      split=split, data=splits.source_id, items=items_digest(data), labels=digest(labels_of(data)),
                      label_column=splits.label_column, classes=digest(list(splits.class_names)),
-                     transform=repr(transform), resolution=resolution, preprocess=preprocess,
-                     precision=str(dtype or torch.float32))
+                     reads=_reads(ctx.cfg.task), transform=repr(transform), resolution=resolution,
+                     preprocess=preprocess, precision=str(dtype or torch.float32))
 
 
 def _features(ctx: RunContext, backbone: Backbone, splits: Splits, resolution: int) -> dict:

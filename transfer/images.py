@@ -144,6 +144,19 @@ def decode_image(source, *, max_pixels: int | None = None, name: str | None = No
         raise ImageDecodeError(name, f"{type(e).__name__}: {e}") from None
 
 
+# EXIF orientations that turn the image by 90 degrees (5: transpose, 6: 270, 7: transverse, 8: 90).
+_SWAPS_SIDES = (5, 6, 7, 8)
+
+
+def oriented_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of the image :func:`decode_image` returns, from the header alone (EXIF orientation
+    5..8 swaps the sides). Raises Pillow's errors (``OSError``, ``ValueError``) for a damaged header."""
+    with Image.open(path) as im:
+        width, height = im.size
+        turned = im.getexif().get(0x0112) in _SWAPS_SIDES
+    return (height, width) if turned else (width, height)
+
+
 def check_header(source, *, max_pixels: int | None = None, name: str | None = None) -> None:
     """Parse the header only (``Image.verify``: cheap, no pixel decode) and check the size.
 

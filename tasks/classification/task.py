@@ -59,7 +59,28 @@ def check(cfg) -> None:
     """Checks of the whole run config that need no data (called by ``transfer.config.validate``)."""
     if cfg.task.preprocess == "paper" and cfg.protocol.name not in FROZEN:
         raise ConfigError(f"task.preprocess=paper applies to the frozen protocols ({', '.join(FROZEN)}), not "
-                          f"protocol={cfg.protocol.name}; use task.preprocess=auto or checkpoint.")
+                          f"protocol={cfg.protocol.name}. Fine-tuning takes task.preprocess=auto (the protocol's "
+                          "own test input; protocol=finetune's is the papers' resize 256 / centre crop 224) or "
+                          "checkpoint (the checkpoint's own resolution and crop).")
+
+
+def finetune_input(cfg, backbone: Backbone) -> tuple[int, float, str]:
+    """(resolution, test crop fraction, ``extra.preprocess``) of a fine-tuning run.
+
+    ``task.preprocess=auto``: the protocol's ``image_size`` and ``test_crop_pct`` (the checkpoint's own where
+    null); ``checkpoint``: the checkpoint's own test resolution and crop (``BackboneSpec.test_res``,
+    ``crop_pct``), whatever the protocol says. ``task.resolution`` wins over both. The recorded preprocess is
+    ``paper`` when the result is the papers' fine-tune test input (224, i.e. resize 256 / crop 224: BYOL
+    App. D.3), else ``checkpoint``.
+    """
+    p, spec = cfg.protocol, backbone.spec
+    if cfg.task.preprocess == "checkpoint":
+        resolution, crop_pct = spec.test_res, spec.crop_pct
+    else:
+        resolution = p.image_size or spec.test_res
+        crop_pct = p.test_crop_pct if p.test_crop_pct is not None else spec.crop_pct
+    resolution = cfg.task.resolution or resolution
+    return resolution, crop_pct, "paper" if (resolution, crop_pct) == (224, 0.875) else "checkpoint"
 
 
 def _build(ctx: RunContext) -> tuple[Backbone, Splits, int]:
@@ -237,14 +258,13 @@ def _backbone(ctx: RunContext) -> Backbone:
                           min_loaded_fraction=b.min_loaded_fraction)
 
 
-def _finetune_transforms(backbone: Backbone, resolution: int, protocol: FinetuneProtocolConfig):
+def _finetune_transforms(backbone: Backbone, resolution: int, protocol: FinetuneProtocolConfig, crop_pct: float):
     """Train and test transforms: timm's random-resized crop + flip (+ the protocol's augmentation), and a
-    centre crop at the protocol's ``test_crop_pct`` (the checkpoint's own crop when null)."""
+    centre crop of ``crop_pct`` (:func:`finetune_input`)."""
     train_tf = create_transform(**backbone.data_config(train=True, resolution=resolution), is_training=True,
                                 auto_augment=protocol.randaugment, color_jitter=protocol.color_jitter or None)
     test_config = backbone.data_config(resolution=resolution)
-    if protocol.test_crop_pct is not None:
-        test_config["crop_pct"] = protocol.test_crop_pct
+    test_config["crop_pct"] = crop_pct
     return train_tf, create_transform(**test_config, is_training=False)
 
 
@@ -263,7 +283,7 @@ def _fit(ctx: RunContext, backbone: Backbone, splits: Splits, resolution: int, p
     """Fine-tune ``backbone`` with ``protocol``: on train (val scores it, after its last step or per epoch as
     ``protocol.select`` says) or, ``final``, on train+val."""
     cfg = ctx.cfg
-    train_tf, test_tf = _finetune_transforms(backbone, resolution, protocol)
+    train_tf, test_tf = _finetune_transforms(backbone, resolution, protocol, finetune_input(cfg, backbone)[1])
     train = ConcatDataset([splits.train, splits.val]) if final else splits.train
     module = FinetuneModule(backbone, splits.num_classes, protocol, check_damage=_damage_check(ctx, splits))
     callbacks = [EMAWeightAveraging(decay=protocol.ema_decay)] if protocol.ema_decay else []
@@ -317,10 +337,7 @@ def _sweep(ctx: RunContext, splits: Splits, resolution: int,
 def run_finetune(ctx: RunContext) -> TaskOutput:
     backbone, splits, resolution = _build(ctx)
     cfg, p = ctx.cfg, ctx.cfg.protocol
-    resolution = cfg.task.resolution or p.image_size or resolution  # an explicit task.resolution wins
-    crop_pct = p.test_crop_pct if p.test_crop_pct is not None else backbone.spec.crop_pct
-    # "paper": the papers' fine-tune sizes (train crops 224; test resize 256, centre crop 224), see transfer.compare.
-    preprocess = "paper" if (resolution, crop_pct) == (224, 0.875) else "checkpoint"
+    resolution, crop_pct, preprocess = finetune_input(cfg, backbone)  # task.preprocess: auto or checkpoint
     extra: dict = {"resolution": resolution, "test_crop_pct": crop_pct, "preprocess": preprocess}
     undecodable: set[str] = set()
     if p.sweep:

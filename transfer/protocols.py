@@ -10,6 +10,12 @@ from transfer.registry import Registry
 PROTOCOLS: Registry[type] = Registry("protocol")
 
 
+def _check_memory_keys(cfg) -> None:
+    if cfg.shard_images < 1 or cfg.chunk_rows < 1 or cfg.resident_mb < 0:
+        raise ConfigError(f"protocol.shard_images={cfg.shard_images} and protocol.chunk_rows={cfg.chunk_rows} must "
+                          f"be at least 1 and protocol.resident_mb={cfg.resident_mb} 0 or more.")
+
+
 @PROTOCOLS.register("linear")
 @dataclass
 class LinearProtocolConfig:
@@ -34,6 +40,11 @@ class LinearProtocolConfig:
     max_iter: int = 200
     tolerance: float = 1e-6
     cache: bool = True
+    # Bounded memory (docs/classification.md, "Many GPUs and large data sets"): images per cache shard, feature
+    # rows per chunk of the fit / k-NN, and the size up to which a split's features are held on the device.
+    shard_images: int = 8192
+    chunk_rows: int = 65536
+    resident_mb: float = 4096.0
 
     def __post_init__(self) -> None:
         if not 0 < self.l2_min < self.l2_max or self.l2_steps < 1:
@@ -42,6 +53,7 @@ class LinearProtocolConfig:
         if self.extend_decades < 0 or self.refine_steps < 0:
             raise ConfigError(f"protocol.extend_decades={self.extend_decades} and protocol.refine_steps="
                               f"{self.refine_steps} must be 0 or more.")
+        _check_memory_keys(self)
 
 
 @PROTOCOLS.register("knn")
@@ -55,10 +67,16 @@ class KnnProtocolConfig:
     k: int = 20
     temperature: float = 0.07
     cache: bool = True
+    # Bounded memory (docs/classification.md, "Many GPUs and large data sets"): images per cache shard, feature
+    # rows per chunk of the fit / k-NN, and the size up to which a split's features are held on the device.
+    shard_images: int = 8192
+    chunk_rows: int = 65536
+    resident_mb: float = 4096.0
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.temperature <= 0:
             raise ConfigError(f"protocol.k={self.k} must be >= 1 and protocol.temperature={self.temperature} > 0.")
+        _check_memory_keys(self)
 
 
 # SimCLR (arXiv 2002.05709) App. B.8 and BYOL (arXiv 2006.07733) App. D.3: "a grid of seven logarithmically

@@ -14,6 +14,13 @@ Speed without changing the answer: the fit runs in the principal axes of the cen
   curvature the objective has along it; L-BFGS then starts close to a Newton step instead of spending
   hundreds of iterations on the ill-conditioned weak-penalty end of the sweep. The penalty is kept on the
   original weights, so the minimiser is unchanged; only the path to it is shorter.
+
+Bounded memory (ImageNet-1k: N x D x C = 1.28 M x 2048 x 1000): the features may be :class:`Rows` read chunk by
+chunk (``tasks/classification/rows.py``). The mean and the (D, D) Gram matrix of the basis are summed over
+chunks, and every L-BFGS evaluation sums the loss and its gradient over chunks (one backward per chunk, the
+gradients accumulate), so the fit holds one chunk's (n, D) features, (n, K) coordinates and (n, C) logits
+plus the (D, D) basis and the (C, D) weights at a time. The sums differ from the one-block sums only in their
+order of addition.
 """
 from __future__ import annotations
 
@@ -26,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tasks.classification.rows import Rows, as_rows
+
 # Relative eigenvalue below which a direction of the training features counts as empty.
 RANK_TOLERANCE = 1e-10
 
@@ -37,37 +46,67 @@ class LinearModel:
     l2: float
     iterations: int = 0
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.weight) @ self.weight.T + self.bias  # (N, D) -> (N, C)
+    def logits(self, x: torch.Tensor | Rows) -> torch.Tensor:
+        """(N, D) features, or :class:`Rows` read chunk by chunk, -> (N, C) logits."""
+        if isinstance(x, Rows):
+            out = [self.logits(chunk) for chunk, _ in x.chunks()]
+            return torch.cat(out) if out else torch.zeros(0, len(self.bias), device=self.weight.device)
+        return x.to(self.weight) @ self.weight.T + self.bias
 
 
 @dataclass
 class Basis:
-    """Training features in their principal axes: ``coords = (x - mean) @ axes``, ``coords^T coords = diag(s^2)``."""
+    """Training features in their principal axes: ``coords = (x - mean) @ axes``, ``coords^T coords = diag(s^2)``.
+
+    ``rows`` are the coordinates with the training labels, as :class:`Rows`: computed once and held when the
+    features are in memory, computed chunk by chunk from the shards on every pass when they are streamed.
+    """
 
     mean: torch.Tensor  # (D,)
     axes: torch.Tensor  # (D, K), orthonormal columns, K <= min(N, D)
     singular: torch.Tensor  # (K,) singular values s of the centred features
-    coords: torch.Tensor  # (N, K)
+    rows: Rows  # (N, K) coordinates and the (N,) labels
+
+    @property
+    def coords(self) -> torch.Tensor:
+        """All coordinates as one (N, K) tensor."""
+        return self.rows.materialise()
 
 
-def principal_basis(x: torch.Tensor) -> Basis:
-    """Principal axes of ``x`` from the smaller of its two Gram matrices (in float64 for accuracy)."""
-    mean = x.mean(0)
-    xc = (x - mean).double()
-    n, d = xc.shape
+def principal_basis(x: torch.Tensor | Rows) -> Basis:
+    """Principal axes of ``x`` from the smaller of its two Gram matrices (in float64 for accuracy).
+
+    ``x`` is an (N, D) tensor or :class:`Rows`; the mean and the (D, D) Gram matrix are summed chunk by chunk,
+    so streamed rows need two passes and O(D^2) memory. With ``N < D`` the (N, N) Gram matrix of all rows is
+    used (the rows then take less memory than the (D, D) matrix).
+    """
+    rows = as_rows(x)
+    dtype, device = rows.dtype, rows.device
+    n, d = len(rows), rows.dim
+    total = torch.zeros(d, dtype=torch.float64, device=device)
+    for chunk, _ in rows.chunks():
+        total += chunk.double().sum(0)
+    mean = (total / max(1, n)).to(dtype)
     if n >= d:
-        eig, axes = torch.linalg.eigh(xc.T @ xc)  # (D, D)
+        gram = torch.zeros(d, d, dtype=torch.float64, device=device)
+        for chunk, _ in rows.chunks():
+            xc = (chunk - mean).double()
+            gram += xc.T @ xc
+        eig, axes = torch.linalg.eigh(gram)  # (D, D)
     else:
+        xc = (rows.materialise() - mean).double()
         eig, left = torch.linalg.eigh(xc @ xc.T)  # (N, N): the row space of x, n < d
     keep = eig > RANK_TOLERANCE * eig.max().clamp_min(torch.finfo(torch.float64).tiny)
     singular = eig[keep].sqrt()
-    if n < d:
-        axes = (xc.T @ left[:, keep]) / singular  # (D, K): right singular vectors
-    else:
-        axes = axes[:, keep]
-    coords = xc @ axes  # (N, D) -> (N, K)
-    return Basis(mean=mean, axes=axes.to(x.dtype), singular=singular.to(x.dtype), coords=coords.to(x.dtype))
+    axes = (xc.T @ left[:, keep]) / singular if n < d else axes[:, keep]  # (D, K): right singular vectors
+
+    def to_coords(chunk: torch.Tensor) -> torch.Tensor:
+        return ((chunk - mean).double() @ axes).to(dtype)  # (n, D) -> (n, K)
+
+    coords = rows.map(to_coords, dim=len(singular))
+    if rows.in_memory:  # held once for the whole sweep, as the features are
+        coords = coords.resident(float("inf"))
+    return Basis(mean=mean, axes=axes.to(dtype), singular=singular.to(dtype), rows=coords)
 
 
 def cross_entropy_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -82,28 +121,42 @@ def cross_entropy_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.softplus(torch.logsumexp(margins, dim=1)).sum()
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, *, max_iter: int = 200,
+def objective(model: LinearModel, x: torch.Tensor | Rows, y: torch.Tensor | None = None) -> float:
+    """``sum_i CE(x_i W^T + b, y_i) + l2/2 ||W||^2`` of ``model`` on (N, D) features with labels (N,), or Rows."""
+    rows = as_rows(x, y)
+    with torch.no_grad():
+        total = sum(float(cross_entropy_sum(model.logits(chunk), labels)) for chunk, labels in rows.chunks())
+        return total + 0.5 * model.l2 * float((model.weight.double() ** 2).sum())
+
+
+def fit_logistic(x: torch.Tensor | Rows, y: torch.Tensor | None, num_classes: int, l2: float, *, max_iter: int = 200,
                  tolerance: float = 1e-6, init: LinearModel | None = None, basis: Basis | None = None) -> LinearModel:
     """Minimise ``sum CE + l2/2 ||W||^2`` with L-BFGS (strong Wolfe line search), warm-started from ``init``.
 
+    ``x``: (N, D) features with labels ``y`` (N,), or :class:`Rows` (``y=None``), whose chunks the loss and its
+    gradient are summed over: memory is bounded by one chunk's (n, D) features and (n, C) logits, whatever N.
     ``basis`` (from :func:`principal_basis` of ``x``) is reused across a sweep; it is computed when absent.
     """
-    basis = basis if basis is not None else principal_basis(x)
-    n = len(x)
+    rows = as_rows(x, y)
+    basis = basis if basis is not None else principal_basis(rows)
+    n = len(rows)
+    dtype, device = basis.mean.dtype, basis.mean.device
     if init is None:
-        a = torch.zeros(num_classes, len(basis.singular), dtype=x.dtype, device=x.device)
-        b = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
+        a = torch.zeros(num_classes, len(basis.singular), dtype=dtype, device=device)
+        b = torch.zeros(num_classes, dtype=dtype, device=device)
     else:
-        a = init.weight.to(x) @ basis.axes  # (C, D) -> (C, K)
-        b = init.bias.to(x) + init.weight.to(x) @ basis.mean
+        a = init.weight.to(basis.axes) @ basis.axes  # (C, D) -> (C, K)
+        b = init.bias.to(basis.axes) + init.weight.to(basis.axes) @ basis.mean
     # Curvature of the mean objective along axis j: about k s_j^2 / n from the data, k the mean softmax
     # variance p(1-p) at the starting point (about 1/C at the uniform start, small once the fit is confident),
     # plus l2 / n from the penalty. Dividing by its square root makes the Hessian close to I.
     with torch.no_grad():
-        p = torch.softmax(basis.coords @ a.T + b, dim=1)  # (N, C)
-        k = float((p * (1 - p)).sum(1).mean()) / num_classes
+        variance = 0.0
+        for z, _ in basis.rows.chunks():
+            p = torch.softmax(z @ a.T + b, dim=1)  # (n, C)
+            variance += float((p * (1 - p)).sum())
+        k = variance / max(1, n) / num_classes
     precond = ((k * basis.singular ** 2 + l2) / n).sqrt()  # (K,)
-    z = basis.coords / precond  # (N, K)
     theta = a * precond
     theta.requires_grad_(True)
     b.requires_grad_(True)
@@ -112,12 +165,18 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
 
     # The loss is divided by n so that gradient tolerances mean the same for every data set size; the
     # gradient tolerance also shrinks with a weak penalty, whose optimum sits where the gradient is small.
+    # Loss and gradient are summed chunk by chunk (backward per chunk accumulates into .grad).
     def closure():
         opt.zero_grad()
         penalty = 0.5 * l2 * ((theta / precond) ** 2).sum()
-        loss = (cross_entropy_sum(z @ theta.T + b, y) + penalty) / n
-        loss.backward()
-        return loss
+        value = torch.zeros((), dtype=dtype, device=device)
+        for i, (z, labels) in enumerate(basis.rows.chunks()):
+            loss = (cross_entropy_sum((z / precond) @ theta.T + b, labels) + (penalty if i == 0 else 0.0)) / n
+            loss.backward()
+            value += loss.detach()
+        if n == 0:
+            (penalty / max(1, n)).backward()
+        return value
 
     opt.step(closure)
     iterations = int(opt.state[theta].get("n_iter", 0))
@@ -127,23 +186,29 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
     return LinearModel(weight.detach(), bias.detach(), l2, iterations)
 
 
+def _rows(data: tuple[torch.Tensor, torch.Tensor] | Rows) -> Rows:
+    return data if isinstance(data, Rows) else as_rows(*data)
+
+
 def l2_grid(low: float, high: float, steps: int) -> list[float]:
     return np.logspace(math.log10(low), math.log10(high), steps).tolist()
 
 
-def sweep_l2(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], num_classes: int,
-             grid: list[float], score: Callable[[torch.Tensor, torch.Tensor], float],
-             **fit_kwargs) -> tuple[LinearModel, list[tuple[float, float]]]:
+def sweep_l2(train: tuple[torch.Tensor, torch.Tensor] | Rows, val: tuple[torch.Tensor, torch.Tensor] | Rows,
+             num_classes: int, grid: list[float], score: Callable[[torch.Tensor, torch.Tensor], float], *,
+             basis: Basis | None = None, **fit_kwargs) -> tuple[LinearModel, list[tuple[float, float]]]:
     """Fit every ``l2`` of ``grid`` on train, score on val; returns the best model and the curve ``(l2, score)``.
 
     Goes from the strongest penalty to the weakest, warm-starting each fit from the previous one; the
-    principal axes of train are computed once for the whole sweep.
+    principal axes of train are computed once for the whole sweep (or given as ``basis``). ``train`` and ``val``
+    are ``(features, labels)`` tensors or :class:`Rows`.
     """
-    basis = principal_basis(train[0])
+    train, val = _rows(train), _rows(val)
+    basis = basis if basis is not None else principal_basis(train)
     curve, model, best = [], None, None
     for l2 in tqdm(sorted(grid, reverse=True), desc="l2 sweep", unit="fit", leave=False):
-        model = fit_logistic(*train, num_classes, l2, init=model, basis=basis, **fit_kwargs)
-        curve.append((l2, score(model.logits(val[0]), val[1])))
+        model = fit_logistic(train, None, num_classes, l2, init=model, basis=basis, **fit_kwargs)
+        curve.append((l2, score(model.logits(val), val.labels)))
         if best is None or curve[-1][1] > best[1]:  # ties keep the stronger penalty, fitted first
             best = (model, curve[-1][1])
     return best[0], sorted(curve)
@@ -176,7 +241,8 @@ def _log_step(grid: list[float]) -> float:
     return math.log10(ordered[1] / ordered[0]) if len(ordered) > 1 else 0.25
 
 
-def search_l2(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], num_classes: int,
+def search_l2(train: tuple[torch.Tensor, torch.Tensor] | Rows, val: tuple[torch.Tensor, torch.Tensor] | Rows,
+              num_classes: int,
               grid: list[float], score: Callable[[torch.Tensor, torch.Tensor], float], *,
               extend_decades: float = 4.0, refine_steps: int = 0, **fit_kwargs) -> L2Search:
     """:func:`sweep_l2` over ``grid``, then make sure no l2 outside what was searched could score better.
@@ -189,15 +255,16 @@ def search_l2(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor,
     around its peak; 0 keeps the grid's own values (the papers' protocol).
     """
     step = _log_step(grid)
-    best, curve = sweep_l2(train, val, num_classes, grid, score, **fit_kwargs)
+    train, val = _rows(train), _rows(val)
+    basis = principal_basis(train)  # reused by every fit
+    best, curve = sweep_l2(train, val, num_classes, grid, score, basis=basis, **fit_kwargs)
     scores = dict(curve)
     best_score = scores[best.l2]
-    basis = principal_basis(train[0])  # reused by every further fit
 
     def fit_and_score(l2: float, init: LinearModel | None) -> LinearModel:
         nonlocal best, best_score
-        model = fit_logistic(*train, num_classes, l2, init=init, basis=basis, **fit_kwargs)
-        scores[l2] = score(model.logits(val[0]), val[1])
+        model = fit_logistic(train, None, num_classes, l2, init=init, basis=basis, **fit_kwargs)
+        scores[l2] = score(model.logits(val), val.labels)
         if scores[l2] > best_score:  # strictly better: ties keep the first-found (stronger) penalty
             best, best_score = model, scores[l2]
         return model

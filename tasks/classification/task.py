@@ -1,8 +1,9 @@
 """The classification adapter: linear probe and k-NN on cached features, or full fine-tuning.
 
-Linear probe and k-NN extract features in one process (under a multi-process launch each process does the
-same work and rank 0 writes the results); fine-tuning runs DDP through Lightning, with val and test padded
-so that no image is scored twice (``tasks/classification/finetune.py``).
+Linear probe and k-NN extract features through the shared Lightning engine (``trainer.predict``; under DDP
+each process extracts whole shards of its own, ``tasks/classification/features.py``), then every process
+fits on the shards, streamed in bounded chunks, and rank 0 writes the results; fine-tuning runs DDP through
+Lightning, with val and test padded so that no image is scored twice (``tasks/classification/finetune.py``).
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from torch.utils.data import ConcatDataset
 
 from tasks.classification.config import ClassificationTaskConfig
 from tasks.classification.datasets import DATASETS, SPECS, Splits, Transformed
-from tasks.classification.features import cache_key, cached_features, digest
+from tasks.classification.features import cache_key, cache_path, digest, extract_split
 from tasks.classification.finetune import ClassificationData, FinetuneModule
 from tasks.classification.linear import fit_logistic, l2_grid, search_l2
 from tasks.classification.metrics import SCORERS, classification_metrics
+from tasks.classification.rows import concat
 from tasks.classification.sources import check_damage, items_digest, labels_of
 from transfer.backbones import Backbone, build_backbone
 from transfer.engine import (
@@ -156,7 +158,7 @@ def _weights_id(ctx: RunContext, backbone: Backbone) -> str:
 
 def feature_key(ctx: RunContext, backbone: Backbone, splits: Splits, split: str, *, transform, resolution: int,
                 preprocess: str, dtype: torch.dtype | None) -> dict[str, str]:
-    """The feature cache key of ``split``: everything that determines its features and labels.
+    """The feature cache key of ``split``: everything that determines its features and labels, and the shard size.
 
     Data: the data's identity, the split's items in order, its labels, the class names, and every ``task.*``
     value that can change what is read (:func:`_reads`). Weights: :func:`_weights_id`. Input: transform,
@@ -167,37 +169,51 @@ def feature_key(ctx: RunContext, backbone: Backbone, splits: Splits, split: str,
                      split=split, data=splits.source_id, items=items_digest(data), labels=digest(labels_of(data)),
                      label_column=splits.label_column, classes=digest(list(splits.class_names)),
                      reads=_reads(ctx.cfg.task), transform=repr(transform), resolution=resolution,
-                     preprocess=preprocess, precision=str(dtype or torch.float32))
+                     preprocess=preprocess, precision=str(dtype or torch.float32),
+                     shard_images=ctx.cfg.protocol.shard_images)
 
 
 def _features(ctx: RunContext, backbone: Backbone, splits: Splits, resolution: int) -> dict:
-    """Features of train, val and test, each from the cache when present (key: docs/classification.md)."""
-    cfg = ctx.cfg
+    """Features of train, val and test as :class:`~tasks.classification.rows.Rows` on this process's device,
+    each split's shards reused from the cache when they check out (key: docs/classification.md).
+
+    Extraction runs through one trainer of the shared engine (``trainer.devices`` / ``num_nodes`` /
+    ``precision``). Rows up to ``protocol.resident_mb`` are loaded onto the device once; larger ones are read
+    from the shards ``protocol.chunk_rows`` rows at a time on every pass.
+    """
+    cfg, p = ctx.cfg, ctx.cfg.protocol
     accelerator = resolve_accelerator(cfg.trainer)
-    device = torch.device("cuda" if accelerator in ("cuda", "gpu") else "cpu")
     preprocess = preprocess_of(cfg)
     transform = eval_transform(backbone, resolution, preprocess)
     dtype = autocast_dtype(cfg.trainer, accelerator)
     check_undecodable = _damage_check(ctx, splits)
+    # protocol.cache=false: the shards live in this run's folder, never shared with another run.
+    root = ctx.cache_dir if p.cache else ctx.run_dir
+    trainer = build_trainer(ctx, subdir="features", logger=False, use_distributed_sampler=False)
     out, hits, undecodable = {}, 0, set()
     for split in ("train", "val", "test"):
         data = getattr(splits, split)
-        labels = labels_of(data)
         key = feature_key(ctx, backbone, splits, split, transform=transform, resolution=resolution,
                           preprocess=preprocess, dtype=dtype)
-        feats = cached_features(
-            backbone, Transformed(data, transform), key=key, expected_labels=labels,
-            cache_dir=ctx.cache_dir if cfg.protocol.cache else None, batch_size=cfg.trainer.eval_batch_size,
-            num_workers=cfg.trainer.num_workers, device=device, dtype=dtype,
-            channels_last=cfg.trainer.channels_last, desc=f"features {split}")
+        feats = extract_split(trainer, backbone, Transformed(data, transform), directory=cache_path(root, key),
+                              key=key, expected_labels=labels_of(data), shard_images=p.shard_images,
+                              batch_size=cfg.trainer.eval_batch_size, num_workers=cfg.trainer.num_workers,
+                              channels_last=cfg.trainer.channels_last, desc=f"features {split}")
         hits += feats.cache_hit
         undecodable.update(feats.undecodable)
         check_undecodable(undecodable)  # fail before the next split's extraction, not after the whole run
-        out[split] = (feats.features.to(device), feats.labels.to(device))
-    log.info("features: %d of 3 splits read from the cache", hits)
-    out["counts"] = {"feature_cache_hits": hits, "undecodable_images": len(undecodable),
-                     "images_test_scored": len(out["test"][1])}
-    return out
+        out[split] = feats
+    device = trainer.strategy.root_device  # this process's own device
+    budget = p.resident_mb * 2**20
+    rows = {split: out[split].rows(device=device, chunk_rows=p.chunk_rows) for split in ("train", "val", "test")}
+    streamed = [s for s, r in rows.items() if r.nbytes() > budget]
+    log.info("features: %d of 3 splits read from the cache; %s", hits,
+             f"streamed from the shards: {', '.join(streamed)}" if streamed else "held in memory")
+    return {**{s: r.resident(budget) for s, r in rows.items()},
+            "counts": {"feature_cache_hits": hits, "undecodable_images": len(undecodable),
+                       "images_test_scored": len(out["test"].labels),
+                       "feature_shards_reused": sum(f.reused for f in out.values()),
+                       "feature_shards": sum(len(f.paths) for f in out.values())}}
 
 
 def _not_comparable(splits: Splits, *more: str) -> dict:
@@ -224,9 +240,9 @@ def run_linear(ctx: RunContext) -> TaskOutput:
                             f"{search.searched[1]:g}] is as high as at the chosen l2 {best:g} (protocol."
                             f"extend_decades={p.extend_decades:g}): a better l2 may lie outside it")
         log.warning("not comparable: %s", edge_reasons[-1])
-    trainval = tuple(torch.cat([feats["train"][i], feats["val"][i]]) for i in range(2))
-    model = fit_logistic(*trainval, splits.num_classes, best, init=chosen, **fit)  # warm: the train-only fit
-    metrics = classification_metrics(model.logits(feats["test"][0]), feats["test"][1], splits.num_classes, "test")
+    trainval = concat(feats["train"], feats["val"])
+    model = fit_logistic(trainval, None, splits.num_classes, best, init=chosen, **fit)  # warm: the train-only fit
+    metrics = classification_metrics(model.logits(feats["test"]), feats["test"].labels, splits.num_classes, "test")
     metrics["val/best"] = max(score for _, score in curve)
     ctx.logger.table("linear/l2_sweep", ["l2", f"val/{task.metric}"], [list(c) for c in curve])
     ctx.logger.summary({"linear/l2_at_grid_edge": search.edge or "none"})
@@ -243,9 +259,9 @@ def run_knn(ctx: RunContext) -> TaskOutput:
     backbone, splits, resolution = _build(ctx)
     feats = _features(ctx, backbone, splits, resolution)
     p, task = ctx.cfg.protocol, ctx.cfg.task
-    bank = tuple(torch.cat([feats["train"][i], feats["val"][i]]) for i in range(2))
-    scores = knn_predict(bank[0], bank[1], feats["test"][0], splits.num_classes, k=p.k, temperature=p.temperature)
-    metrics = classification_metrics(scores, feats["test"][1], splits.num_classes, "test")
+    bank = concat(feats["train"], feats["val"])
+    scores = knn_predict(bank, None, feats["test"], splits.num_classes, k=p.k, temperature=p.temperature)
+    metrics = classification_metrics(scores, feats["test"].labels, splits.num_classes, "test")
     return TaskOutput(metrics=metrics, counts={**splits.counts, **feats["counts"]},
                       weights=backbone.weights.as_dict(), primary_metric=f"test/{task.metric}",
                       extra={"resolution": resolution, "preprocess": preprocess_of(ctx.cfg),

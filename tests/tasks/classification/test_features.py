@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -17,8 +18,8 @@ from tasks.classification.features import (
     SplitFeatures,
     cache_key,
     cache_path,
-    cached_features,
     extract,
+    extract_split,
     read_cache,
     write_cache,
 )
@@ -155,10 +156,13 @@ def test_non_finite_features_are_refused(tmp_path):
     with torch.no_grad():
         backbone.model.bn1.weight[0] = float("inf")  # an fp16-overflow-like activation blow-up
     data = Transformed(_Colours(3), eval_transform(backbone, 32))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        use_distributed_sampler=False, default_root_dir=str(tmp_path))
     with pytest.raises(TransferError, match="non-finite"):
-        cached_features(backbone, data, key=cache_key(backbone="rs50", dataset="toy", split="test"),
-                        cache_dir=tmp_path, expected_labels=np.zeros(3, np.int64), batch_size=2, num_workers=0,
-                        device=torch.device("cpu"), dtype=None, channels_last=False, desc="features test")
+        extract_split(trainer, backbone, data, directory=tmp_path / "shards",
+                      key=cache_key(backbone="rs50", dataset="toy", split="test"),
+                      expected_labels=np.zeros(3, np.int64), batch_size=2, num_workers=0, channels_last=False,
+                      desc="features test")
     assert not list(tmp_path.rglob("*.safetensors"))  # nothing cached
 
 

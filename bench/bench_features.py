@@ -1,0 +1,118 @@
+"""Frozen-feature protocols at growing N: extraction throughput and peak host memory, shards streamed.
+
+    python bench/bench_features.py [--sizes 1000 4000 16000] [--backbone rs50] [--resolution 32]
+                                   [--batch 64] [--workers 2] [--shard-images 1024] [--chunk-rows 1024]
+
+For each N, a fresh process writes N tiny PNG images (8 px, real on-disk format), extracts their features into
+safetensors shards through the Lightning engine (``tasks.classification.features.extract_split``), then runs,
+streamed from the shards (nothing held whole): the principal basis and one L-BFGS fit of the linear probe, and
+k-NN of 1,000 queries against the N-row bank. It prints images/s of the extraction, seconds of the probe and
+k-NN, the peak resident set size (``ru_maxrss``) and the size of the features on disk. Flat peak RSS while the
+features grow is the point; figures describe this machine at this moment, never pass/fail.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_size(args: argparse.Namespace) -> dict:
+    """Everything for one N, in this process (its ru_maxrss is this N's peak)."""
+    import lightning as L
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from tasks.classification.datasets import Transformed
+    from tasks.classification.features import cache_key, extract_split
+    from tasks.classification.knn import knn_predict
+    from tasks.classification.linear import fit_logistic
+    from tasks.classification.rows import Rows
+    from tasks.classification.sources import FileImages
+    from tasks.classification.task import eval_transform
+    from transfer.backbones import build_backbone
+
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        paths, labels = [], []
+        for i in range(args.n):
+            path = Path(tmp) / "images" / f"{i:06d}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path)
+            paths.append(str(path))
+            labels.append(i % 10)
+        backbone = build_backbone(args.backbone, weights="random")
+        data = Transformed(FileImages(paths, labels), eval_transform(backbone, args.resolution))
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            use_distributed_sampler=False, default_root_dir=tmp, precision="32-true")
+        start = time.perf_counter()
+        feats = extract_split(trainer, backbone, data, directory=Path(tmp) / "shards",
+                              key=cache_key(backbone=args.backbone, dataset="bench", split="train"),
+                              expected_labels=np.array(labels), shard_images=args.shard_images,
+                              batch_size=args.batch, num_workers=args.workers, channels_last=True, desc="bench")
+        extraction = time.perf_counter() - start
+        rss_extraction = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rows = feats.rows(device=torch.device("cpu"), chunk_rows=args.chunk_rows)
+        start = time.perf_counter()
+        fit_logistic(rows, None, 10, 1.0, max_iter=args.probe_iterations)
+        probe = time.perf_counter() - start
+        queries = Rows.from_tensors(rows.parts[0].read(0, min(1000, rows.parts[0].length)),
+                                    rows.labels[:1000], chunk_rows=args.chunk_rows)
+        start = time.perf_counter()
+        knn_predict(rows, None, queries, 10, k=20, temperature=0.07)
+        knn = time.perf_counter() - start
+        disk = sum(p.stat().st_size for p in feats.paths)
+    return {"n": args.n, "images_per_s": args.n / extraction, "probe_s": probe, "knn_s": knn,
+            "rss_import_mib": baseline / 1024, "rss_extraction_mib": rss_extraction / 1024,
+            "rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "features_mib": disk / 2**20}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
+    p.add_argument("--backbone", default="rs50")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--shard-images", type=int, default=1024)
+    p.add_argument("--chunk-rows", type=int, default=1024)
+    p.add_argument("--probe-iterations", type=int, default=20)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)  # one size, in a child process
+    args = p.parse_args(argv)
+    if args.n is not None:
+        print(json.dumps(one_size(args)))
+        return
+    print(f"machine: {platform.machine()}, backbone {args.backbone} (random weights), {args.resolution}px input, "
+          f"batch {args.batch}, {args.workers} loader workers, shards of {args.shard_images} images, chunks of "
+          f"{args.chunk_rows} rows, float32")
+    print(f"command: python bench/bench_features.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print("| N | extraction images/s | probe fit s | k-NN s | features on disk MiB | peak RSS MiB "
+          "| RSS after import MiB |")
+    print("|---|---|---|---|---|---|---|")
+    base = [a for a in (argv if argv is not None else sys.argv[1:])]
+    for n in args.sizes:
+        out = subprocess.run([sys.executable, __file__, *base, "--n", str(n)], capture_output=True, text=True,
+                             env={"PYTHONPATH": str(REPO), **_env()}, check=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        print(f"| {n} | {r['images_per_s']:.1f} | {r['probe_s']:.2f} | {r['knn_s']:.2f} | {r['features_mib']:.1f} | "
+              f"{r['rss_peak_mib']:.0f} | {r['rss_import_mib']:.0f} |", flush=True)
+
+
+def _env() -> dict:
+    import os
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+if __name__ == "__main__":
+    main()

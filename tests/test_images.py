@@ -88,10 +88,10 @@ def write_case(mode: str, folder) -> tuple[str, np.ndarray, float]:
         im, expected, fmt, tol = Image.fromarray(rgb).convert("CMYK"), rgb, "JPEG", 12
     elif mode == "I;16":  # 16-bit grayscale PNG: the same gray, scaled by 257
         im, expected, fmt, tol = Image.fromarray(gray.astype(np.uint16) * 257), as_rgb(gray), "PNG", 0
-    elif mode == "I":  # 32-bit integer TIFF holding 16-bit data
-        im, expected, fmt, tol = Image.fromarray(gray.astype(np.int32) * 257), as_rgb(gray), "TIFF", 0
-    elif mode == "F":  # 32-bit float TIFF in [0, 1]
-        im, expected, fmt, tol = Image.fromarray(gray.astype(np.float32) / 255), as_rgb(gray), "TIFF", 0
+    elif mode == "I":  # 32-bit integer TIFF: Pillow's own 0..255 scale for mode I (tests/test_images_scale.py)
+        im, expected, fmt, tol = Image.fromarray(gray.astype(np.int32)), as_rgb(gray), "TIFF", 0
+    elif mode == "F":  # 32-bit float TIFF: Pillow's own 0..255 scale for mode F
+        im, expected, fmt, tol = Image.fromarray(gray.astype(np.float32)), as_rgb(gray), "TIFF", 0
     elif mode == "YCbCr":
         im, expected, fmt, tol = Image.fromarray(rgb).convert("YCbCr"), rgb, "TIFF", 3
     else:

@@ -94,7 +94,8 @@ def test_non_strict_partial_load_needs_the_threshold_and_is_reported(tmp_path, r
     counted = [k for k in rs50_state if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
     in_layer4 = [k for k in counted if k.startswith("layer4")]
     assert load == {"strict": False, "expected": len(counted), "loaded": len(counted) - len(in_layer4),
-                    "missing": len(in_layer4), "unexpected": 0, "prefix_removed": ""}
+                    "missing": len(in_layer4), "unexpected": 0, "prefix_removed": "",
+                    "dropped": 2}  # the file's ImageNet head (fc.weight, fc.bias): never used for transfer
 
 
 def _wrapped_states(model: torch.nn.Module) -> dict[str, dict]:

@@ -48,6 +48,7 @@ class LoadReport:
     missing: int  # of those, absent from the file (left at their initial values)
     unexpected: int  # file tensors the model has no place for
     prefix_removed: str  # the wrapper prefix chain stripped from the file's keys ("" for none)
+    dropped: int = 0  # file tensors of the classifier dropped for transfer, never compared or loaded
 
     @property
     def fraction(self) -> float:
@@ -55,8 +56,9 @@ class LoadReport:
 
     def summary(self) -> str:
         removed = f", prefix {self.prefix_removed!r} removed" if self.prefix_removed else ""
+        dropped = f", {self.dropped} classifier tensors dropped" if self.dropped else ""
         return (f"loaded {self.loaded} of {self.expected} backbone tensors ({self.missing} missing, "
-                f"{self.unexpected} unexpected{removed}; {'strict' if self.strict else 'non-strict'})")
+                f"{self.unexpected} unexpected{removed}{dropped}; {'strict' if self.strict else 'non-strict'})")
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,9 @@ def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, origi
     """Load ``sd`` into ``model`` and report what was loaded.
 
     Wrapper prefixes are removed first (:func:`strip_wrapper_prefixes`). Keys under ``optional_prefixes``
-    (the ImageNet classifier, dropped for transfer) may be absent. Raises :class:`WeightsError` for
+    (the ImageNet classifier, which transfer never uses) are then dropped from the file before anything is
+    compared: a fine-tuned checkpoint's head of another shape, or NaN in it, does not matter; they are counted
+    as ``dropped`` and may be absent. Raises :class:`WeightsError` for
     mis-shaped keys; for NaN/Inf tensors (naming them); when ``strict`` and keys are missing or unexpected
     (listing them, with a hint when one other key prefix explains the mismatch); and, when not ``strict``, when
     it would load none of the backbone's tensors or fewer than ``min_loaded_fraction`` of them. ``dry_run``
@@ -177,6 +181,8 @@ def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, origi
     """
     own = model.state_dict()
     sd, prefix = strip_wrapper_prefixes(sd, own)
+    dropped = {k for k in sd if optional_prefixes and k.startswith(optional_prefixes)}
+    sd = {k: v for k, v in sd.items() if k not in dropped}
     missing = [k for k in own if k not in sd and not k.startswith(optional_prefixes)]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -186,11 +192,14 @@ def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, origi
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
             if keys:
                 parts.append(f"{label} ({len(keys)}): {_some(keys)}")
+        # backbone.strict=false skips missing and unexpected keys, never a tensor of the wrong shape: offered
+        # only when it would let the load through.
+        fix = (" Check that the file belongs to this backbone (timm key layout)." if shapes else
+               " Check that the file belongs to this backbone (timm key layout), or pass backbone.strict=false to "
+               "load the matching keys only (a non-strict load must still cover backbone.min_loaded_fraction of "
+               "the backbone).")
         raise WeightsError(f"weights from {origin!r} do not match the model: " + "; ".join(parts) + "."
-                           + prefix_hint(missing, unexpected)
-                           + " Check that the file belongs to this backbone (timm key layout), or pass "
-                             "backbone.strict=false to load the matching keys only (a non-strict load must "
-                             "still cover backbone.min_loaded_fraction of the backbone).")
+                           + prefix_hint(missing, unexpected) + fix)
     taken = {k: v for k, v in sd.items() if k in own}
     broken = non_finite(taken)
     if broken:
@@ -200,7 +209,7 @@ def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, origi
     counted = [k for k in own if not k.startswith(optional_prefixes) and not k.endswith(COUNTERS_SUFFIX)]
     loaded = sum(1 for k in counted if k in taken)
     report = LoadReport(strict=strict, expected=len(counted), loaded=loaded, missing=len(counted) - loaded,
-                        unexpected=len(unexpected), prefix_removed=prefix)
+                        unexpected=len(unexpected), prefix_removed=prefix, dropped=len(dropped))
     if not strict and (loaded == 0 or report.fraction < min_loaded_fraction):
         fix = ("Nothing matched, so the run would use random weights: use weights that belong to this backbone "
                "or convert them (python -m transfer.convert)." if not loaded else

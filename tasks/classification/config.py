@@ -35,7 +35,8 @@ class ClassificationTaskConfig:
     check_split_sizes: bool = True
     # Evaluation preprocessing of linear / k-NN: "paper" resizes the shorter side to 224 (task.resolution when
     # set, bicubic) and centre-crops it, as SimCLR App. B.8, BYOL App. D.2 and ssl-transfer linear.py do;
-    # "checkpoint" uses the weights' own resolution and crop; "auto" (docs/classification.md).
+    # "checkpoint" uses the weights' own resolution and crop; "auto" (docs/classification.md). Fine-tuning: "auto"
+    # tests at the protocol's sizes, "checkpoint" at the weights' own; "paper" is refused (task.py finetune_input).
     preprocess: str = "auto"
     max_image_pixels: int | None = None  # images above this are refused as too large; default Pillow's limit
 

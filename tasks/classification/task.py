@@ -8,8 +8,11 @@ Lightning, with val and test padded so that no image is scored twice (``tasks/cl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
+import weakref
 from pathlib import Path
 
 import lightning as L
@@ -59,11 +62,32 @@ def check(cfg) -> None:
     """Checks of the whole run config that need no data (called by ``transfer.config.validate``)."""
     if cfg.task.preprocess == "paper" and cfg.protocol.name not in FROZEN:
         raise ConfigError(f"task.preprocess=paper applies to the frozen protocols ({', '.join(FROZEN)}), not "
-                          f"protocol={cfg.protocol.name}; use task.preprocess=auto or checkpoint.")
+                          f"protocol={cfg.protocol.name}. Fine-tuning takes task.preprocess=auto (the protocol's "
+                          "own test input; protocol=finetune's is the papers' resize 256 / centre crop 224) or "
+                          "checkpoint (the checkpoint's own resolution and crop).")
     if cfg.task.data_dir and not Path(cfg.task.data_dir).expanduser().is_dir():
         raise ConfigError(f"task.data_dir={cfg.task.data_dir!r} is not a directory; pass the folder holding a copy "
                           f"of {cfg.task.dataset} (layouts: docs/classification.md, or python -m transfer.run --help "
                           f"task={cfg.task.name}).")
+
+
+def finetune_input(cfg, backbone: Backbone) -> tuple[int, float, str]:
+    """(resolution, test crop fraction, ``extra.preprocess``) of a fine-tuning run.
+
+    ``task.preprocess=auto``: the protocol's ``image_size`` and ``test_crop_pct`` (the checkpoint's own where
+    null); ``checkpoint``: the checkpoint's own test resolution and crop (``BackboneSpec.test_res``,
+    ``crop_pct``), whatever the protocol says. ``task.resolution`` wins over both. The recorded preprocess is
+    ``paper`` when the result is the papers' fine-tune test input (224, i.e. resize 256 / crop 224: BYOL
+    App. D.3), else ``checkpoint``.
+    """
+    p, spec = cfg.protocol, backbone.spec
+    if cfg.task.preprocess == "checkpoint":
+        resolution, crop_pct = spec.test_res, spec.crop_pct
+    else:
+        resolution = p.image_size or spec.test_res
+        crop_pct = p.test_crop_pct if p.test_crop_pct is not None else spec.crop_pct
+    resolution = cfg.task.resolution or resolution
+    return resolution, crop_pct, "paper" if (resolution, crop_pct) == (224, 0.875) else "checkpoint"
 
 
 def _build(ctx: RunContext) -> tuple[Backbone, Splits, int]:
@@ -101,20 +125,57 @@ def _damage_check(ctx: RunContext, splits: Splits):
     return check_undecodable
 
 
+# task.* values that cannot change which images and labels are read, nor how they are decoded: only these are
+# left out of the feature cache key. Every other task value (image and label column, data_dir, hub_id,
+# limit_per_split, val_fraction, split_seed, scan_images, max_image_pixels, … and any value added later) is in it,
+# so a new option that changes what is read cannot be forgotten.
+NOT_IN_FEATURE_KEY = frozenset({"metric", "max_bad_fraction", "check_split_sizes"})
+
+
+def _reads(task_cfg) -> str:
+    """What the data part of the feature key holds of ``task.*``: every value but :data:`NOT_IN_FEATURE_KEY`."""
+    values = {k: v for k, v in dataclasses.asdict(task_cfg).items() if k not in NOT_IN_FEATURE_KEY}
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+_WEIGHTS_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per backbone: its tensors do not change
+
+
 def _weights_id(ctx: RunContext, backbone: Backbone) -> str:
+    """The weights part of the feature key: the file's sha256 and what the load took from it. When any backbone
+    tensor did not come from a file (``backbone.weights=random``, a non-strict partial load, a folder with no
+    single sha256), those tensors are random and depend on ``trainer.seed``: the seed and a digest of the
+    tensors themselves join the key."""
+    if backbone in _WEIGHTS_IDS:
+        return _WEIGHTS_IDS[backbone]
     w = backbone.weights
-    return w.sha256 or f"{w.source}-seed{ctx.cfg.trainer.seed}"
+    load = dataclasses.asdict(w.load) if w.load else None
+    parts = {"source": w.source, "sha256": w.sha256, "load": load}
+    if w.sha256 is None or w.load is None or w.load.missing:
+        parts["seed"] = ctx.cfg.trainer.seed
+        h = hashlib.sha256()
+        for name, t in backbone.model.state_dict().items():
+            h.update(name.encode() + t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        parts["tensors"] = h.hexdigest()
+    _WEIGHTS_IDS[backbone] = json.dumps(parts, sort_keys=True)
+    return _WEIGHTS_IDS[backbone]
 
 
 def feature_key(ctx: RunContext, backbone: Backbone, splits: Splits, split: str, *, transform, resolution: int,
                 preprocess: str, dtype: torch.dtype | None) -> dict[str, str]:
-    """The feature cache key of ``split``: everything that determines its features and labels, and the shard size."""
+    """The feature cache key of ``split``: everything that determines its features and labels, and the shard size.
+
+    Data: the data's identity, the split's items in order, its labels, the class names, and every ``task.*``
+    value that can change what is read (:func:`_reads`). Weights: :func:`_weights_id`. Input: transform,
+    resolution, preprocessing, autocast precision.
+    """
     data = getattr(splits, split)
     return cache_key(backbone=ctx.cfg.backbone.name, weights=_weights_id(ctx, backbone), dataset=ctx.cfg.task.name,
                      split=split, data=splits.source_id, items=items_digest(data), labels=digest(labels_of(data)),
                      label_column=splits.label_column, classes=digest(list(splits.class_names)),
-                     transform=repr(transform), resolution=resolution, preprocess=preprocess,
-                     precision=str(dtype or torch.float32), shard_images=ctx.cfg.protocol.shard_images)
+                     reads=_reads(ctx.cfg.task), transform=repr(transform), resolution=resolution,
+                     preprocess=preprocess, precision=str(dtype or torch.float32),
+                     shard_images=ctx.cfg.protocol.shard_images)
 
 
 def _features(ctx: RunContext, backbone: Backbone, splits: Splits, resolution: int) -> dict:
@@ -218,14 +279,13 @@ def _backbone(ctx: RunContext) -> Backbone:
                           min_loaded_fraction=b.min_loaded_fraction)
 
 
-def _finetune_transforms(backbone: Backbone, resolution: int, protocol: FinetuneProtocolConfig):
+def _finetune_transforms(backbone: Backbone, resolution: int, protocol: FinetuneProtocolConfig, crop_pct: float):
     """Train and test transforms: timm's random-resized crop + flip (+ the protocol's augmentation), and a
-    centre crop at the protocol's ``test_crop_pct`` (the checkpoint's own crop when null)."""
+    centre crop of ``crop_pct`` (:func:`finetune_input`)."""
     train_tf = create_transform(**backbone.data_config(train=True, resolution=resolution), is_training=True,
                                 auto_augment=protocol.randaugment, color_jitter=protocol.color_jitter or None)
     test_config = backbone.data_config(resolution=resolution)
-    if protocol.test_crop_pct is not None:
-        test_config["crop_pct"] = protocol.test_crop_pct
+    test_config["crop_pct"] = crop_pct
     return train_tf, create_transform(**test_config, is_training=False)
 
 
@@ -244,7 +304,7 @@ def _fit(ctx: RunContext, backbone: Backbone, splits: Splits, resolution: int, p
     """Fine-tune ``backbone`` with ``protocol``: on train (val scores it, after its last step or per epoch as
     ``protocol.select`` says) or, ``final``, on train+val."""
     cfg = ctx.cfg
-    train_tf, test_tf = _finetune_transforms(backbone, resolution, protocol)
+    train_tf, test_tf = _finetune_transforms(backbone, resolution, protocol, finetune_input(cfg, backbone)[1])
     train = ConcatDataset([splits.train, splits.val]) if final else splits.train
     module = FinetuneModule(backbone, splits.num_classes, protocol, check_damage=_damage_check(ctx, splits))
     callbacks = [EMAWeightAveraging(decay=protocol.ema_decay)] if protocol.ema_decay else []
@@ -298,10 +358,7 @@ def _sweep(ctx: RunContext, splits: Splits, resolution: int,
 def run_finetune(ctx: RunContext) -> TaskOutput:
     backbone, splits, resolution = _build(ctx)
     cfg, p = ctx.cfg, ctx.cfg.protocol
-    resolution = cfg.task.resolution or p.image_size or resolution  # an explicit task.resolution wins
-    crop_pct = p.test_crop_pct if p.test_crop_pct is not None else backbone.spec.crop_pct
-    # "paper": the papers' fine-tune sizes (train crops 224; test resize 256, centre crop 224), see transfer.compare.
-    preprocess = "paper" if (resolution, crop_pct) == (224, 0.875) else "checkpoint"
+    resolution, crop_pct, preprocess = finetune_input(cfg, backbone)  # task.preprocess: auto or checkpoint
     extra: dict = {"resolution": resolution, "test_crop_pct": crop_pct, "preprocess": preprocess}
     undecodable: set[str] = set()
     if p.sweep:

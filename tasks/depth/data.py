@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from tasks.depth.config import DepthAugmentConfig, DepthTaskConfig
 from transfer.errors import DataError
+from transfer.images import ImageDecodeError, ImageTooLargeError, decode_image, oriented_size
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,7 @@ class PngFrames:
         self.depth_scale = depth_scale
 
     def read(self, item: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
-        with Image.open(item[0]) as im:
-            image = np.asarray(im.convert("RGB"))
+        image = np.asarray(decode_image(item[0]))  # (H, W, 3) uint8: every mode, EXIF applied; depth stays raw
         return image, read_depth_png(item[1], self.depth_scale)
 
 
@@ -213,21 +213,21 @@ def scan_png(task: DepthTaskConfig, root: Path) -> tuple[PngFrames, DepthSplit, 
                 reason = "missing"
             else:
                 try:
-                    sizes = []
                     for p in (rgb, depth):
                         with Image.open(p) as im:
                             im.verify()
-                        with Image.open(p) as im:
-                            sizes.append(im.size)
+                    with Image.open(depth) as im:
+                        sizes = [oriented_size(rgb), im.size]  # the input's size as decode_image turns it
                     read = read_depth_png(depth, task.depth_scale) if name == "test" else None
                     if name == "test":
-                        with Image.open(rgb) as im:
-                            im.convert("RGB").load()
+                        decode_image(rgb)
                     if sizes[0] != sizes[1] or (read is not None and read.shape[::-1] != sizes[1]):
                         reason = "size_mismatch"
                     else:
                         listed.sizes.add(sizes[0][::-1])
-                except (OSError, ValueError, SyntaxError) as e:
+                except ImageTooLargeError:
+                    raise  # not damaged: the error names the limit
+                except (OSError, ValueError, SyntaxError, ImageDecodeError) as e:
                     reason = "unreadable"
                     listed.examples.append(f"{rgb} / {depth}: {type(e).__name__}: {e}")
             if reason is None:
@@ -305,6 +305,8 @@ class DepthFrames(Dataset):
     def __getitem__(self, i: int) -> dict | None:
         try:
             image, depth = self.reader.read(self.items[i])
+        except ImageTooLargeError:
+            raise  # not damaged: the error names the limit
         except (OSError, ValueError, DataError):
             if not self.train:
                 raise  # the test split was decoded in the scan: a failure now is a real fault

@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from transfer.errors import DataError
+from transfer.images import ImageDecodeError, ImageTooLargeError, decode_image, oriented_size
 from transfer.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -229,13 +230,19 @@ def layout_classes(layout: SegmentationLayout) -> tuple[str, ...]:
 
 # ---- scanning ---------------------------------------------------------------------------------------------
 
-def _size(path: str) -> tuple[int, int]:
-    """(height, width) from the header; raises OSError/ValueError when the header does not parse."""
+def _size(path: str, *, image: bool = False) -> tuple[int, int]:
+    """(height, width) from the header; raises OSError/ValueError when the header does not parse.
+
+    ``image``: the size of the input as :func:`transfer.images.decode_image` gives it, EXIF orientation
+    applied (labels are read as stored)."""
     if path.endswith(".mat"):  # SBD masks are small: the size comes from the decoded label
         label = read_voc_label(path)
         return label.shape[0], label.shape[1]
     with Image.open(path) as im:
         im.verify()
+    if image:
+        width, height = oriented_size(path)
+        return height, width
     with Image.open(path) as im:
         return im.height, im.width
 
@@ -258,13 +265,17 @@ def scan_split(layout: SegmentationLayout, data_dir: Path, split: str, *, decode
             reason = "missing"
         else:
             try:
-                (h, w), (lh, lw) = _size(image), _size(label)
+                (h, w), (lh, lw) = _size(image, image=True), _size(label)
                 if decode:
-                    with Image.open(image) as im:
-                        im.convert("RGB").load()
+                    decode_image(image)
                     layout.read_label(label)
                 if (h, w) != (lh, lw):
                     reason = "size_mismatch"
+            except ImageTooLargeError:
+                raise  # not damaged: the error names the limit
+            except ImageDecodeError as e:
+                reason = "unreadable"
+                out.examples.append(f"{image} / {label}: {e.reason}")
             except DataError as e:  # a label in the wrong format: every file of the copy is likely affected
                 raise DataError(f"{e} Expected layout:\n{layout.tree}") from None
             except (OSError, ValueError, SyntaxError, NotImplementedError) as e:  # PIL / scipy on damaged files

@@ -22,7 +22,6 @@ from detectron2.evaluation import SemSegEvaluator
 from detectron2.projects.deeplab import build_lr_scheduler
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
-from PIL import Image
 
 from tasks.detection import backbone as _registers_fpn_builders  # noqa: F401  (BACKBONE_REGISTRY entries)
 from tasks.detection.schema import detection_devices
@@ -32,6 +31,7 @@ from tasks.segmentation.data import IGNORE, LAYOUTS, SplitList, layout_classes, 
 from transfer.backbones import build_backbone
 from transfer.engine import CHECKPOINT_DIR
 from transfer.errors import DataError, TransferError
+from transfer.images import ImageDecodeError, decode_image
 from transfer.io import atomic_write_json
 from transfer.tasks import RunContext, TaskOutput
 from transfer.tracking import is_global_zero
@@ -88,10 +88,9 @@ class SemSegMapper:
 
     def __call__(self, record: dict) -> dict:
         try:
-            with Image.open(record["file_name"]) as im:
-                image = np.asarray(im.convert("RGB"))
+            image = np.asarray(decode_image(record["file_name"]))  # (H, W, 3) uint8, every mode, EXIF applied
             label = self.read_label(record["sem_seg_file_name"]) if self.train else None
-        except OSError as e:
+        except (OSError, ImageDecodeError) as e:
             raise DataError(f"{record['file_name']} or its label {record['sem_seg_file_name']} no longer decodes "
                             f"({type(e).__name__}: {e}); replace the file or remove it from the split list.") from None
         aug = T.AugInput(image, sem_seg=label)

@@ -94,3 +94,33 @@ def test_a_paper_finetune_run_sweeps_refits_on_train_val_and_tests(tmp_path, par
     reasons = " | ".join(results["comparison"]["reasons"])
     assert "protocol.steps=3" in reasons and "task.check_split_sizes=false" in reasons
     assert not any(b["comparable"] for b in results["baselines"])
+
+
+def test_finetune_input_follows_task_preprocess():
+    from transfer.backbones import build_backbone
+
+    backbone = build_backbone("rs50", weights="random")  # its own test input: 160 px, crop 0.875
+
+    def sizes(*overrides):
+        cfg = validate(compose(["task=cifar100", "logger.wandb.mode=disabled", *overrides]))
+        return classification.finetune_input(cfg, backbone)
+
+    assert sizes("protocol=finetune") == (224, 0.875, "paper")  # auto: the protocol's, the papers' 256 -> 224
+    assert sizes("protocol=finetune", "task.preprocess=checkpoint") == (160, 0.875, "checkpoint")
+    assert sizes("protocol=finetune", "task.preprocess=checkpoint", "task.resolution=224") == (224, 0.875, "paper")
+    assert sizes("protocol=finetune_strong") == (160, 0.875, "checkpoint")
+
+
+@pytest.mark.e2e
+def test_checkpoint_preprocessing_is_what_a_finetune_run_tests_at_and_records(tmp_path):
+    # task.preprocess=checkpoint used to be ignored: tested at 224 / 0.875 and recorded as "paper".
+    run_dir = tmp_path / "ft"
+    code = run_main(["task=digits", "task.limit_per_split=4", "task.preprocess=checkpoint", "protocol=finetune",
+                     "protocol.sweep=false", "protocol.steps=1", "protocol.batch_size=4", "task.resolution=32",
+                     "backbone=resnet50_rsb_a3", "backbone.weights=random", "trainer.precision=32-true",
+                     "trainer.num_workers=0", "trainer.eval_batch_size=4", "trainer.progress_bar=false",
+                     "logger.wandb.mode=disabled", f"run.dir={run_dir}"])
+    assert code == 0
+    extra = json.loads((run_dir / "results.json").read_text())["extra"]
+    # resnet50_rsb_a3's own test crop is 0.95 (timm's pretrained config); the protocol's is 0.875.
+    assert (extra["resolution"], extra["test_crop_pct"], extra["preprocess"]) == (32, 0.95, "checkpoint")

@@ -141,3 +141,23 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(voc_root, seg, tmp_
     extra = _results(run_dir)["extra"]
     assert extra["start_iter"] == 2 and extra["resumed_from"] == str(ckpt / "model_0000001.pth")
     assert "test/miou" in _results(run_dir)["metrics"]
+
+
+def test_the_mapper_decodes_every_mode_and_applies_exif(tmp_path):
+    # Segmentation inputs went through Image.convert("RGB"): a 16-bit grayscale PNG came out white.
+    from tasks.segmentation.train import SemSegMapper
+
+    gray = np.random.default_rng(0).integers(0, 256, (12, 16)).astype(np.uint8)
+    image, label = tmp_path / "a.png", tmp_path / "a_label.png"
+    Image.fromarray(gray.astype(np.uint16) * 257).save(image)
+    mask = Image.fromarray(np.zeros((12, 16), np.uint8), mode="L").convert("P")
+    mask.save(label)
+    mapper = SemSegMapper("voc2012", [], train=True)
+    out = mapper({"file_name": str(image), "sem_seg_file_name": str(label)})
+    assert torch.equal(out["image"], torch.from_numpy(np.repeat(gray[None], 3, 0)))
+    jpeg = tmp_path / "b.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 3  # rotated 180 degrees
+    Image.fromarray(np.repeat(gray[..., None], 3, -1)).save(jpeg, exif=exif, quality=100)
+    turned = mapper({"file_name": str(jpeg), "sem_seg_file_name": str(label)})["image"][0].numpy().astype(int)
+    assert np.abs(turned - gray[::-1, ::-1].astype(int)).mean() < 3

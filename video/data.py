@@ -238,7 +238,7 @@ def load_split(root: str | os.PathLike | None, split: str, *, layout: str = "aut
     """Labeled videos of ``split``: from a scan manifest when given (its paths resolved against ``root``
     when given, else against the root the scan read), else from the layout on disk under ``root``."""
     if manifest:
-        return read_manifest(manifest, split, root=root)
+        return read_manifest(manifest, split, root=root, classes=classes)
     if not root:
         raise DataError(f"no data root given for split {split!r}.\n{LAYOUT_HELP}")
     root = Path(root).expanduser()
@@ -269,12 +269,18 @@ def manifest_path(directory: str | os.PathLike, split: str) -> Path:
     return Path(directory) / f"{split}.manifest.json"
 
 
-def read_manifest(path: str | os.PathLike, split: str, *, root: str | os.PathLike | None = None) -> VideoList:
+def read_manifest(path: str | os.PathLike, split: str, *, root: str | os.PathLike | None = None,
+                  classes: list[str] | None = None) -> VideoList:
     """A manifest written by ``python -m video.scan`` (a file, or the directory holding ``<split>.manifest.json``).
 
     Its paths are relative to the data root; they resolve against ``root`` when given (``task.data_dir``),
     else against the absolute root the scan recorded. Entries whose file is gone count as missing; a
     manifest none of whose videos exists is an error naming the root it was resolved against.
+
+    Labels are indices into the manifest's own class list, which is its split's (a split scanned alone
+    lists only its own classes, in its own order). With ``classes`` (the training split's) every label is
+    mapped by class name to its index there, so all splits share one class list; a class of this split
+    absent from ``classes`` raises :class:`DataError` naming it.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -282,11 +288,13 @@ def read_manifest(path: str | os.PathLike, split: str, *, root: str | os.PathLik
     try:
         data = json.loads(path.read_text())
         base = Path(root).expanduser() if root else Path(data["root"])
-        videos = [(str(base / p), int(lab)) for p, lab in data["videos"]]
-        out = VideoList([], list(data["classes"]), list(data["missing"]),
+        own = [str(c) for c in data["classes"]]
+        label_of = _label_map(own, classes, f"scan manifest {str(path)!r}")
+        videos = [(str(base / p), label_of[int(lab)]) for p, lab in data["videos"]]
+        out = VideoList([], list(classes or own), list(data["missing"]),
                         [str(base / p) for p, _ in data["undecodable"]],
                         [str(base / p) for p in data.get("unsupported", [])])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as e:
         raise DataError(f"cannot read scan manifest {str(path)!r} ({type(e).__name__}: {e}). Write it with "
                         f"python -m video.scan ROOT --split {split} --out DIR.") from None
     _split_existing(videos, out)
@@ -295,6 +303,20 @@ def read_manifest(path: str | os.PathLike, split: str, *, root: str | os.PathLik
                         f"exists under {str(base)!r} (e.g. {videos[0][0] if videos else None!r}). Pass the data "
                         "root the scan read as task.data_dir=PATH.")
     return out
+
+
+def _label_map(own: list[str], classes: list[str] | None, origin: str) -> list[int]:
+    """Index in ``classes`` of each class of ``own`` (identity without ``classes``); DataError naming the classes
+    of ``own`` that ``classes`` lacks."""
+    if classes is None:
+        return list(range(len(own)))
+    index = {c: i for i, c in enumerate(classes)}
+    absent = [c for c in own if c not in index]
+    if absent:
+        raise DataError(f"{origin}: classes {absent[:5]} ({len(absent)} in all) are not among the {len(classes)} "
+                        "classes of the training split, so they have no label. Scan and train on splits of one "
+                        "Kinetics copy, or remove those videos.")
+    return [index[c] for c in own]
 
 
 def relative_to_root(path: str, root: Path) -> str:

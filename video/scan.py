@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", default="auto", choices=LAYOUTS)
     parser.add_argument("--workers", type=int, default=1, help="parallel decoding processes")
     args = parser.parse_args(argv)
-    classes = None
     try:
         for split in args.split or ["train", "val"]:
-            report = scan_split(args.root, split, args.out, layout=args.layout, classes=classes, workers=args.workers)
-            classes = classes or report["classes"]  # later splits share the first one's classes
+            # Each manifest records its own split's classes; a run maps every split's labels by class name
+            # through the training split's list (video.data.read_manifest), so splits may be scanned apart.
+            report = scan_split(args.root, split, args.out, layout=args.layout, workers=args.workers)
             print(f"{split}: {report['decodable']} decodable of {report['listed']} listed, "
                   f"{len(report['missing'])} missing, {len(report['unsupported'])} unsupported, "
                   f"{len(report['undecodable'])} undecodable "

@@ -204,3 +204,40 @@ def test_decode_failure_counts_survive_a_checkpoint():
     # Model Garden's EMA warm-up: 0.1 at the first update, the set decay once (1 + n) / (10 + n) exceeds it.
     assert ema_decay_at(0.9999, 0.0, True) == pytest.approx(0.1) and ema_decay_at(0.9999, 1e6, True) == 0.9999
     assert ema_decay_at(0.9999, 0.0, False) == 0.9999
+
+
+@pytest.mark.parametrize("layout", ["folders", "csv"])
+def test_splits_scanned_apart_share_the_training_class_list(tmp_path, layout):
+    """train holds classes a, b, c; val only b and c. Scanned one split at a time, val's manifest lists its own two
+    classes (b=0, c=1); the run maps them by name to train's indices (b=1, c=2). A val class train lacks is an
+    error naming it."""
+    from video.config import VideoTaskConfig
+    from video.task import _load
+
+    root = tmp_path / "data"
+    rows = {"train": ["class_a", "class_b", "class_c"], "val": ["class_c", "class_b"]}
+    for split, names in rows.items():
+        lines = ["label,youtube_id,time_start,time_end,split"]
+        for c, name in enumerate(names):
+            vid = f"{split[:2]}{name[-1]}"
+            rel = f"{name}/{vid}_000000_000002.mp4" if layout == "folders" else f"{vid}_000000_000002.mp4"
+            write_video(root / split / rel, seconds=0.5, seed=c)
+            lines.append(f"{name},{vid},0,2,{split}")
+        if layout == "csv":
+            (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "manifest"
+    for split in ("val", "train"):  # two separate scans, val first
+        assert scan_main([str(root), "--out", str(out), "--split", split]) == 0
+    assert json.loads((out / "val.manifest.json").read_text())["classes"] == ["class_b", "class_c"]
+    train, val = _load(VideoTaskConfig(name="k", manifest=str(out)))
+    assert train.classes == val.classes == ["class_a", "class_b", "class_c"]
+    labels = {os.path.basename(p)[:3]: lab for p, lab in val.videos}
+    assert labels == {"vab": 1, "vac": 2}
+    # A class only val holds has no label in train's list.
+    if layout == "folders":
+        os.rename(root / "val" / "class_b", root / "val" / "class_z")
+    else:
+        (root / "val.csv").write_text((root / "val.csv").read_text().replace("class_b,", "class_z,"))
+    assert scan_main([str(root), "--out", str(out), "--split", "val"]) == 0
+    with pytest.raises(DataError, match=r"classes \['class_z'\] .* not among the 3 classes of the training split"):
+        _load(VideoTaskConfig(name="k", manifest=str(out)))

@@ -112,18 +112,31 @@ def _is_official_csv(path: Path) -> bool:
     return bool(rows) and tuple(h.lower() for h in rows[0][:4]) == OFFICIAL_HEADER
 
 
+def files_below(root: Path) -> list[Path]:
+    """Every file below ``root`` (hidden names skipped), sorted, following symbolic links to folders and files:
+    Kinetics copies are often farms of links into the real storage. A folder reached twice (a link loop, or two
+    links to one folder) is read once. Links to nothing are kept: they count as missing videos."""
+    out, seen = [], set()
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [Path(dirpath) / f for f in sorted(files) if not f.startswith(".")]
+    return out
+
+
 def _walk(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     """(videos, others): base name (up to the first dot) -> path, for every file below ``root``.
 
     Official names have no dot before the suffix, so ``id_000001_000011.mp4.part`` keys as its video would.
     """
     videos, others = {}, {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            if name.startswith("."):
-                continue
-            key = name.split(".", 1)[0]
-            (videos if name.lower().endswith(VIDEO_SUFFIXES) else others).setdefault(key, Path(dirpath) / name)
+    for path in files_below(root):
+        key = path.name.split(".", 1)[0]
+        (videos if path.name.lower().endswith(VIDEO_SUFFIXES) else others).setdefault(key, path)
     return videos, others
 
 
@@ -150,7 +163,7 @@ def read_official_csv(path: Path, root: Path, classes: list[str] | None = None) 
     out = VideoList([], classes)
     for label, name in entries:
         key = name.split(".", 1)[0]
-        if key in files:
+        if key in files and files[key].is_file():  # a link to nothing is a missing video
             out.videos.append((str(files[key]), index[label]))
         elif key in others:
             out.unsupported.append(str(others[key]))
@@ -211,11 +224,7 @@ def read_class_folders(path: Path, classes: list[str] | None = None) -> VideoLis
     for label, name in enumerate(classes):
         if name not in found:
             continue
-        pairs = []
-        for dirpath, dirs, files in os.walk(path / name):
-            dirs.sort()
-            pairs += [(str(Path(dirpath) / f), label) for f in sorted(files) if not f.startswith(".")]
-        _split_existing(pairs, out)
+        _split_existing([(str(f), label) for f in files_below(path / name)], out)
     return out
 
 

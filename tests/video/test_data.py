@@ -241,3 +241,37 @@ def test_splits_scanned_apart_share_the_training_class_list(tmp_path, layout):
     assert scan_main([str(root), "--out", str(out), "--split", "val"]) == 0
     with pytest.raises(DataError, match=r"classes \['class_z'\] .* not among the 3 classes of the training split"):
         _load(VideoTaskConfig(name="k", manifest=str(out)))
+
+
+def test_symlink_farms_are_followed_in_every_layout(tmp_path):
+    """Kinetics copies are often links into the real storage: a linked class folder, a linked sub-folder, a linked
+    video file are all read; a link loop is read once; a link to nothing is a missing video."""
+    store = tmp_path / "store"
+    for name in ("a0", "b0", "b1", "c0"):
+        write_video(store / f"{name}_000000_000002.mp4", seconds=0.5)
+    root = tmp_path / "data"
+    (root / "train" / "class_a").mkdir(parents=True)
+    (root / "train" / "class_a" / "a0_000000_000002.mp4").symlink_to(store / "a0_000000_000002.mp4")  # a file
+    (store / "b").mkdir()
+    for name in ("b0", "b1"):
+        (store / "b" / f"{name}_000000_000002.mp4").symlink_to(store / f"{name}_000000_000002.mp4")
+    (root / "train" / "class_b").symlink_to(store / "b", target_is_directory=True)  # a class folder
+    (store / "c").mkdir()
+    (store / "c" / "c0_000000_000002.mp4").symlink_to(store / "c0_000000_000002.mp4")
+    (root / "train" / "class_a" / "more").symlink_to(store / "c", target_is_directory=True)  # a sub-folder
+    (root / "train" / "class_a" / "loop").symlink_to(root / "train" / "class_a", target_is_directory=True)
+    (root / "train" / "class_a" / "gone_000000_000002.mp4").symlink_to(store / "gone.mp4")
+    listed = load_split(root, "train", layout="folders")
+    names = sorted((os.path.basename(p)[:2], lab) for p, lab in listed.videos)
+    assert names == [("a0", 0), ("b0", 1), ("b1", 1), ("c0", 0)]
+    assert [os.path.basename(p) for p in listed.missing] == ["gone_000000_000002.mp4"]
+    # The official CSV layout finds its videos through a linked split folder and linked files.
+    csv_root = tmp_path / "csv"
+    csv_root.mkdir()
+    (csv_root / "train").symlink_to(root / "train", target_is_directory=True)
+    (csv_root / "train.csv").write_text("label,youtube_id,time_start,time_end,split\n" + "".join(
+        f"{c},{v},0,2,train\n" for c, v in [("x", "a0"), ("y", "b0"), ("y", "b1"), ("x", "c0"), ("x", "zz"),
+                                          ("x", "gone")]))
+    listed = load_split(csv_root, "train", layout="csv")
+    assert sorted(os.path.basename(p)[:2] for p, _ in listed.videos) == ["a0", "b0", "b1", "c0"]
+    assert listed.missing == ["zz_000000_000002.mp4", "gone_000000_000002.mp4"]

@@ -40,12 +40,13 @@ def scan_split(root: str, split: str, out: Path, *, layout: str = "auto", classe
     good = [[rel(p), label] for (p, label), r in zip(listed.videos, reasons) if r is None]
     bad = [[rel(p), r] for p, r in zip(paths, reasons) if r is not None]
     unsupported = [rel(p) for p in listed.unsupported]
+    ignored = [rel(p) for p in listed.ignored]
     atomic_write_json(manifest_path(out, split), {"split": split, "root": str(root), "classes": listed.classes,
                                                   "videos": good, "missing": listed.missing, "undecodable": bad,
-                                                  "unsupported": unsupported})
+                                                  "unsupported": unsupported, "ignored": ignored})
     report = {"split": split, "root": str(root), "classes": listed.classes, "listed": listed.listed,
               "decodable": len(good),
-              "missing": listed.missing, "unsupported": unsupported, "undecodable": bad}
+              "missing": listed.missing, "unsupported": unsupported, "undecodable": bad, "ignored": ignored}
     atomic_write_json(out / f"{split}.report.json", report)
     return report
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             report = scan_split(args.root, split, args.out, layout=args.layout, workers=args.workers)
             print(f"{split}: {report['decodable']} decodable of {report['listed']} listed, "
                   f"{len(report['missing'])} missing, {len(report['unsupported'])} unsupported, "
-                  f"{len(report['undecodable'])} undecodable "
+                  f"{len(report['undecodable'])} undecodable, {len(report['ignored'])} ignored (no videos) "
                   f"-> {manifest_path(args.out, split)}")
     except TransferError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -275,3 +275,52 @@ def test_symlink_farms_are_followed_in_every_layout(tmp_path):
     listed = load_split(csv_root, "train", layout="csv")
     assert sorted(os.path.basename(p)[:2] for p, _ in listed.videos) == ["a0", "b0", "b1", "c0"]
     assert listed.missing == ["zz_000000_000002.mp4", "gone_000000_000002.mp4"]
+
+
+def test_list_labels_outside_the_training_classes_are_refused_naming_the_line(tmp_path):
+    from video.config import VideoTaskConfig
+    from video.task import _load
+
+    for split, labels in (("train", [0, 1, 2]), ("val", [1, 3])):
+        lines = []
+        for k, label in enumerate(labels):
+            write_video(tmp_path / split / f"v{k}.mp4", seconds=0.5)
+            lines.append(f"{split}/v{k}.mp4 {label}\n")
+        (tmp_path / f"{split}.txt").write_text("".join(lines))
+    with pytest.raises(DataError, match=r"val.txt: line 2 \('val/v1.mp4 3'\) has label 3; labels must be 0..2"):
+        _load(VideoTaskConfig(name="k", data_dir=str(tmp_path)))
+    with pytest.raises(DataError, match=r"line 3 .* has label 2; labels must be 0..1 \(the 2 classes"):
+        _load(VideoTaskConfig(name="k", data_dir=str(tmp_path), num_classes=2))
+
+
+def test_semicolon_separated_csvs_are_read(tmp_path):
+    """Spreadsheets in locales with a decimal comma save CSVs with ';'."""
+    write_video(tmp_path / "val" / "-abc_000010_000020.mp4", seconds=0.5)
+    write_video(tmp_path / "val" / "xyz_000000_000010.mp4", seconds=0.5)
+    (tmp_path / "val.csv").write_text('label;youtube_id;time_start;time_end;split\n"air drumming";-abc;10;20;val\n'
+                                      "abseiling;xyz;0;10;val\n")
+    assert find_split(tmp_path, "val")[0] == "csv"
+    listed = load_split(tmp_path, "val")
+    assert listed.classes == ["abseiling", "air drumming"] and not listed.missing
+    assert sorted((os.path.basename(p), lab) for p, lab in listed.videos) == [("-abc_000010_000020.mp4", 1),
+                                                                             ("xyz_000000_000010.mp4", 0)]
+    (tmp_path / "train.csv").write_text("val/-abc_000010_000020.mp4;1\nval/xyz_000000_000010.mp4;0\n")  # a list
+    listed = load_split(tmp_path, "train")
+    assert sorted(lab for _, lab in listed.videos) == [0, 1] and not listed.missing
+
+
+def test_files_that_are_no_videos_are_ignored_not_counted_bad(tmp_path):
+    for name in ("a", "b"):
+        write_video(tmp_path / "train" / name / f"{name}.mp4", seconds=0.5)
+    for stray in ("a/notes.txt", "a/Thumbs.db", "b/.DS_Store", "README.txt"):
+        (tmp_path / "train" / stray).write_text("not a video")
+    (tmp_path / "train" / "b" / "c.mp4.part").write_bytes(b"half a download")
+    listed = load_split(tmp_path, "train")
+    assert sorted(os.path.basename(p) for p in listed.ignored) == ["README.txt", "Thumbs.db", "notes.txt"]
+    assert [os.path.basename(p) for p in listed.unsupported] == ["c.mp4.part"]
+    assert listed.unusable == 1 and listed.counts("train")["train/ignored"] == 3
+    check_bad_fraction("train", listed, 0.34)  # 1 bad of 3 listed: the ignored files are not videos
+    assert scan_main([str(tmp_path), "--out", str(tmp_path / "m"), "--split", "train"]) == 0
+    report = json.loads((tmp_path / "m" / "train.report.json").read_text())
+    assert report["listed"] == 3 and len(report["ignored"]) == 3 and len(report["unsupported"]) == 1
+    assert len(read_manifest(tmp_path / "m", "train").ignored) == 3

@@ -151,11 +151,15 @@ def probe(path: str) -> VideoInfo:
 
 def check_video(path: str) -> str | None:
     """None when ``path`` is decodable by :func:`probe`, else the reason it is not."""
+    return scan_video(path)[0]
+
+
+def scan_video(path: str) -> tuple[str | None, bool]:
+    """(reason ``path`` is not decodable or None, whether it is cut short but decodable up to its decodable end)."""
     try:
-        probe(path)
+        return None, probe(path).truncated
     except UndecodableVideo as e:
-        return str(e)
-    return None
+        return str(e), False
 
 
 @dataclass(frozen=True)

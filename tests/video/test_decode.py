@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from video.data import ClipSpec, Failure, TrainClips
-from video.decode import check_video, probe, read_clip
+from video.decode import check_video, probe, read_clip, scan_video
 from video.multiview import MultiViewClips
 from video.synthetic import write_video
 
@@ -173,3 +173,4 @@ def test_faststart_mp4_cut_at_its_end_is_sampled_inside_its_decodable_part(tmp_p
     last = [level(f) for f in clips[-1]["video"]]
     n = info.frames  # the last clip ends at the decodable end: instants n/10 - 0.8 ... n/10 - 0.2 s
     assert last == [n - 8, n - 6, n - 4, n - 2]
+    assert scan_video(str(path)) == (None, True) and scan_video(str(whole)) == (None, False)  # the scan lists it

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from transfer.config import RECIPES_DIR
 from transfer.engine import build_trainer, resume_path, seed_everything
 from transfer.errors import DataError
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
@@ -82,11 +86,73 @@ def run(ctx: RunContext) -> TaskOutput:
     if not metrics:
         raise DataError(f"no test view of split {task.eval_split!r} reached the model ({counts}); nothing to score. "
                         "Run python -m video.scan on the data for the reasons.")
+    never_scored = int(((scores.views == 0) & (scores.failed == 0)).sum())
     return TaskOutput(metrics=metrics, counts=counts, weights=backbone.weights.as_dict(), primary_metric="test/top1",
                       recipe=recipe_used(task, module, backbone.training_layers, trainer.world_size),
                       extra={"classes": len(train.classes), "global_step": trainer.global_step,
                              "clip": [task.frames, task.stride], "views": [task.test_clips, task.test_crops],
-                             **({"scratch_recipe": task.scratch_recipe} if task.scratch_recipe else {})})
+                             **({"scratch_recipe": task.scratch_recipe} if task.scratch_recipe else {}),
+                             **not_comparable(cfg, classes=len(train.classes), test_videos=len(test.videos),
+                                              never_scored=never_scored)})
+
+
+# Task keys that place the data or guard it, not part of the training and test recipe.
+NOT_RECIPE_KEYS = ("name", "adapter", "data_dir", "layout", "manifest", "max_bad_fraction", "num_classes",
+                   "scratch_recipe", "published_epochs")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def recipe_deviations(task: VideoTaskConfig, recipe: dict) -> list[str]:
+    """``task.<key>=value differs from the recipe's value`` for each training or test value of ``task`` that is not
+    the task recipe's (``recipe``: recipes/task/<name>.yaml as a dict). Crop keys the chosen crop does not use are
+    left out."""
+    used, published = _flat(dataclasses.asdict(task)), _flat({k: v for k, v in recipe.items() if k != "defaults"})
+    unused = {"resized": ("scale_jitter",), "jitter": ("crop_area", "crop_aspect")}
+    skip = {*NOT_RECIPE_KEYS, *unused.get(task.train_crop, ())}
+    out = []
+    for key, value in used.items():
+        if key.split(".")[0] in skip or key not in published:
+            continue
+        want = published[key]
+        same = (list(value) == list(want) if isinstance(value, (list, tuple)) and isinstance(want, (list, tuple))
+                else value == want)
+        if not same:
+            out.append(f"task.{key}={value!r} differs from the {task.name} recipe's {want!r}")
+    return out
+
+
+def not_comparable(cfg, *, classes: int, test_videos: int, never_scored: int) -> dict[str, list[str]]:
+    """``extra.not_comparable`` (read by :mod:`transfer.compare`): why the run's scores cannot stand next to published
+    ones. A subset of the classes, part of the test videos never scored (``trainer.limit_eval_batches``), a schedule
+    other than the published one (``task.published_epochs``; ``trainer.max_steps``, ``limit_train_batches``), and any
+    training or test value changed from the task recipe (:func:`recipe_deviations`). Empty when none applies."""
+    task, trainer, reasons = cfg.task, cfg.trainer, []
+    recipe_file = Path(RECIPES_DIR) / "task" / f"{task.name}.yaml"
+    recipe = OmegaConf.to_container(OmegaConf.load(recipe_file), resolve=True) if recipe_file.is_file() else None
+    if recipe is None:
+        reasons.append(f"no task recipe {str(recipe_file)!r}: the run's values cannot be checked against one")
+    published_classes = (recipe or {}).get("num_classes")
+    if published_classes and classes != published_classes:
+        reasons.append(f"{classes} classes, not the {published_classes} of {task.name}: a subset of the data")
+    if never_scored:
+        reasons.append(f"{never_scored} of {test_videos} test videos were never scored (trainer.limit_eval_batches="
+                       f"{trainer.limit_eval_batches:g}): a partial evaluation")
+    if task.published_epochs is not None and trainer.max_epochs != task.published_epochs:
+        reasons.append(f"trainer.max_epochs={trainer.max_epochs}; the published schedule trains "
+                       f"{task.published_epochs} epochs")
+    if trainer.max_steps != -1:
+        reasons.append(f"trainer.max_steps={trainer.max_steps} stops training before the schedule's end")
+    if trainer.limit_train_batches != 1.0:
+        reasons.append(f"trainer.limit_train_batches={trainer.limit_train_batches:g}: part of each epoch is trained")
+    if recipe is not None:
+        reasons += recipe_deviations(task, recipe)
+    return {"not_comparable": reasons} if reasons else {}
 
 
 def recipe_used(task: VideoTaskConfig, module: VideoModule, layers: dict, world_size: int) -> dict:

@@ -59,6 +59,12 @@ class TaskOutput:
     extra: dict = field(default_factory=dict)
 
 
+def attach_output(error: Exception, output: TaskOutput) -> None:
+    """Let ``error`` carry what the task counted before it failed (``output``: counts, no metric):
+    ``transfer.run`` writes it to results.json with status ``failed`` and the error, then reports the error."""
+    error.output = output
+
+
 @dataclass(frozen=True)
 class TaskAdapter:
     """A task's contract with the core.

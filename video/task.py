@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from transfer.config import RECIPES_DIR
 from transfer.engine import build_trainer, resume_path, seed_everything
 from transfer.errors import DataError
-from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
+from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput, attach_output
 from video.config import VideoTaskConfig, check
 from video.data import ClipSpec, TrainClips, VideoList, check_bad_fraction, load_split
 from video.model import VideoClassifier, build_video_backbone
@@ -29,9 +29,25 @@ def _load(task: VideoTaskConfig) -> tuple[VideoList, VideoList]:
     if task.num_classes is not None and task.num_classes != len(train.classes):
         raise DataError(f"task.num_classes={task.num_classes} but split {task.train_split!r} has "
                         f"{len(train.classes)} classes. Check task.data_dir or set task.num_classes=null.")
-    for split, listed in ((task.train_split, train), (task.eval_split, test)):
-        check_bad_fraction(split, listed, task.max_bad_fraction)
     return train, test
+
+
+def _counts(task: VideoTaskConfig, seen: dict) -> dict[str, int]:
+    """The counts of results.json from what the run has seen so far (``seen``: the listed splits, the module)."""
+    counts = {}
+    if "train" in seen:
+        counts.update(seen["train"].counts(task.train_split))
+    if "test" in seen:
+        counts.update(seen["test"].counts(task.eval_split))
+    module = seen.get("module")
+    if module is not None:
+        counts.update(module.totals)
+        if module.scores is not None:
+            scores = module.scores
+            counts.update({"test/skipped_views": int(scores.failed.sum()),
+                           "test/videos_with_failed_views": len(scores.failed_videos()),
+                           "test/videos_without_views": int((scores.views == 0).sum())})
+    return counts
 
 
 def train_short_side(task: VideoTaskConfig) -> int | None:
@@ -40,12 +56,30 @@ def train_short_side(task: VideoTaskConfig) -> int | None:
 
 
 def run(ctx: RunContext) -> TaskOutput:
+    """Train and test. A run stopped by bad data (:class:`DataError`) once its splits are listed carries the counts
+    made so far, which ``transfer.run`` writes to results.json with status ``failed``; an error before that (no
+    data root, an unknown layout) has nothing counted and leaves no results.json."""
+    seen: dict = {}
+    try:
+        return _run(ctx, seen)
+    except DataError as e:
+        if seen:
+            weights = seen["backbone"].weights.as_dict() if "backbone" in seen else {}
+            attach_output(e, TaskOutput(metrics={}, weights=weights, counts=_counts(ctx.cfg.task, seen)))
+        raise
+
+
+def _run(ctx: RunContext, seen: dict) -> TaskOutput:
     cfg, task = ctx.cfg, ctx.cfg.task
     seed_everything(cfg.trainer)
     train, test = _load(task)  # data first: a missing data set fails before model work
+    seen.update(train=train, test=test)
+    for split, listed in ((task.train_split, train), (task.eval_split, test)):
+        check_bad_fraction(split, listed, task.max_bad_fraction)
     backbone = build_video_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
                                     inflation=task.inflation.build(), drop_path_rate=task.optim.drop_path_rate,
                                     bn_momentum=task.optim.bn_momentum)
+    seen["backbone"] = backbone
     model = VideoClassifier(backbone, len(train.classes), dropout=task.optim.dropout)
     spec = ClipSpec(task.frames, task.stride, task.fps)
     mean, std = backbone.spec.mean, backbone.spec.std  # normalisation of the weights being inflated
@@ -70,6 +104,7 @@ def run(ctx: RunContext) -> TaskOutput:
     module = VideoModule(model, task.optim, eval_labels=[label for _, label in test.videos],
                          train_videos=len(train.videos), global_batch=cfg.trainer.batch_size * trainer.world_size,
                          check_train=check_train)
+    seen["module"] = module
     trainer.fit(module, datamodule=data, ckpt_path=resume_path(ctx))
     trainer.test(module, datamodule=data, verbose=False)
 
@@ -78,10 +113,8 @@ def run(ctx: RunContext) -> TaskOutput:
         raise DataError(f"the test of split {task.eval_split!r} did not run (trainer.limit_eval_batches="
                         f"{cfg.trainer.limit_eval_batches}); a video run needs its test metric.")
     failed = scores.failed_videos()
-    metrics, unseen = scores.metrics("test")
-    counts = {**train.counts(task.train_split), **test.counts(task.eval_split), **module.totals,
-              "test/skipped_views": int(scores.failed.sum()), "test/videos_with_failed_views": len(failed),
-              "test/videos_without_views": unseen}
+    metrics, _ = scores.metrics("test")
+    counts = _counts(task, seen)
     check_bad_fraction(task.eval_split, test, task.max_bad_fraction, [test.videos[i][0] for i in failed])
     if not metrics:
         raise DataError(f"no test view of split {task.eval_split!r} reached the model ({counts}); nothing to score. "

@@ -77,7 +77,31 @@ def test_decode_failures_above_the_limit_stop_the_run(split, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert f"split '{split}': 1 of 5 videos are unusable" in err and "1 failed to decode during the run" in err
-    assert "still.mp4" in err and not (tmp_path / "run" / "results.json").exists()
+    assert "still.mp4" in err and "Counts are in" in err
+    # The failed run keeps its counts: status failed, the error, no metric.
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "failed" and results["metrics"] == {} and "1 of 5 videos" in results["error"]
+    assert results["counts"][f"{split}/videos"] == 5
+    if split == "train":
+        assert results["counts"]["train/videos_failed_decode"] == 1
+    else:
+        assert results["counts"]["test/videos_with_failed_views"] == 1
+
+
+def test_too_many_missing_videos_fail_with_the_counts_in_results_json(tmp_path, capsys):
+    """1 of 8 listed train videos missing is above task.max_bad_fraction=0.1: the run stops before any model work,
+    and results.json (status failed) keeps the counts of the listing."""
+    root = write_dataset(tmp_path / "data", "csv", classes=3, per_class=2)
+    code = main(["task=kinetics400", "backbone=resnet50", f"task.data_dir={root}", f"run.dir={tmp_path / 'run'}",
+                 *TINY, "task.max_bad_fraction=0.1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "split 'train': 1 of 8 videos are unusable (1 missing" in err and len(err.strip().splitlines()) == 1
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "failed" and results["metrics"] == {} and "1 of 8 videos" in results["error"]
+    assert results["counts"] == {"train/videos": 7, "train/missing": 1, "train/undecodable_in_scan": 0,
+                                 "train/unsupported": 0, "train/ignored": 0, "val/videos": 7, "val/missing": 1,
+                                 "val/undecodable_in_scan": 0, "val/unsupported": 0, "val/ignored": 0}
 
 
 def test_manifest_matching_no_video_is_an_error(tmp_path, capsys):

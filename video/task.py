@@ -209,5 +209,7 @@ def recipe_used(task: VideoTaskConfig, module: VideoModule, layers: dict, world_
     }
 
 
+# The protocol only says the backbone is trained end to end; every training value is task.optim's (recorded as
+# results.json recipe), so protocol_config keeps just that (video.config._check_protocol refuses the rest).
 TASKS.add("video", TaskAdapter(config_class=VideoTaskConfig, run=run, protocols=("finetune",), check=check,
-                               metrics=("test/top1", "test/top5")))
+                               metrics=("test/top1", "test/top5"), protocol_keys=("freeze_backbone",)))

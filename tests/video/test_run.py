@@ -41,6 +41,7 @@ def test_kinetics_run_counts_bad_videos(layout, tmp_path):
     assert recipe["lr"] == pytest.approx(0.8 * 7 / 1024) and recipe["global_batch"] == 7
     assert recipe["randaugment"] is None and recipe["drop_path_per_stage"] == pytest.approx([0.04, 0.06, 0.08, 0.1])
     assert recipe["bn_momentum"] == 1.0 and recipe["ema_decay"] == 0.9999 and recipe["views"] == [2, 3]
+    assert results["protocol_config"] == {"name": "finetune", "freeze_backbone": False}
 
 
 @pytest.mark.e2e
@@ -178,3 +179,14 @@ def test_a_run_off_the_published_recipe_says_why_it_is_not_comparable(tmp_path):
     # The scale jitter is unused with the recipe's resized crop: changing it changes nothing.
     assert not_comparable(_cfg(tmp_path, "trainer.max_epochs=350", "task.scale_jitter=[300,400]"), classes=400,
                           test_videos=10, never_scored=0) == {}
+
+
+def test_protocol_config_holds_only_the_protocol_values_video_uses(tmp_path):
+    """Video trains with task.optim (results.json recipe); the image fine-tune values of protocol=finetune (lr,
+    RandAugment, grids) never apply, so protocol_config does not record them. Other tasks keep the whole section."""
+    from transfer.config import compose, validate
+    from transfer.results import protocol_config
+
+    assert protocol_config(_cfg(tmp_path)) == {"name": "finetune", "freeze_backbone": False}
+    image = validate(compose(["task=digits", "backbone=resnet50", "protocol=finetune"]))
+    assert {"lr", "randaugment", "lr_grid"} <= set(protocol_config(image))

@@ -129,6 +129,33 @@ def test_a_task_that_scored_nothing_fails_and_keeps_its_counts(tmp_path, monkeyp
     assert json.loads((run / "history.json").read_text())["processes"][-1]["status"] == "failed"
 
 
+def test_a_task_stopped_by_bad_data_keeps_what_it_counted(tmp_path, monkeypatch, capsys):
+    """A task's error that carries its counts (transfer.tasks.attach_output) still ends in one line of the same
+    error type, and results.json holds the counts with status failed, the error and no metric."""
+    from transfer.errors import DataError
+    from transfer.run import run_one
+    from transfer.tasks import attach_output
+
+    counts = {"val/videos": 10, "val/missing": 4}
+
+    def task(ctx):
+        error = DataError("split 'val': 4 of 10 videos are unusable.")
+        attach_output(error, TaskOutput(metrics={"test/top1": 50.0}, weights={}, counts=counts))
+        raise error
+
+    fake_task(monkeypatch, task)
+    assert main([*QUICK, f"run.root={tmp_path}"]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "4 of 10 videos are unusable" in lines[0] and "Counts are in" in lines[0]
+    run = _only_run_dir(tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "failed" and results["counts"] == counts and results["metrics"] == {}
+    assert results["error"] == "split 'val': 4 of 10 videos are unusable."
+    assert json.loads((run / "history.json").read_text())["processes"][-1]["status"] == "failed"
+    with pytest.raises(DataError, match="Counts are in"):  # the task's own error type reaches the caller
+        run_one([*QUICK, f"run.root={tmp_path / 'again'}"])
+
+
 def test_weights_holding_nan_are_refused_naming_the_file_and_tensor(tmp_path):
     spec = BACKBONES.get("resnet50")
     sd = timm.create_model(spec.arch, pretrained=False, **spec.arch_kwargs).state_dict()

@@ -216,13 +216,15 @@ class PretrainedEvalConfig:
     name: str = "eval"
 
 
-def check_recipe_owned_protocol(protocol, *, task: str, settings: str, example: str) -> None:
+def check_recipe_owned_protocol(protocol, *, task: str, settings: str, example: str,
+                                instead: str | None = None) -> None:
     """Refuse protocol keys a task would ignore: for tasks whose recipe holds every training value.
 
     Segmentation and depth take their schedule from ``task.<settings>`` and accept ``protocol=finetune`` (the
     backbone trains) or ``protocol=frozen`` (it does not). Under ``finetune``, ``protocol.freeze_backbone=true``
     points to ``protocol=frozen`` (frozen transfer is its own protocol, with its own run folder and baselines)
-    and any other changed key is refused, since it would be silently ignored. Raises :class:`ConfigError`.
+    and any other changed key is refused, since it would be silently ignored. ``instead`` says where the values
+    go (default ``task.<settings>.<key>``). Raises :class:`ConfigError`.
     """
     import dataclasses
 
@@ -236,4 +238,4 @@ def check_recipe_owned_protocol(protocol, *, task: str, settings: str, example: 
                if f.name != "name" and getattr(protocol, f.name) != getattr(default, f.name)]
     if changed:
         raise ConfigError(f"{task} takes its training settings from task.{settings}; protocol keys {changed} would "
-                          f"be ignored. Set task.{settings}.<key> instead (e.g. {example}).")
+                          f"be ignored. Set {instead or f'task.{settings}.<key>'} instead (e.g. {example}).")

@@ -61,7 +61,7 @@ def build_results(cfg, output, wall_time_s: float, run_dir: Path, *, record=None
         "lower_is_better": lower_is_better(cfg, output.metrics),
         "counts": dict(output.counts),
         "extra": output.extra,
-        "protocol_config": asdict(cfg.protocol),
+        "protocol_config": protocol_config(cfg),
         "recipe": output.recipe,
         "packages": package_versions(),
         "git_revision": git_revision(),
@@ -82,6 +82,14 @@ def tidy_metric(value) -> float:
     """``value`` as a float rounded to :data:`METRIC_DIGITS` significant digits (NaN and inf pass unchanged)."""
     v = float(value)
     return float(f"{v:.{METRIC_DIGITS}g}") if math.isfinite(v) else v
+
+
+def protocol_config(cfg) -> dict[str, Any]:
+    """The protocol section of results.json: the keys that apply to the task (``TaskAdapter.protocol_keys``)."""
+    from transfer.tasks import TASKS
+
+    values, keys = asdict(cfg.protocol), TASKS.get(cfg.task.adapter).protocol_keys
+    return values if keys is None else {k: v for k, v in values.items() if k == "name" or k in keys}
 
 
 def lower_is_better(cfg, metrics: dict[str, float]) -> list[str]:

@@ -59,21 +59,30 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
     # and flat keys work in every W&B view and in the Reports API.
     names = {"task_name": cfg.task.name, "backbone_name": cfg.backbone.name, "protocol_name": cfg.protocol.name}
     start = time.time()
-    logger, failure = None, None
+    logger, failure, error_type = None, None, TransferError
     try:
         logger = RunLogger(cfg.logger.wandb, run_dir, name=f"{cfg.task.name}/{cfg.backbone.name}/{cfg.protocol.name}",
                            group=cfg.task.name, job_type=cfg.protocol.name,
                            config={**names, **config_tree(cfg)})
         ctx = RunContext(cfg=cfg, run_dir=run_dir, logger=logger, record=record)
-        output = TASKS.get(cfg.task.adapter).run(ctx)
-        failure = None if output.metrics else (
-            f"task {cfg.task.name!r} produced no metric (counts: {dict(output.counts) or 'none'}); nothing was "
-            "scored. See the log above for what was skipped.")
+        try:
+            output = TASKS.get(cfg.task.adapter).run(ctx)
+            failure = None if output.metrics else (
+                f"task {cfg.task.name!r} produced no metric (counts: {dict(output.counts) or 'none'}); nothing was "
+                "scored. See the log above for what was skipped.")
+        except TransferError as e:
+            if getattr(e, "output", None) is None:
+                raise
+            # The task stopped on bad input but says what it counted (transfer.tasks.attach_output): a failed
+            # results.json keeps those counts, without any metric.
+            output, failure, error_type = e.output, str(e), type(e)
+            output.metrics = {}
         record.finish("complete" if failure is None else "failed", failure)
         results = build_results(cfg, output, time.time() - start, run_dir, record=record)
         results.update(assess(results))  # comparable or not, and the published rows measured the same way
         if failure:
             results["error"] = failure
+            results["status"] = "failed"
         if writer:
             if results["metrics"]:
                 print("\n" + format_table([results]), flush=True)  # before the write: a full disk loses nothing
@@ -83,7 +92,7 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
             log_comparison(logger, results)
             print(f"results: {path}", flush=True)
         if failure:
-            raise TransferError(f"{failure} Counts are in {run_dir / RESULTS_FILE}.")
+            raise error_type(f"{failure} Counts are in {run_dir / RESULTS_FILE}.")
     except BaseException as e:
         if not (failure and isinstance(e, TransferError) and failure in str(e)):  # that one is recorded already
             record.finish("failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

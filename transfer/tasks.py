@@ -59,6 +59,12 @@ class TaskOutput:
     extra: dict = field(default_factory=dict)
 
 
+def attach_output(error: Exception, output: TaskOutput) -> None:
+    """Let ``error`` carry what the task counted before it failed (``output``: counts, no metric):
+    ``transfer.run`` writes it to results.json with status ``failed`` and the error, then reports the error."""
+    error.output = output
+
+
 @dataclass(frozen=True)
 class TaskAdapter:
     """A task's contract with the core.
@@ -82,6 +88,10 @@ class TaskAdapter:
     # (task, backbone, weights, protocol): a resume that changes one is another run, refused before anything
     # is written even with resume_allow_changes=true (transfer.rundir.config_changes).
     model_keys: tuple[str, ...] = ()
+    # The protocol keys that apply to this task: results.json ``protocol_config`` holds only these (and the name).
+    # None: every key of the protocol. An adapter that takes its training settings elsewhere (video: task.optim)
+    # lists the few it honours, so no value it never used is recorded beside its scores.
+    protocol_keys: tuple[str, ...] | None = None
 
 
 TASKS: Registry[TaskAdapter] = Registry("task adapter")

@@ -88,6 +88,9 @@ class VideoTaskConfig:
     # The published from-scratch recipe these values follow, if any: a run from random weights is then
     # compared with the published from-scratch rows (transfer.compare); null: no published recipe.
     scratch_recipe: str | None = None
+    # Epochs of the published schedule (trainer.max_epochs of a run that follows it); null: none published.
+    # A run that trains another schedule is marked not comparable (video.task.not_comparable).
+    published_epochs: int | None = None
 
     def __post_init__(self) -> None:
         if self.data_dir is None and self.manifest is None:

@@ -8,8 +8,12 @@ Three layouts are read (see docs/video.md), all accepting the same containers (`
 * ``list``: ``path label`` lines (SlowFast ``<split>.csv``, mmaction2 ``kinetics400_<split>_list_videos.txt``);
 * ``folders``: ``<split>/<class>/<video>``.
 
-Files that exist but have another suffix (``.part`` leftovers of a download, ``.txt``) are listed as
-``unsupported`` and counted with the missing ones. Decoding is :mod:`video.decode`. The datasets are
+Files a listing names that have another suffix, and leftovers of an interrupted download (``.part``,
+``x.mp4.tmp``) are listed as ``unsupported`` and counted with the missing ones. Other files in the class
+folders (a ``README.txt``, ``Thumbs.db``) are no videos: listed as ``ignored``, counted, never scored and never
+counted as bad. Links to folders and files are followed (:func:`files_below`). Integer labels of a list
+outside the class range are refused naming the line; a CSV may be separated by ``,``, ``;`` (spreadsheets in
+many locales) or tabs. Decoding is :mod:`video.decode`. The datasets are
 map-style (not pytorchvideo's iterable ``LabeledVideoDataset``) so Lightning can shard them over DDP
 ranks; a video that fails to decode comes back as a failure record that the collate functions drop and
 the Lightning module counts per video, so failures count towards ``task.max_bad_fraction``.
@@ -51,7 +55,8 @@ class VideoList:
     """Labeled videos of one split, the class names, and the entries that cannot be used.
 
     ``missing``: listed but absent; ``undecodable``: refused by a scan (known from its manifest);
-    ``unsupported``: files whose suffix is not a video container the loaders read.
+    ``unsupported``: files listed as videos whose suffix is not a container the loaders read, and partial downloads;
+    ``ignored``: other files in the class folders (no videos: not counted as unusable).
     """
 
     videos: list[tuple[str, int]]
@@ -59,6 +64,7 @@ class VideoList:
     missing: list[str] = field(default_factory=list)
     undecodable: list[str] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
 
     @property
     def unusable(self) -> int:
@@ -70,7 +76,8 @@ class VideoList:
 
     def counts(self, split: str) -> dict[str, int]:
         return {f"{split}/videos": len(self.videos), f"{split}/missing": len(self.missing),
-                f"{split}/undecodable_in_scan": len(self.undecodable), f"{split}/unsupported": len(self.unsupported)}
+                f"{split}/undecodable_in_scan": len(self.undecodable), f"{split}/unsupported": len(self.unsupported),
+                f"{split}/ignored": len(self.ignored)}
 
 
 def check_bad_fraction(split: str, listed: VideoList, limit: float, failed: list[str] = ()) -> None:
@@ -101,15 +108,53 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{str(path)!r} is not UTF-8 text ({e}). Re-save it as UTF-8.") from None
 
 
+# Field separators of CSVs as spreadsheet tools save them: ";" where the comma is the decimal mark, tabs.
+CSV_DELIMITERS = (",", ";", "\t")
+# Leftovers of an interrupted download (yt-dlp, browsers, rsync): a video that is not there yet.
+PARTIAL_SUFFIXES = (".part", ".ytdl", ".tmp", ".crdownload", ".partial")
+
+
+def _delimiter(text: str) -> str:
+    """The separator that splits the first line into the official header; "," when none does."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    for d in CSV_DELIMITERS:
+        if tuple(f.strip().strip('"').lower() for f in first.split(d))[:4] == OFFICIAL_HEADER:
+            return d
+    return ","
+
+
 def _csv_rows(path: Path) -> list[list[str]]:
-    """Rows of a CSV with fields stripped: any line ending, quoted fields, a byte-order mark."""
-    return [[f.strip() for f in row] for row in csv.reader(io.StringIO(_read_text(path), newline=""))
+    """Rows of a CSV with fields stripped: any line ending, quoted fields, a byte-order mark, "," ";" or tab."""
+    text = _read_text(path)
+    return [[f.strip() for f in row] for row in csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(text))
             if any(f.strip() for f in row)]
+
+
+def is_partial_download(name: str) -> bool:
+    """``x.mp4.part``, ``x.webm.ytdl``, ``x.part``: a video whose download did not finish."""
+    lower = name.lower()
+    return lower.endswith(PARTIAL_SUFFIXES) or any(f"{s}." in lower for s in VIDEO_SUFFIXES)
 
 
 def _is_official_csv(path: Path) -> bool:
     rows = _csv_rows(path)
     return bool(rows) and tuple(h.lower() for h in rows[0][:4]) == OFFICIAL_HEADER
+
+
+def files_below(root: Path) -> list[Path]:
+    """Every file below ``root`` (hidden names skipped), sorted, following symbolic links to folders and files:
+    Kinetics copies are often farms of links into the real storage. A folder reached twice (a link loop, or two
+    links to one folder) is read once. Links to nothing are kept: they count as missing videos."""
+    out, seen = [], set()
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [Path(dirpath) / f for f in sorted(files) if not f.startswith(".")]
+    return out
 
 
 def _walk(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
@@ -118,12 +163,9 @@ def _walk(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     Official names have no dot before the suffix, so ``id_000001_000011.mp4.part`` keys as its video would.
     """
     videos, others = {}, {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            if name.startswith("."):
-                continue
-            key = name.split(".", 1)[0]
-            (videos if name.lower().endswith(VIDEO_SUFFIXES) else others).setdefault(key, Path(dirpath) / name)
+    for path in files_below(root):
+        key = path.name.split(".", 1)[0]
+        (videos if path.name.lower().endswith(VIDEO_SUFFIXES) else others).setdefault(key, path)
     return videos, others
 
 
@@ -150,7 +192,7 @@ def read_official_csv(path: Path, root: Path, classes: list[str] | None = None) 
     out = VideoList([], classes)
     for label, name in entries:
         key = name.split(".", 1)[0]
-        if key in files:
+        if key in files and files[key].is_file():  # a link to nothing is a missing video
             out.videos.append((str(files[key]), index[label]))
         elif key in others:
             out.unsupported.append(str(others[key]))
@@ -170,6 +212,21 @@ def _split_existing(pairs: list[tuple[str, int]], out: VideoList) -> VideoList:
     return out
 
 
+def _path_label(line: str) -> tuple[str, int] | None:
+    """(path, label) of a ``path label`` line separated by white space, "," or ";"; None when no split gives an
+    integer label."""
+    splits = [line.rsplit(maxsplit=1)] if len(line.split()) > 1 else []
+    splits += [line.rsplit(sep, 1) for sep in (",", ";") if sep in line]
+    for parts in splits:
+        if len(parts) != 2:
+            continue
+        try:
+            return parts[0].strip().rstrip(",;").strip().strip('"'), int(parts[1].strip().strip('"'))
+        except ValueError:
+            continue
+    return None
+
+
 def read_path_list(path: Path, root: Path, split: str, num_classes: int | None = None) -> VideoList:
     """``path label`` lines (SlowFast / mmaction2, space or comma separated, paths may hold spaces); relative paths
     resolve against ``root`` or ``root/videos_<split>``."""
@@ -178,14 +235,16 @@ def read_path_list(path: Path, root: Path, split: str, num_classes: int | None =
         line = line.strip()
         if not line:
             continue
-        parts = line.rsplit(maxsplit=1) if len(line.split()) > 1 else line.rsplit(",", 1)
-        try:
-            p, label = parts[0].strip().strip('"').rstrip(","), int(parts[1].strip().strip('"'))
-        except (IndexError, ValueError):
-            raise DataError(f"{path}: line {n} ({line!r}) is not 'path label' with an integer label; every "
-                            f"training and evaluation video needs one.\n{LAYOUT_HELP}") from None
-        if label < 0:
-            raise DataError(f"{path}: line {n} ({line!r}) has a negative label.")
+        parsed = _path_label(line)
+        if parsed is None:
+            raise DataError(f"{path}: line {n} ({line!r}) is not 'path label' with an integer label (separated by "
+                            f"spaces, ',' or ';'); every training and evaluation video needs one.\n{LAYOUT_HELP}")
+        p, label = parsed
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            valid = (f"0..{num_classes - 1} (the {num_classes} classes of task.num_classes or of the training split)"
+                     if num_classes is not None else "0 or more")
+            raise DataError(f"{path}: line {n} ({line!r}) has label {label}; labels must be {valid}. Fix the line, "
+                            "or use lists of one class numbering for every split.")
         if not os.path.isabs(p):
             candidates = [root / p, root / f"videos_{split}" / p]
             p = str(next((c for c in candidates if c.exists()), candidates[0]))
@@ -206,16 +265,17 @@ def read_class_folders(path: Path, classes: list[str] | None = None) -> VideoLis
     if extra:
         raise DataError(f"{path}: class folders {extra[:5]} are not training classes.")
     out = VideoList([], classes)
-    stray = [str(p) for p in path.iterdir() if not p.is_dir() and not p.name.startswith(".")]
-    out.unsupported.extend(stray)  # files outside any class folder have no label
+    for f in sorted(p for p in path.iterdir() if not p.is_dir() and not p.name.startswith(".")):
+        # outside any class folder: no label, so a video or download there cannot be used; other files are no videos
+        (out.unsupported if f.name.lower().endswith(VIDEO_SUFFIXES) or is_partial_download(f.name)
+         else out.ignored).append(str(f))
     for label, name in enumerate(classes):
         if name not in found:
             continue
-        pairs = []
-        for dirpath, dirs, files in os.walk(path / name):
-            dirs.sort()
-            pairs += [(str(Path(dirpath) / f), label) for f in sorted(files) if not f.startswith(".")]
-        _split_existing(pairs, out)
+        files = files_below(path / name)
+        no_video = {f for f in files if not f.name.lower().endswith(VIDEO_SUFFIXES) and not is_partial_download(f.name)}
+        out.ignored += [str(f) for f in files if f in no_video]
+        _split_existing([(str(f), label) for f in files if f not in no_video], out)
     return out
 
 
@@ -238,7 +298,7 @@ def load_split(root: str | os.PathLike | None, split: str, *, layout: str = "aut
     """Labeled videos of ``split``: from a scan manifest when given (its paths resolved against ``root``
     when given, else against the root the scan read), else from the layout on disk under ``root``."""
     if manifest:
-        return read_manifest(manifest, split, root=root)
+        return read_manifest(manifest, split, root=root, classes=classes)
     if not root:
         raise DataError(f"no data root given for split {split!r}.\n{LAYOUT_HELP}")
     root = Path(root).expanduser()
@@ -255,6 +315,9 @@ def load_split(root: str | os.PathLike | None, split: str, *, layout: str = "aut
         out = read_path_list(path, root, split, num_classes or (len(classes) if classes else None))
     else:
         out = read_class_folders(path, classes)
+    if out.ignored:
+        log.info("split %s: %d files that are no videos are ignored (e.g. %s)", split, len(out.ignored),
+                 out.ignored[:3])
     if out.unsupported:
         log.warning("split %s: %d files with a suffix other than %s are not read (e.g. %s)", split,
                     len(out.unsupported), ", ".join(VIDEO_SUFFIXES), out.unsupported[:3])
@@ -269,12 +332,18 @@ def manifest_path(directory: str | os.PathLike, split: str) -> Path:
     return Path(directory) / f"{split}.manifest.json"
 
 
-def read_manifest(path: str | os.PathLike, split: str, *, root: str | os.PathLike | None = None) -> VideoList:
+def read_manifest(path: str | os.PathLike, split: str, *, root: str | os.PathLike | None = None,
+                  classes: list[str] | None = None) -> VideoList:
     """A manifest written by ``python -m video.scan`` (a file, or the directory holding ``<split>.manifest.json``).
 
     Its paths are relative to the data root; they resolve against ``root`` when given (``task.data_dir``),
     else against the absolute root the scan recorded. Entries whose file is gone count as missing; a
     manifest none of whose videos exists is an error naming the root it was resolved against.
+
+    Labels are indices into the manifest's own class list, which is its split's (a split scanned alone
+    lists only its own classes, in its own order). With ``classes`` (the training split's) every label is
+    mapped by class name to its index there, so all splits share one class list; a class of this split
+    absent from ``classes`` raises :class:`DataError` naming it.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -282,11 +351,14 @@ def read_manifest(path: str | os.PathLike, split: str, *, root: str | os.PathLik
     try:
         data = json.loads(path.read_text())
         base = Path(root).expanduser() if root else Path(data["root"])
-        videos = [(str(base / p), int(lab)) for p, lab in data["videos"]]
-        out = VideoList([], list(data["classes"]), list(data["missing"]),
+        own = [str(c) for c in data["classes"]]
+        label_of = _label_map(own, classes, f"scan manifest {str(path)!r}")
+        videos = [(str(base / p), label_of[int(lab)]) for p, lab in data["videos"]]
+        out = VideoList([], list(classes or own), list(data["missing"]),
                         [str(base / p) for p, _ in data["undecodable"]],
-                        [str(base / p) for p in data.get("unsupported", [])])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                        [str(base / p) for p in data.get("unsupported", [])],
+                        [str(base / p) for p in data.get("ignored", [])])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as e:
         raise DataError(f"cannot read scan manifest {str(path)!r} ({type(e).__name__}: {e}). Write it with "
                         f"python -m video.scan ROOT --split {split} --out DIR.") from None
     _split_existing(videos, out)
@@ -295,6 +367,20 @@ def read_manifest(path: str | os.PathLike, split: str, *, root: str | os.PathLik
                         f"exists under {str(base)!r} (e.g. {videos[0][0] if videos else None!r}). Pass the data "
                         "root the scan read as task.data_dir=PATH.")
     return out
+
+
+def _label_map(own: list[str], classes: list[str] | None, origin: str) -> list[int]:
+    """Index in ``classes`` of each class of ``own`` (identity without ``classes``); DataError naming the classes
+    of ``own`` that ``classes`` lacks."""
+    if classes is None:
+        return list(range(len(own)))
+    index = {c: i for i, c in enumerate(classes)}
+    absent = [c for c in own if c not in index]
+    if absent:
+        raise DataError(f"{origin}: classes {absent[:5]} ({len(absent)} in all) are not among the {len(classes)} "
+                        "classes of the training split, so they have no label. Scan and train on splits of one "
+                        "Kinetics copy, or remove those videos.")
+    return [index[c] for c in own]
 
 
 def relative_to_root(path: str, root: Path) -> str:

@@ -10,6 +10,15 @@ run can read and the other way round. A file is **decodable** when (:func:`probe
   duration), is positive. Header durations are not trusted: a webm written live has none, and a file
   truncated after its index keeps the header of the whole video.
 
+A file cut short whose index survives (an mp4 written with ``movflags=faststart`` keeps its index at the
+start) lists packets whose bytes are gone; the demuxer returns the first of them flagged corrupt. Such a
+file is decodable up to its **decodable end**: the decoding time of the first corrupt packet (every packet
+after it in decoding order is lost too, and none is shown before that time; a presentation time would not do,
+B-frames after it can be shown earlier), or the end of the last whole packet when that is earlier. Its
+duration (:attr:`VideoInfo.duration`) stops there, clips are sampled inside it, and the decoder is never
+given a corrupt packet, so no clip of it fails at run time for the missing bytes; :attr:`VideoInfo.truncated`
+says it was cut (the scan lists such files).
+
 A clip (:func:`read_clip`) is ``frames`` instants ``stride / fps`` seconds apart from ``start``; each instant
 takes the frame on screen then (the last frame whose presentation time is at or before it), so variable
 frame rate videos are sampled by time, not by frame index; instants past the last frame take the last
@@ -46,13 +55,15 @@ class UndecodableVideo(Exception):
 class VideoInfo:
     """What :func:`probe` learns about a video. Times in seconds, relative to its first frame."""
 
-    duration: float  # first frame to the end of the last frame
-    frames: int  # video packets with a timestamp (= frames for every codec Kinetics uses)
+    duration: float  # first frame to the end of the last decodable frame
+    frames: int  # whole video packets with a timestamp before the decodable end (= frames for Kinetics' codecs)
     width: int  # as displayed (after rotation)
     height: int
     rotation: int  # counter-clockwise degrees the decoded frames are turned by to display upright
     start_pts: int  # presentation timestamp of the first frame, in the stream's time base
     time_base: Fraction
+    truncated: bool = False  # packets past the decodable end are corrupt (bytes cut off): see the module doc
+    end_pts: int | None = None  # the decodable end, in the stream's time base
 
 
 def _open(path: str) -> av.container.InputContainer:
@@ -73,33 +84,45 @@ def _open(path: str) -> av.container.InputContainer:
 def _probe_open(container: av.container.InputContainer) -> VideoInfo:
     """Demux every video packet (no decoding but the first frame): timestamps, duration, size, rotation."""
     stream = container.streams.video[0]
-    first, start, end, count = None, None, None, 0
+    first, start, end = None, None, None
+    pts_seen: list[int] = []
+    corrupt_from: int | None = None  # earliest presentation time of a corrupt (cut) packet
     last_durations: list[int] = []
     try:
         for packet in container.demux(stream):
             if packet.pts is None:
                 continue  # the flush packet at the end, or a damaged one
-            count += 1
+            if packet.is_corrupt:
+                # Every packet from this one on in decoding order is lost; each shows at or after its decoding
+                # time, which is at or after this one's (decoding times only grow): frames before it are whole.
+                cut = packet.dts if packet.dts is not None else packet.pts
+                corrupt_from = cut if corrupt_from is None else min(corrupt_from, cut)
+                continue
+            pts_seen.append(packet.pts)
             start = packet.pts if start is None else min(start, packet.pts)
             stop = packet.pts + (packet.duration or 0)
             end = stop if end is None else max(end, stop)
             if packet.duration:
                 last_durations = [packet.duration]
-            if first is None:
+            if first is None and corrupt_from is None:
                 for frame in packet.decode():
                     first = frame
                     break
     except (av.FFmpegError, OSError, ValueError) as e:
-        if count == 0:
+        if not pts_seen:
             raise UndecodableVideo(f"no readable packet ({type(e).__name__}: {e})") from None
         # A file truncated in the middle of a packet: the packets read so far stand.
-    if first is None and count:
+    if first is None and pts_seen:
         try:
             first = next((f for f in stream.codec_context.decode(None)), None)  # frames held by the decoder
         except (av.FFmpegError, ValueError):
             first = None
+    if corrupt_from is not None and start is not None:
+        end = min(end, corrupt_from)  # frames shown from the first cut packet on cannot be trusted to decode
+    count = sum(start is not None and p < end for p in pts_seen) if pts_seen else 0
     if count == 0:
-        raise UndecodableVideo("no video packet with a timestamp")
+        raise UndecodableVideo("no video packet with a timestamp" if corrupt_from is None else
+                               "truncated: no whole video packet before the cut")
     if first is None:
         raise UndecodableVideo("no decodable frame")
     time_base = stream.time_base or Fraction(1, 1)
@@ -114,7 +137,7 @@ def _probe_open(container: av.container.InputContainer) -> VideoInfo:
     if rotation in (90, 270):
         w, h = h, w
     return VideoInfo(duration=duration, frames=count, width=w, height=h, rotation=rotation, start_pts=start,
-                     time_base=time_base)
+                     time_base=time_base, truncated=corrupt_from is not None, end_pts=end)
 
 
 def probe(path: str) -> VideoInfo:
@@ -128,11 +151,15 @@ def probe(path: str) -> VideoInfo:
 
 def check_video(path: str) -> str | None:
     """None when ``path`` is decodable by :func:`probe`, else the reason it is not."""
+    return scan_video(path)[0]
+
+
+def scan_video(path: str) -> tuple[str | None, bool]:
+    """(reason ``path`` is not decodable or None, whether it is cut short but decodable up to its decodable end)."""
     try:
-        probe(path)
+        return None, probe(path).truncated
     except UndecodableVideo as e:
-        return str(e)
-    return None
+        return str(e), False
 
 
 @dataclass(frozen=True)
@@ -209,6 +236,18 @@ def _decode_instants(container, info: VideoInfo, instants: list[float], size: tu
     return picked
 
 
+def _decoded_frames(container, stream):
+    """Frames from the current position in presentation order. The decoder never gets a corrupt (cut) packet:
+    at the first one demuxing stops and the frames the decoder holds are flushed out."""
+    for packet in container.demux(stream):
+        if packet.is_corrupt and packet.pts is not None:
+            break
+        yield from packet.decode()  # the empty packet at the end of the file flushes the decoder
+    else:
+        return
+    yield from stream.codec_context.decode(None)
+
+
 def _decode_from(container, stream, info: VideoInfo, instants: list[float], size: tuple[int, int],
                  seek_pts: int | None) -> list[np.ndarray] | None:
     try:
@@ -227,7 +266,7 @@ def _decode_from(container, stream, info: VideoInfo, instants: list[float], size
         return prev_array
 
     try:
-        for frame in container.decode(stream):
+        for frame in _decoded_frames(container, stream):
             if frame.pts is None:
                 continue
             t = float((frame.pts - info.start_pts) * info.time_base)

@@ -1,9 +1,10 @@
 """NYU Depth v2 on disk: the labelled ``.mat`` release with its official split, or folders of PNG exports.
 
 Both sources give (RGB uint8 (H, W, 3), depth float32 (H, W) in metres, 0 = no measurement) per frame.
-Every split is scanned before model work: missing files, unreadable headers and frames whose depth
-map has another size are skipped and counted; above ``max_bad_fraction`` the run stops naming examples.
-The test split is decoded completely, so a damaged test frame never stops or skews the score.
+Every split is scanned before model work: missing files, unreadable headers, depth PNGs whose header is
+not 16-bit greyscale and frames whose depth map has another size are skipped and counted; above
+``max_bad_fraction`` the run stops naming examples. The test split is decoded completely, so a damaged test
+frame never stops or skews the score; training frames that fail to decode later count against the same limit.
 """
 from __future__ import annotations
 
@@ -166,12 +167,25 @@ def scan_mat(task: DepthTaskConfig, root: Path) -> tuple[MatFrames, DepthSplit, 
 
 # ---- PNG exports ------------------------------------------------------------------------------------------
 
+# Pillow modes of a 16-bit greyscale PNG (and of a 32-bit integer one, which holds millimetres as well).
+DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def depth_mode_error(path: str, mode: str) -> str | None:
+    """Why a depth file whose header says ``mode`` is not a depth PNG of this layout; None when it is."""
+    if mode in DEPTH_MODES:
+        return None
+    return (f"depth file {path!r} is a {mode} image; depth PNGs are 16-bit greyscale (millimetres): an 8-bit or "
+            "colour export (e.g. a visualisation) has lost the depth values")
+
+
 def read_depth_png(path: str, scale: float) -> np.ndarray:
-    """A 16-bit depth PNG -> (H, W) float32 metres (value / ``scale``; 0 stays 0 = no measurement)."""
+    """A 16-bit depth PNG -> (H, W) float32 metres (value / ``scale``; 0 stays 0 = no measurement).
+
+    Raises :class:`DataError` for another kind of image (8-bit, colour)."""
     with Image.open(path) as im:
-        if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
-            raise DataError(f"depth file {path!r} is a {im.mode} image; depth PNGs are 16-bit greyscale "
-                            f"(millimetres). Expected layout:\n{NYU_LAYOUT}")
+        if (error := depth_mode_error(path, im.mode)) is not None:
+            raise DataError(f"{error}. Expected layout:\n{NYU_LAYOUT}")
         return np.asarray(im, dtype=np.float32) / scale
 
 
@@ -205,7 +219,8 @@ def _read_list(root: Path, name: str) -> list[tuple[str, str]]:
 def scan_png(task: DepthTaskConfig, root: Path) -> tuple[PngFrames, DepthSplit, DepthSplit]:
     out = []
     for name, list_name in (("train", task.train_list), ("test", task.test_list)):
-        listed = DepthSplit(name, [], {"missing": 0, "unreadable": 0, "size_mismatch": 0}, source=f"png:{list_name}")
+        listed = DepthSplit(name, [], {"missing": 0, "unreadable": 0, "size_mismatch": 0, "not_16bit_depth": 0},
+                            source=f"png:{list_name}")
         for rgb, depth in tqdm(_read_list(root, list_name), desc=f"scan {name}", unit="img", leave=False,
                                mininterval=2.0):
             reason = None
@@ -213,18 +228,27 @@ def scan_png(task: DepthTaskConfig, root: Path) -> tuple[PngFrames, DepthSplit, 
                 reason = "missing"
             else:
                 try:
+                    sizes, modes = [], []
                     for p in (rgb, depth):
                         with Image.open(p) as im:
                             im.verify()
-                    with Image.open(depth) as im:
-                        sizes = [oriented_size(rgb), im.size]  # the input's size as decode_image turns it
-                    read = read_depth_png(depth, task.depth_scale) if name == "test" else None
-                    if name == "test":
-                        decode_image(rgb)
-                    if sizes[0] != sizes[1] or (read is not None and read.shape[::-1] != sizes[1]):
-                        reason = "size_mismatch"
+                        with Image.open(p) as im:
+                            sizes.append(im.size)
+                            modes.append(im.mode)
+                    sizes[0] = oriented_size(rgb)  # the input's size as decode_image turns it (EXIF applied)
+                    # The header's mode, checked in every split: a training frame in the wrong format would
+                    # otherwise only fail once training reads it.
+                    if (error := depth_mode_error(depth, modes[1])) is not None:
+                        reason = "not_16bit_depth"
+                        listed.examples.append(error)
                     else:
-                        listed.sizes.add(sizes[0][::-1])
+                        read = read_depth_png(depth, task.depth_scale) if name == "test" else None
+                        if name == "test":
+                            decode_image(rgb)
+                        if sizes[0] != sizes[1] or (read is not None and read.shape[::-1] != sizes[1]):
+                            reason = "size_mismatch"
+                        else:
+                            listed.sizes.add(sizes[0][::-1])
                 except ImageTooLargeError:
                     raise  # not damaged: the error names the limit
                 except (OSError, ValueError, SyntaxError, ImageDecodeError) as e:
@@ -234,7 +258,7 @@ def scan_png(task: DepthTaskConfig, root: Path) -> tuple[PngFrames, DepthSplit, 
                 listed.items.append((rgb, depth))
             else:
                 listed.skipped[reason] += 1
-                if reason != "unreadable":
+                if reason not in ("unreadable", "not_16bit_depth"):  # those two wrote their example above
                     listed.examples.append(f"{rgb} ({reason})")
         out.append(listed)
     return PngFrames(task.depth_scale), out[0], out[1]
@@ -254,7 +278,8 @@ def load_splits(task: DepthTaskConfig, root: Path) -> tuple[Callable, DepthSplit
                         split.examples[:3])
         if bad > task.max_bad_fraction * total or not split.items:
             raise DataError(f"NYU {split.name} split under {str(root)!r}: {bad} of {total} frames are missing, "
-                            f"unreadable or differ in size from their depth map ({split.skipped}), more than "
+                            f"unreadable, not 16-bit depth PNGs or differ in size from their depth map "
+                            f"({split.skipped}), more than "
                             f"task.max_bad_fraction={task.max_bad_fraction}; e.g. {split.examples[:3]}. Expected "
                             f"layout:\n{NYU_LAYOUT}")
     if task.expected_test_images and len(test.items) != task.expected_test_images and task.limit_per_split is None:
@@ -290,8 +315,9 @@ class DepthFrames(Dataset):
 
     An item is a dict: ``image`` (3, h, w) normalised; ``depth`` (1, h, w) metres at the crop
     (training) or (1, H, W) at the frame's own resolution (test); ``index`` its position in ``items``.
-    A training frame that no longer decodes (the scan only parsed its header) gives None, which
-    :func:`collate_counting` drops and counts.
+    A training frame that no longer decodes (the scan only parsed its header) gives ``{"failed": index}``,
+    which :func:`collate_counting` drops and lists; the module counts those frames against
+    ``task.max_bad_fraction`` (:class:`tasks.depth.module.DepthModule`).
     """
 
     def __init__(self, items: list, reader, task: DepthTaskConfig, *, mean, std, train: bool):
@@ -302,16 +328,16 @@ class DepthFrames(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict | None:
+    def __getitem__(self, i: int) -> dict:
         try:
             image, depth = self.reader.read(self.items[i])
         except ImageTooLargeError:
             raise  # not damaged: the error names the limit
-        except (OSError, ValueError, DataError):
+        except (OSError, ValueError, DataError) as e:
             if not self.train:
                 raise  # the test split was decoded in the scan: a failure now is a real fault
-            log.warning("training frame %s no longer decodes; skipped", self.items[i])
-            return None
+            log.warning("training frame %s skipped: %s: %s", self.items[i], type(e).__name__, str(e).split("\n")[0])
+            return {"failed": i}
         img = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0  # (3, H, W); a writable copy
         gt = torch.from_numpy(np.array(depth, dtype=np.float32))[None]  # (1, H, W)
         if not self.train:
@@ -331,10 +357,21 @@ class DepthFrames(Dataset):
         return {"image": (img - self.mean) / self.std, "depth": gt, "index": i}
 
 
-def collate_counting(batch: list[dict | None]) -> dict:
-    """Stack the readable items; ``skipped`` counts the dropped ones (the batch may then hold none)."""
-    kept = [b for b in batch if b is not None]
-    out: dict = {"skipped": len(batch) - len(kept)}
+def frame_error(reader, item) -> str:
+    """Why ``item`` does not read (the error's first line), or "reads now" when it does."""
+    try:
+        reader.read(item)
+    except (OSError, ValueError, DataError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return "reads now"
+
+
+def collate_counting(batch: list[dict]) -> dict:
+    """Stack the readable items; ``failed`` lists the indices of the dropped ones and ``skipped`` counts them
+    (the batch may then hold none)."""
+    kept = [b for b in batch if "failed" not in b]
+    failed = [b["failed"] for b in batch if "failed" in b]
+    out: dict = {"skipped": len(failed), "failed": torch.tensor(failed, dtype=torch.long)}
     if kept:
         out.update(image=torch.stack([b["image"] for b in kept]), depth=torch.stack([b["depth"] for b in kept]),
                    index=torch.tensor([b["index"] for b in kept]))

@@ -30,17 +30,36 @@ def eval_mask(gt: torch.Tensor, *, min_depth: float, max_depth: float,
     """Scored pixels of ``gt`` (H, W): valid depth within the cap and inside ``crop``.
 
     ``crop`` is given for a ``frame``-sized image and scaled to ``gt``'s size when that differs (a
-    down-sampled export); None scores the whole frame.
+    down-sampled export) by :func:`scale_crop`; None scores the whole frame.
     """
     mask = (gt > min_depth) & (gt < max_depth)
     if crop is not None:
         h, w = gt.shape[-2:]
-        top, bottom = round(crop[0] * h / frame[0]), round(crop[1] * h / frame[0])
-        left, right = round(crop[2] * w / frame[1]), round(crop[3] * w / frame[1])
+        top, bottom, left, right = scale_crop(crop, frame, (h, w))
         inside = torch.zeros_like(mask)
         inside[..., top:bottom, left:right] = True
         mask &= inside
     return mask
+
+
+def scale_crop(crop: Sequence[int], frame: Sequence[int], size: Sequence[int]) -> tuple[int, int, int, int]:
+    """``crop`` (top, bottom, left, right; exclusive ends) of a ``frame`` (height, width) image, in pixels of an
+    image of ``size`` (height, width) showing the same view.
+
+    Rule: a pixel of the resized image is inside when its centre, mapped back onto the frame as a resize
+    maps it (``align_corners=False``: centre ``i + 0.5`` -> ``(i + 0.5) * frame / size``), lies inside the crop,
+    i.e. bound ``b`` becomes ``ceil(b * size / frame - 0.5)``, computed in exact integers. At the frame's own
+    size the crop is unchanged; at half size the Eigen crop's 426 x 560 pixels become exactly 213 x 280
+    (rows 22-234, columns 20-299 of a 240 x 320 frame).
+    """
+
+    def bound(b: int, full: int, n: int) -> int:
+        return -((full - 2 * b * n) // (2 * full))  # ceil((2 b n - full) / (2 full)) = ceil(b n / full - 1/2)
+
+    (top, bottom, left, right), (fh, fw), (h, w) = (int(c) for c in crop), frame, size
+    clamp = lambda v, n: min(max(v, 0), n)  # noqa: E731
+    return (clamp(bound(top, fh, h), h), clamp(bound(bottom, fh, h), h),
+            clamp(bound(left, fw, w), w), clamp(bound(right, fw, w), w))
 
 
 def depth_errors(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, *, min_depth: float,

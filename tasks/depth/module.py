@@ -1,6 +1,8 @@
 """Lightning pieces of the depth task: the module (berHu training, per-frame test errors) and its data."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -17,14 +19,24 @@ class DepthModule(L.LightningModule):
 
     Test errors land in a (frames, metrics + 1) table summed over processes, so frames that a
     distributed sampler repeats to even out the shards are averaged with themselves, not counted twice.
+    Training frames that fail to decode are counted per frame: ``check_train(failed_indices)`` (summed over
+    DDP ranks) runs after every epoch and at the end of training and raises when they are too many.
     """
 
     def __init__(self, model: DepthModel, task: DepthTaskConfig, *, test_frames: int, global_batch: int,
-                 total_steps: int):
+                 total_steps: int, train_frames: int = 0,
+                 check_train: Callable[[list[int]], None] = lambda failed: None):
         super().__init__()
         self.model, self.task, self.optim = model, task, task.optim
         self.test_frames, self.global_batch, self.total_steps = test_frames, global_batch, total_steps
-        self.skipped_train = 0
+        self.check_train = check_train
+        self.train_failed = torch.zeros(train_frames, dtype=torch.bool)  # this rank's, over all epochs
+        self.skipped_train = 0  # this rank's skipped reads (a frame fails once per epoch)
+        self.totals = {"train/skipped_frames": 0, "train/frames_failed_decode": 0}
+        self._failed_so_far: list[int] = []
+        # Batches that reached the loss, this rank's and (after training) all ranks' in this process; Lightning
+        # advances global_step even when every batch of a step was empty.
+        self.trained_batches, self.trained_total, self.start_step = 0, 0, 0
         self.table: torch.Tensor | None = None
         self.test_metrics: dict[str, float] = {}
         self.test_counts: dict[str, int] = {}
@@ -33,15 +45,51 @@ class DepthModule(L.LightningModule):
         return self.model(x)  # (B, 3, H, W) -> (B, 1, H, W) metres
 
     def training_step(self, batch, batch_idx):
-        self.skipped_train += int(batch["skipped"])
+        failed = batch["failed"]
+        self.train_failed[failed.cpu()] = True
+        self.skipped_train += len(failed)
         if "image" not in batch:  # every frame of this batch failed to decode
             return None
+        self.trained_batches += 1
         gt = batch["depth"]
         pred = F.interpolate(self(batch["image"]), size=gt.shape[-2:], mode="bilinear", align_corners=False)
         loss = berhu_loss(pred.float(), gt, gt > 0)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
                  batch_size=len(gt))
         return loss
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum")
+
+    def _reduce_train(self) -> list[int]:
+        failed = (self._sum(self.train_failed.to(torch.int32)) > 0).nonzero().flatten().tolist()
+        self.totals = {"train/skipped_frames": int(self._sum(torch.tensor(self.skipped_train))),
+                       "train/frames_failed_decode": len(failed)}
+        return failed
+
+    def on_train_epoch_end(self) -> None:
+        self._failed_so_far = self._reduce_train()
+        self.check_train(self._failed_so_far)
+
+    def on_train_start(self) -> None:
+        self.start_step = self.trainer.global_step  # > 0 when resumed
+
+    def on_train_end(self) -> None:
+        self.check_train(self._reduce_train())
+        self.trained_total = int(self._sum(torch.tensor(self.trained_batches)))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The counts of every rank, as of the last epoch end: a resumed run keeps counting from them.
+        checkpoint["depth_decode_failures"] = {"train_failed": self._failed_so_far,
+                                               "skipped_frames": self.totals["train/skipped_frames"]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("depth_decode_failures")
+        if saved:
+            self.train_failed[saved["train_failed"]] = True  # a union: the same on every rank
+            trainer = getattr(self, "_trainer", None)
+            if trainer is None or trainer.global_rank == 0:  # a sum: counted once
+                self.skipped_train = int(saved["skipped_frames"])
 
     def on_test_epoch_start(self) -> None:
         self.table = torch.zeros(self.test_frames, len(METRIC_NAMES) + 2, dtype=torch.float64, device=self.device)

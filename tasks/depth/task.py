@@ -4,14 +4,14 @@ from __future__ import annotations
 import dataclasses
 
 from tasks.depth.config import DepthTaskConfig, check, data_root
-from tasks.depth.data import DepthFrames, load_splits
+from tasks.depth.data import DepthFrames, frame_error, load_splits
 from tasks.depth.metrics import EIGEN_CROP, LOWER_IS_BETTER, METRIC_NAMES
 from tasks.depth.model import DepthModel
 from tasks.depth.module import DepthData, DepthModule
 from transfer.backbones import build_backbone
 from transfer.engine import build_trainer, progress_of, resume_path, seed_everything
-from transfer.errors import TransferError
-from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
+from transfer.errors import DataError, TransferError
+from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput, attach_output
 
 METRICS = tuple(f"test/{m}" for m in METRIC_NAMES)
 # Recorded as extra.head: the published NYU rows (BYOL App. D.6) carry the condition head=fcrn.
@@ -36,12 +36,49 @@ def not_comparable(task, train, test, *, steps: int, batch: int) -> dict[str, li
     return {"not_comparable": reasons} if reasons else {}
 
 
+def check_train_frames(task, train, reader, failed: list[int]) -> None:
+    """DataError when the training frames the scan skipped plus those that ``failed`` to decode during training
+    (indices into ``train.items``) exceed ``task.max_bad_fraction`` of the frames the split lists; the message
+    names each count and, for a few failed frames, why they do not read."""
+    scanned = sum(train.skipped.values())
+    bad, total = scanned + len(failed), len(train.items) + scanned
+    if bad > task.max_bad_fraction * total:
+        examples = [f"{train.items[i]}: {frame_error(reader, train.items[i])}" for i in failed[:3]]
+        raise DataError(f"NYU train split: {bad} of {total} frames are unusable ({scanned} skipped by the scan "
+                        f"{train.skipped}, {len(failed)} failed to decode during training), more than "
+                        f"task.max_bad_fraction={task.max_bad_fraction}; e.g. {examples + train.examples[:3]}. "
+                        f"Replace the files, or raise task.max_bad_fraction to train on the rest.")
+
+
+def _counts(train, test, module) -> dict[str, int]:
+    counts = {**train.counts("train"), **test.counts("test")}
+    if module is not None:
+        counts.update(module.totals)
+        counts.update(module.test_counts)
+    return counts
+
+
 def run(ctx: RunContext) -> TaskOutput:
+    """Train and test; a DataError after the scan carries the counts made so far (results.json, status failed)."""
+    seen: dict = {}
+    try:
+        return _run(ctx, seen)
+    except DataError as e:
+        if "train" in seen:
+            weights = seen["backbone"].weights.as_dict() if "backbone" in seen else {}
+            attach_output(e, TaskOutput(metrics={}, weights=weights,
+                                        counts=_counts(seen["train"], seen["test"], seen.get("module"))))
+        raise
+
+
+def _run(ctx: RunContext, seen: dict) -> TaskOutput:
     cfg, task = ctx.cfg, ctx.cfg.task
     seed_everything(cfg.trainer)
     reader, train, test = load_splits(task, data_root(task))  # data first: a missing copy fails before model work
+    seen.update(train=train, test=test)
     backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
                               drop_path_rate=cfg.backbone.drop_path_rate)
+    seen["backbone"] = backbone
     frozen = cfg.protocol.name == "frozen"
     model = DepthModel(backbone, list(task.decoder_channels), skip_connections=task.skip_connections,
                        frozen_backbone=frozen)
@@ -56,16 +93,22 @@ def run(ctx: RunContext) -> TaskOutput:
     # A step-based schedule: epochs run until `steps`; the best-loss and last checkpoints are kept, not one per epoch.
     trainer = build_trainer(ctx, monitor="train/loss_epoch", mode="min", max_steps=steps, max_epochs=-1)
     module = DepthModule(model, task, test_frames=len(test.items), global_batch=cfg.trainer.batch_size *
-                         trainer.world_size, total_steps=steps)
+                         trainer.world_size, total_steps=steps, train_frames=len(train.items),
+                         check_train=lambda failed: check_train_frames(task, train, reader, failed))
+    seen["module"] = module
     ckpt = resume_path(ctx)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    if trainer.global_step > module.start_step and module.trained_total == 0:
+        raise DataError(f"no training step of this run had data ({trainer.global_step - module.start_step} steps, "
+                        f"every batch empty: {_counts(train, test, module)}), so the decoder was never trained and "
+                        "its test scores would mean nothing. Replace the training frames that fail to decode (the "
+                        "warnings name them and the error).")
     trainer.test(module, datamodule=data, verbose=False)
     if not module.test_metrics and trainer.is_global_zero:
         raise TransferError(f"no NYU test frame had a depth value inside ({task.min_depth_eval}, "
                             f"{task.max_depth_eval}) m within the evaluation crop; check task.depth_scale="
                             f"{task.depth_scale} (PNG values per metre) and the depth files.")
-    counts = {**train.counts("train"), **test.counts("test"), "train/skipped_frames": module.skipped_train,
-              **module.test_counts}
+    counts = _counts(train, test, module)
     o, global_batch = task.optim, cfg.trainer.batch_size * trainer.world_size
     recipe = {"architecture": "FCRN up-projection decoder (Laina et al. 2016) on forward_features",
               "decoder_channels": list(task.decoder_channels), "skip_connections": task.skip_connections,
@@ -87,4 +130,6 @@ def run(ctx: RunContext) -> TaskOutput:
 
 
 TASKS.add("depth", TaskAdapter(config_class=DepthTaskConfig, run=run, protocols=("finetune", "frozen"), check=check,
-                               metrics=METRICS, lower_is_better=tuple(f"test/{m}" for m in LOWER_IS_BETTER)))
+                               metrics=METRICS, lower_is_better=tuple(f"test/{m}" for m in LOWER_IS_BETTER),
+                               # the rest of the protocol is refused (check): task.optim holds the training values
+                               protocol_keys=("freeze_backbone",)))

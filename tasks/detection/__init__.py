@@ -21,4 +21,6 @@ def run(ctx: RunContext) -> TaskOutput:
 MODEL_KEYS = ("task.base_config", "task.class_names", "task.freeze_at", "task.frozen_freeze_at", "task.backbone_norm",
               "task.head_norm", "task.res5_extra_norm", "task.opts")
 TASKS.add("detection", TaskAdapter(config_class=DetectionTaskConfig, run=run, protocols=("finetune", "frozen"),
-                                   check=check, metrics=METRICS, model_keys=MODEL_KEYS))
+                                   check=check, metrics=METRICS, model_keys=MODEL_KEYS,
+                                   # the rest of the protocol is refused (check): the solver is detectron2's config
+                                   protocol_keys=("freeze_backbone",)))

@@ -139,6 +139,11 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("protocol.freeze_backbone=true: detection runs frozen transfer as its own protocol, so the "
                           "two never share a run folder or a comparison. Use protocol=frozen (and "
                           "task.frozen_freeze_at=N to leave the last levels trainable).")
+    from transfer.protocols import check_recipe_owned_protocol
+
+    check_recipe_owned_protocol(cfg.protocol, task="detection", settings="base_config + task.opts",
+                                instead="the detectron2 key in task.opts",
+                                example="protocol.lr -> task.opts=[SOLVER.BASE_LR,0.02]")
     spec = BACKBONES.get(cfg.backbone.name)
     levels = len(spec.feature_strides)
     for key in ("freeze_at", "frozen_freeze_at"):

@@ -21,4 +21,7 @@ def run(ctx: RunContext) -> TaskOutput:
 
 
 TASKS.add("segmentation", TaskAdapter(config_class=SegmentationTaskConfig, run=run, protocols=("finetune", "frozen"),
-                                      check=check, metrics=METRICS))
+                                      check=check, metrics=METRICS,
+                                      # the rest of the protocol is refused (check): task.solver holds the training
+                                      # values, so results.json's protocol_config records only these
+                                      protocol_keys=("freeze_backbone",)))

@@ -88,11 +88,33 @@ class SegmentationLayout:
 LAYOUTS: Registry[SegmentationLayout] = Registry("segmentation data set layout")
 
 
-def _check_values(label: np.ndarray, valid: int, path: str, meaning: str) -> np.ndarray:
-    bad = np.unique(label[(label > valid) & (label != IGNORE)]) if label.size else np.array([])
+def _check_values(label: np.ndarray, valid: int, path: str, meaning: str, *, ignore: bool) -> np.ndarray:
+    """``label`` when its values are 0..``valid`` (and :data:`IGNORE` where ``ignore``: the file's own value
+    for pixels not scored); else DataError naming the file and the values found."""
+    outside = label > valid
+    if ignore:
+        outside &= label != IGNORE
+    bad = np.unique(label[outside]) if label.size else np.array([])
     if bad.size:
         raise DataError(f"label file {path!r} has values {bad[:10].tolist()}; {meaning}")
     return label
+
+
+def check_targets(label: np.ndarray, num_classes: int, path: str) -> np.ndarray:
+    """The training/evaluation guard: ``label`` (H, W) as the model and evaluator take it, classes
+    0..``num_classes``-1 and :data:`IGNORE`. Any other value (a layout's reader letting one through) raises
+    DataError naming the file, instead of becoming a phantom class or an index past the logits."""
+    bad = np.unique(label[(label >= num_classes) & (label != IGNORE)]) if label.size else np.array([])
+    if bad.size or (label.size and label.min() < 0):
+        found = sorted(set(bad.tolist()) | set(np.unique(label[label < 0]).tolist()))
+        raise DataError(f"label file {path!r} gives targets {found[:10]} after reading, outside classes "
+                        f"0-{num_classes - 1} and {IGNORE} (not scored); the file or its layout reader is wrong.")
+    return label
+
+
+def read_targets(layout: SegmentationLayout, path: str, num_classes: int) -> np.ndarray:
+    """``layout.read_label(path)`` checked by :func:`check_targets`: what training and evaluation read."""
+    return check_targets(layout.read_label(path), num_classes, path)
 
 
 def _read_index_png(path: str, what: str) -> np.ndarray:
@@ -120,7 +142,8 @@ def read_voc_label(path: str) -> np.ndarray:
                             "the SBD release stores each mask as a MATLAB struct GTcls.") from None
     else:
         label = _read_index_png(path, "Pascal VOC")
-    return _check_values(label, len(VOC_CLASSES) - 1, path, "Pascal VOC labels are 0-20 and 255 (not scored).")
+    return _check_values(label, len(VOC_CLASSES) - 1, path, "Pascal VOC labels are 0-20 and 255 (not scored).",
+                         ignore=True)
 
 
 def _read_ids(path: Path) -> list[str]:
@@ -195,9 +218,12 @@ def read_ade20k_label(path: str) -> np.ndarray:
 
     The shift by one is the benchmark's own rule (class 0 is not scored); detectron2's
     ``prepare_ade20k_sem_seg.py`` and mmsegmentation's ``reduce_zero_label`` apply the same mapping.
+    Values above 150, 255 included (it is no "not scored" value in these files), raise DataError: shifted
+    by one, 255 would become a class 254 that does not exist.
     """
     label = _read_index_png(path, "ADE20K")
-    _check_values(label, 150, path, "ADE20K annotations are 0 (other) to 150.")
+    _check_values(label, 150, path, "ADE20K annotations are 0 (other) to 150; 255 is no valid value in them "
+                  "(is this a file converted for another tool, already shifted by one?).", ignore=False)
     return (label.astype(np.int16) - 1).astype(np.uint8)  # 0 -> 255 (not scored), k -> k - 1
 
 
@@ -248,8 +274,9 @@ def _size(path: str, *, image: bool = False) -> tuple[int, int]:
 
 
 def scan_split(layout: SegmentationLayout, data_dir: Path, split: str, *, decode: bool,
-               max_bad_fraction: float, limit: int | None = None) -> SplitList:
-    """List and check the pairs of ``split``; ``decode`` also reads every pixel (the evaluation split).
+               max_bad_fraction: float, limit: int | None = None, num_classes: int | None = None) -> SplitList:
+    """List and check the pairs of ``split``; ``decode`` also reads every pixel (the evaluation split), and with
+    ``num_classes`` checks the targets too (:func:`check_targets`).
 
     Raises :class:`DataError` when the split is empty or more than ``max_bad_fraction`` of it is damaged.
     """
@@ -268,7 +295,8 @@ def scan_split(layout: SegmentationLayout, data_dir: Path, split: str, *, decode
                 (h, w), (lh, lw) = _size(image, image=True), _size(label)
                 if decode:
                     decode_image(image)
-                    layout.read_label(label)
+                    check_targets(layout.read_label(label), num_classes, label) if num_classes else \
+                        layout.read_label(label)
                 if (h, w) != (lh, lw):
                     reason = "size_mismatch"
             except ImageTooLargeError:

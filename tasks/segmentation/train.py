@@ -27,7 +27,7 @@ from tasks.detection import backbone as _registers_fpn_builders  # noqa: F401  (
 from tasks.detection.schema import detection_devices
 from tasks.detection.train import DetectionTrainer, launch_settings, log_training, read_metrics_log
 from tasks.segmentation.config import SegmentationInputConfig, build_segmentation_config, data_root, is_frozen
-from tasks.segmentation.data import IGNORE, LAYOUTS, SplitList, layout_classes, register_split, scan_split
+from tasks.segmentation.data import IGNORE, LAYOUTS, SplitList, layout_classes, read_targets, register_split, scan_split
 from transfer.backbones import build_backbone
 from transfer.engine import CHECKPOINT_DIR
 from transfer.errors import DataError, TransferError
@@ -81,15 +81,16 @@ class SemSegMapper:
     decodes (the scan only parsed its header) stops the run with its name.
     """
 
-    def __init__(self, layout_name: str, augmentations: list[T.Augmentation], *, train: bool = True):
-        self.read_label = LAYOUTS.get(layout_name).read_label
+    def __init__(self, layout_name: str, augmentations: list[T.Augmentation], *, train: bool = True,
+                 num_classes: int):
+        self.layout, self.num_classes = LAYOUTS.get(layout_name), num_classes
         self.augmentations = T.AugmentationList(augmentations)
         self.train = train  # the evaluator reads test labels itself, at their own size
 
     def __call__(self, record: dict) -> dict:
         try:
             image = np.asarray(decode_image(record["file_name"]))  # (H, W, 3) uint8, every mode, EXIF applied
-            label = self.read_label(record["sem_seg_file_name"]) if self.train else None
+            label = read_targets(self.layout, record["sem_seg_file_name"], self.num_classes) if self.train else None
         except (OSError, ImageDecodeError) as e:
             raise DataError(f"{record['file_name']} or its label {record['sem_seg_file_name']} no longer decodes "
                             f"({type(e).__name__}: {e}); replace the file or remove it from the split list.") from None
@@ -105,6 +106,10 @@ def _layout_of(dataset_name: str) -> str:
     return MetadataCatalog.get(dataset_name).transfer_layout
 
 
+def _num_classes(dataset_name: str) -> int:
+    return len(MetadataCatalog.get(dataset_name).stuff_classes)
+
+
 class SegmentationTrainer(DetectionTrainer):
     """detectron2's DefaultTrainer (with the detection package's log period) for Semantic FPN.
 
@@ -116,7 +121,8 @@ class SegmentationTrainer(DetectionTrainer):
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
         name = cfg.DATASETS.TRAIN[0]
-        mapper = SemSegMapper(_layout_of(name), build_augmentations(cfg.TRANSFER.INPUT, train=True))
+        mapper = SemSegMapper(_layout_of(name), build_augmentations(cfg.TRANSFER.INPUT, train=True),
+                              num_classes=_num_classes(name))
         return build_detection_train_loader(DatasetCatalog.get(name), mapper=mapper,
                                             total_batch_size=cfg.SOLVER.IMS_PER_BATCH, aspect_ratio_grouping=False,
                                             num_workers=cfg.DATALOADER.NUM_WORKERS)
@@ -124,7 +130,7 @@ class SegmentationTrainer(DetectionTrainer):
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
         mapper = SemSegMapper(_layout_of(dataset_name), build_augmentations(cfg.TRANSFER.INPUT, train=False),
-                              train=False)
+                              train=False, num_classes=_num_classes(dataset_name))
         return build_detection_test_loader(DatasetCatalog.get(dataset_name), mapper=mapper,
                                            num_workers=cfg.DATALOADER.NUM_WORKERS)
 
@@ -138,11 +144,13 @@ class SegmentationTrainer(DetectionTrainer):
 
 
 def build_evaluator(dataset_name: str, output_dir: Path | None = None) -> SemSegEvaluator:
-    """detectron2's SemSegEvaluator (confusion matrix over every pixel of the split) with the layout's labels."""
-    read_label = LAYOUTS.get(_layout_of(dataset_name)).read_label
+    """detectron2's SemSegEvaluator (confusion matrix over every pixel of the split) with the layout's labels,
+    each checked by :func:`tasks.segmentation.data.check_targets` (a value outside the classes and 255 raises
+    DataError naming the file, rather than counting as a class of its own)."""
+    layout, num_classes = LAYOUTS.get(_layout_of(dataset_name)), _num_classes(dataset_name)
 
     def load(path: str, dtype=int) -> np.ndarray:
-        return read_label(path).astype(dtype)
+        return read_targets(layout, path, num_classes).astype(dtype)
 
     return SemSegEvaluator(dataset_name, output_dir=str(output_dir) if output_dir else None, sem_seg_loading_fn=load)
 
@@ -214,11 +222,12 @@ def scan(cfg) -> tuple[list[SplitList], list[str]]:
     if not root.is_dir():
         raise DataError(f"task.data_dir={str(root)!r} is not a directory. Point it at a {layout.name} copy laid "
                         f"out as:\n{layout.tree}")
+    classes = list(layout_classes(layout))
     train = scan_split(layout, root, task.train_split, decode=False, max_bad_fraction=task.max_bad_fraction,
                        limit=task.limit_per_split)
     test = scan_split(layout, root, task.test_split, decode=True, max_bad_fraction=task.max_bad_fraction,
-                      limit=task.limit_per_split)
-    return [train, test], list(layout_classes(layout))
+                      limit=task.limit_per_split, num_classes=len(classes))
+    return [train, test], classes
 
 
 def run(ctx: RunContext) -> TaskOutput:

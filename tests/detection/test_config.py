@@ -55,6 +55,18 @@ def test_freeze_backbone_on_finetune_points_to_the_frozen_protocol(tmp_path):
         validate(compose(["task=voc_detection", "protocol.freeze_backbone=true", f"task.data_dir={tmp_path}"]))
 
 
+def test_results_record_only_the_protocol_keys_detection_uses(tmp_path):
+    # detectron2's config holds the solver: the classification fields (lr 0.01, steps 20000, batch 256, ...) are
+    # neither recorded in results.json's protocol_config nor accepted when changed.
+    from transfer.results import protocol_config
+
+    base = ["task=voc_detection", f"task.data_dir={tmp_path}"]
+    assert protocol_config(validate(compose(base))) == {"name": "finetune", "freeze_backbone": False}
+    assert protocol_config(validate(compose([*base, "protocol=frozen"]))) == {"name": "frozen"}
+    with pytest.raises(ConfigError, match=r"protocol keys \['lr'\] would be ignored.*SOLVER.BASE_LR"):
+        validate(compose([*base, "protocol.lr=0.5"]))
+
+
 def test_frozen_levels_follow_the_protocol(tmp_path):
     base = ["task=voc_detection_ssl_transfer", f"task.data_dir={tmp_path}"]
     assert schema.frozen_levels(validate(compose(base))) == 2

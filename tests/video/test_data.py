@@ -204,3 +204,123 @@ def test_decode_failure_counts_survive_a_checkpoint():
     # Model Garden's EMA warm-up: 0.1 at the first update, the set decay once (1 + n) / (10 + n) exceeds it.
     assert ema_decay_at(0.9999, 0.0, True) == pytest.approx(0.1) and ema_decay_at(0.9999, 1e6, True) == 0.9999
     assert ema_decay_at(0.9999, 0.0, False) == 0.9999
+
+
+@pytest.mark.parametrize("layout", ["folders", "csv"])
+def test_splits_scanned_apart_share_the_training_class_list(tmp_path, layout):
+    """train holds classes a, b, c; val only b and c. Scanned one split at a time, val's manifest lists its own two
+    classes (b=0, c=1); the run maps them by name to train's indices (b=1, c=2). A val class train lacks is an
+    error naming it."""
+    from video.config import VideoTaskConfig
+    from video.task import _load
+
+    root = tmp_path / "data"
+    rows = {"train": ["class_a", "class_b", "class_c"], "val": ["class_c", "class_b"]}
+    for split, names in rows.items():
+        lines = ["label,youtube_id,time_start,time_end,split"]
+        for c, name in enumerate(names):
+            vid = f"{split[:2]}{name[-1]}"
+            rel = f"{name}/{vid}_000000_000002.mp4" if layout == "folders" else f"{vid}_000000_000002.mp4"
+            write_video(root / split / rel, seconds=0.5, seed=c)
+            lines.append(f"{name},{vid},0,2,{split}")
+        if layout == "csv":
+            (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "manifest"
+    for split in ("val", "train"):  # two separate scans, val first
+        assert scan_main([str(root), "--out", str(out), "--split", split]) == 0
+    assert json.loads((out / "val.manifest.json").read_text())["classes"] == ["class_b", "class_c"]
+    train, val = _load(VideoTaskConfig(name="k", manifest=str(out)))
+    assert train.classes == val.classes == ["class_a", "class_b", "class_c"]
+    labels = {os.path.basename(p)[:3]: lab for p, lab in val.videos}
+    assert labels == {"vab": 1, "vac": 2}
+    # A class only val holds has no label in train's list.
+    if layout == "folders":
+        os.rename(root / "val" / "class_b", root / "val" / "class_z")
+    else:
+        (root / "val.csv").write_text((root / "val.csv").read_text().replace("class_b,", "class_z,"))
+    assert scan_main([str(root), "--out", str(out), "--split", "val"]) == 0
+    with pytest.raises(DataError, match=r"classes \['class_z'\] .* not among the 3 classes of the training split"):
+        _load(VideoTaskConfig(name="k", manifest=str(out)))
+
+
+def test_symlink_farms_are_followed_in_every_layout(tmp_path):
+    """Kinetics copies are often links into the real storage: a linked class folder, a linked sub-folder, a linked
+    video file are all read; a link loop is read once; a link to nothing is a missing video."""
+    store = tmp_path / "store"
+    for name in ("a0", "b0", "b1", "c0"):
+        write_video(store / f"{name}_000000_000002.mp4", seconds=0.5)
+    root = tmp_path / "data"
+    (root / "train" / "class_a").mkdir(parents=True)
+    (root / "train" / "class_a" / "a0_000000_000002.mp4").symlink_to(store / "a0_000000_000002.mp4")  # a file
+    (store / "b").mkdir()
+    for name in ("b0", "b1"):
+        (store / "b" / f"{name}_000000_000002.mp4").symlink_to(store / f"{name}_000000_000002.mp4")
+    (root / "train" / "class_b").symlink_to(store / "b", target_is_directory=True)  # a class folder
+    (store / "c").mkdir()
+    (store / "c" / "c0_000000_000002.mp4").symlink_to(store / "c0_000000_000002.mp4")
+    (root / "train" / "class_a" / "more").symlink_to(store / "c", target_is_directory=True)  # a sub-folder
+    (root / "train" / "class_a" / "loop").symlink_to(root / "train" / "class_a", target_is_directory=True)
+    (root / "train" / "class_a" / "gone_000000_000002.mp4").symlink_to(store / "gone.mp4")
+    listed = load_split(root, "train", layout="folders")
+    names = sorted((os.path.basename(p)[:2], lab) for p, lab in listed.videos)
+    assert names == [("a0", 0), ("b0", 1), ("b1", 1), ("c0", 0)]
+    assert [os.path.basename(p) for p in listed.missing] == ["gone_000000_000002.mp4"]
+    # The official CSV layout finds its videos through a linked split folder and linked files.
+    csv_root = tmp_path / "csv"
+    csv_root.mkdir()
+    (csv_root / "train").symlink_to(root / "train", target_is_directory=True)
+    (csv_root / "train.csv").write_text("label,youtube_id,time_start,time_end,split\n" + "".join(
+        f"{c},{v},0,2,train\n" for c, v in [("x", "a0"), ("y", "b0"), ("y", "b1"), ("x", "c0"), ("x", "zz"),
+                                          ("x", "gone")]))
+    listed = load_split(csv_root, "train", layout="csv")
+    assert sorted(os.path.basename(p)[:2] for p, _ in listed.videos) == ["a0", "b0", "b1", "c0"]
+    assert listed.missing == ["zz_000000_000002.mp4", "gone_000000_000002.mp4"]
+
+
+def test_list_labels_outside_the_training_classes_are_refused_naming_the_line(tmp_path):
+    from video.config import VideoTaskConfig
+    from video.task import _load
+
+    for split, labels in (("train", [0, 1, 2]), ("val", [1, 3])):
+        lines = []
+        for k, label in enumerate(labels):
+            write_video(tmp_path / split / f"v{k}.mp4", seconds=0.5)
+            lines.append(f"{split}/v{k}.mp4 {label}\n")
+        (tmp_path / f"{split}.txt").write_text("".join(lines))
+    with pytest.raises(DataError, match=r"val.txt: line 2 \('val/v1.mp4 3'\) has label 3; labels must be 0..2"):
+        _load(VideoTaskConfig(name="k", data_dir=str(tmp_path)))
+    with pytest.raises(DataError, match=r"line 3 .* has label 2; labels must be 0..1 \(the 2 classes"):
+        _load(VideoTaskConfig(name="k", data_dir=str(tmp_path), num_classes=2))
+
+
+def test_semicolon_separated_csvs_are_read(tmp_path):
+    """Spreadsheets in locales with a decimal comma save CSVs with ';'."""
+    write_video(tmp_path / "val" / "-abc_000010_000020.mp4", seconds=0.5)
+    write_video(tmp_path / "val" / "xyz_000000_000010.mp4", seconds=0.5)
+    (tmp_path / "val.csv").write_text('label;youtube_id;time_start;time_end;split\n"air drumming";-abc;10;20;val\n'
+                                      "abseiling;xyz;0;10;val\n")
+    assert find_split(tmp_path, "val")[0] == "csv"
+    listed = load_split(tmp_path, "val")
+    assert listed.classes == ["abseiling", "air drumming"] and not listed.missing
+    assert sorted((os.path.basename(p), lab) for p, lab in listed.videos) == [("-abc_000010_000020.mp4", 1),
+                                                                             ("xyz_000000_000010.mp4", 0)]
+    (tmp_path / "train.csv").write_text("val/-abc_000010_000020.mp4;1\nval/xyz_000000_000010.mp4;0\n")  # a list
+    listed = load_split(tmp_path, "train")
+    assert sorted(lab for _, lab in listed.videos) == [0, 1] and not listed.missing
+
+
+def test_files_that_are_no_videos_are_ignored_not_counted_bad(tmp_path):
+    for name in ("a", "b"):
+        write_video(tmp_path / "train" / name / f"{name}.mp4", seconds=0.5)
+    for stray in ("a/notes.txt", "a/Thumbs.db", "b/.DS_Store", "README.txt"):
+        (tmp_path / "train" / stray).write_text("not a video")
+    (tmp_path / "train" / "b" / "c.mp4.part").write_bytes(b"half a download")
+    listed = load_split(tmp_path, "train")
+    assert sorted(os.path.basename(p) for p in listed.ignored) == ["README.txt", "Thumbs.db", "notes.txt"]
+    assert [os.path.basename(p) for p in listed.unsupported] == ["c.mp4.part"]
+    assert listed.unusable == 1 and listed.counts("train")["train/ignored"] == 3
+    check_bad_fraction("train", listed, 0.34)  # 1 bad of 3 listed: the ignored files are not videos
+    assert scan_main([str(tmp_path), "--out", str(tmp_path / "m"), "--split", "train"]) == 0
+    report = json.loads((tmp_path / "m" / "train.report.json").read_text())
+    assert report["listed"] == 3 and len(report["ignored"]) == 3 and len(report["unsupported"]) == 1
+    assert len(read_manifest(tmp_path / "m", "train").ignored) == 3

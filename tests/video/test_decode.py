@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from video.data import ClipSpec, Failure, TrainClips
-from video.decode import check_video, probe, read_clip
+from video.decode import check_video, probe, read_clip, scan_video
 from video.multiview import MultiViewClips
 from video.synthetic import write_video
 
@@ -138,3 +138,39 @@ def test_scan_and_loaders_accept_a_webm_without_duration(tmp_path):
     assert probe(str(path)).duration == pytest.approx(1.0, abs=0.05)
     clip = TrainClips([(str(path), 0)], ClipSpec(frames=4, stride=2, fps=10), transform=lambda x: x)[0]
     assert clip["video"].shape == (4, 3, H, W)
+
+
+def level_frames(i: int) -> np.ndarray:
+    """Frame i: its top half a flat grey of level 8 * i (30 frames fit in uint8), its bottom half noise (so each
+    frame takes bytes and a cut falls between frames)."""
+    img = np.random.default_rng(i).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    img[: H // 2] = 8 * i
+    return img
+
+
+def level(frame: torch.Tensor) -> int:
+    return round(float(frame[:, : H // 2].float().mean()) / 8)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.8, 0.95])
+def test_faststart_mp4_cut_at_its_end_is_sampled_inside_its_decodable_part(tmp_path, keep):
+    """H.264 with B-frames, index at the start (faststart), the last bytes cut off: the index lists frames whose
+    bytes are gone. The duration stops before the first cut frame, and every clip, the last included, decodes
+    to the frames that are there (no clip fails at run time, none shows a frame from past the cut)."""
+    whole = write_video(tmp_path / "whole.mp4", width=W, height=H, fps=10, seconds=3, codec="libx264",
+                        content=level_frames, options={"movflags": "faststart"})
+    data = whole.read_bytes()
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[: int(len(data) * keep)])
+    assert check_video(str(path)) is None
+    info = probe(str(path))
+    assert info.truncated and not probe(str(whole)).truncated
+    assert info.frames < 30 and info.duration == pytest.approx(info.frames / 10)
+    spec = ClipSpec(frames=4, stride=2, fps=10)
+    views = MultiViewClips([(str(path), 0)], spec, transform=lambda x: x, clips=5)
+    clips = [views[i] for i in range(5)]
+    assert not [c for c in clips if isinstance(c, Failure)]
+    last = [level(f) for f in clips[-1]["video"]]
+    n = info.frames  # the last clip ends at the decodable end: instants n/10 - 0.8 ... n/10 - 0.2 s
+    assert last == [n - 8, n - 6, n - 4, n - 2]
+    assert scan_video(str(path)) == (None, True) and scan_video(str(whole)) == (None, False)  # the scan lists it

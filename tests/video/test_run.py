@@ -33,11 +33,15 @@ def test_kinetics_run_counts_bad_videos(layout, tmp_path):
     assert counts["test/skipped_views"] == 2  # both temporal clips of the undecodable val video
     assert counts["test/videos_with_failed_views"] == 1 and counts["test/videos_without_views"] == 1
     assert 0 <= results["metrics"]["test/top1"] <= 100
+    # A toy run (3 classes, 2 steps, 8-frame clips) is never compared with the published rows as like for like.
+    assert results["comparable"] is False
+    assert "3 classes, not the 400 of kinetics400: a subset of the data" in results["comparison"]["reasons"]
     # The values the video run used, not the classification protocol's.
     recipe = results["recipe"]
     assert recipe["lr"] == pytest.approx(0.8 * 7 / 1024) and recipe["global_batch"] == 7
     assert recipe["randaugment"] is None and recipe["drop_path_per_stage"] == pytest.approx([0.04, 0.06, 0.08, 0.1])
     assert recipe["bn_momentum"] == 1.0 and recipe["ema_decay"] == 0.9999 and recipe["views"] == [2, 3]
+    assert results["protocol_config"] == {"name": "finetune", "freeze_backbone": False}
 
 
 @pytest.mark.e2e
@@ -47,12 +51,18 @@ def test_manifest_run_skips_known_bad_videos(tmp_path):
     root = write_dataset(tmp_path / "data", "csv", classes=3, per_class=2)
     assert scan([str(root), "--out", str(tmp_path / "manifest")]) == 0
     run_dir = tmp_path / "run"
+    # Half the 3 test batches of 4 items (12 clips / 3 crops): 2 of the 6 val videos x 2 temporal clips are scored.
     code = main(["task=kinetics400", "backbone=rs50", f"task.manifest={tmp_path / 'manifest'}",
-                 f"run.dir={run_dir}", *TINY])
+                 f"run.dir={run_dir}", *TINY, "trainer.limit_eval_batches=0.5"])
     assert code == 0
-    counts = json.loads((run_dir / "results.json").read_text())["counts"]
+    results = json.loads((run_dir / "results.json").read_text())
+    counts = results["counts"]
     assert counts["train/undecodable_in_scan"] == 1 and counts["val/missing"] == 1
     assert counts["train/skipped_clips"] == 0 and counts["test/skipped_views"] == 0
+    assert counts["test/videos_without_views"] == 4
+    assert results["comparable"] is False
+    assert ("4 of 6 test videos were never scored (trainer.limit_eval_batches=0.5): a partial evaluation"
+            in results["comparison"]["reasons"])
 
 
 @pytest.mark.e2e
@@ -68,7 +78,31 @@ def test_decode_failures_above_the_limit_stop_the_run(split, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert f"split '{split}': 1 of 5 videos are unusable" in err and "1 failed to decode during the run" in err
-    assert "still.mp4" in err and not (tmp_path / "run" / "results.json").exists()
+    assert "still.mp4" in err and "Counts are in" in err
+    # The failed run keeps its counts: status failed, the error, no metric.
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "failed" and results["metrics"] == {} and "1 of 5 videos" in results["error"]
+    assert results["counts"][f"{split}/videos"] == 5
+    if split == "train":
+        assert results["counts"]["train/videos_failed_decode"] == 1
+    else:
+        assert results["counts"]["test/videos_with_failed_views"] == 1
+
+
+def test_too_many_missing_videos_fail_with_the_counts_in_results_json(tmp_path, capsys):
+    """1 of 8 listed train videos missing is above task.max_bad_fraction=0.1: the run stops before any model work,
+    and results.json (status failed) keeps the counts of the listing."""
+    root = write_dataset(tmp_path / "data", "csv", classes=3, per_class=2)
+    code = main(["task=kinetics400", "backbone=resnet50", f"task.data_dir={root}", f"run.dir={tmp_path / 'run'}",
+                 *TINY, "task.max_bad_fraction=0.1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "split 'train': 1 of 8 videos are unusable (1 missing" in err and len(err.strip().splitlines()) == 1
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "failed" and results["metrics"] == {} and "1 of 8 videos" in results["error"]
+    assert results["counts"] == {"train/videos": 7, "train/missing": 1, "train/undecodable_in_scan": 0,
+                                 "train/unsupported": 0, "train/ignored": 0, "val/videos": 7, "val/missing": 1,
+                                 "val/undecodable_in_scan": 0, "val/unsupported": 0, "val/ignored": 0}
 
 
 def test_manifest_matching_no_video_is_an_error(tmp_path, capsys):
@@ -117,3 +151,42 @@ def test_ddp_sums_decode_failures_over_ranks(tmp_path):
     counts = json.loads((run_dir / "results.json").read_text())["counts"]
     assert counts["test/skipped_views"] == 2 and counts["test/videos_with_failed_views"] == 1
     assert counts["train/videos_failed_decode"] == 1  # seen by one rank or both (sampler padding), counted once
+
+
+def _cfg(tmp_path, *overrides):
+    from transfer.config import compose, validate
+
+    return validate(compose(["task=kinetics400", "backbone=rs50", "backbone.weights=random",
+                             f"task.data_dir={tmp_path}", *overrides]))
+
+
+def test_a_run_off_the_published_recipe_says_why_it_is_not_comparable(tmp_path):
+    from video.task import not_comparable
+
+    on_recipe = _cfg(tmp_path, "trainer.max_epochs=350")
+    assert not_comparable(on_recipe, classes=400, test_videos=10, never_scored=0) == {}
+    reasons = not_comparable(_cfg(tmp_path, "trainer.max_epochs=350", "task.optim.lr=0.4", "task.frames=16",
+                                  "task.inflation.self_gating=none", "trainer.limit_eval_batches=0.5"),
+                             classes=400, test_videos=10, never_scored=5)["not_comparable"]
+    assert reasons == ["5 of 10 test videos were never scored (trainer.limit_eval_batches=0.5): a partial evaluation",
+                       "task.frames=16 differs from the kinetics400 recipe's 32",
+                       "task.inflation.self_gating='none' differs from the kinetics400 recipe's 'last'",
+                       "task.optim.lr=0.4 differs from the kinetics400 recipe's 0.8"]
+    toy = not_comparable(_cfg(tmp_path, "trainer.max_steps=2"), classes=3, test_videos=6, never_scored=0)
+    assert toy["not_comparable"] == ["3 classes, not the 400 of kinetics400: a subset of the data",
+                                     "trainer.max_epochs=10; the published schedule trains 350 epochs",
+                                     "trainer.max_steps=2 stops training before the schedule's end"]
+    # The scale jitter is unused with the recipe's resized crop: changing it changes nothing.
+    assert not_comparable(_cfg(tmp_path, "trainer.max_epochs=350", "task.scale_jitter=[300,400]"), classes=400,
+                          test_videos=10, never_scored=0) == {}
+
+
+def test_protocol_config_holds_only_the_protocol_values_video_uses(tmp_path):
+    """Video trains with task.optim (results.json recipe); the image fine-tune values of protocol=finetune (lr,
+    RandAugment, grids) never apply, so protocol_config does not record them. Other tasks keep the whole section."""
+    from transfer.config import compose, validate
+    from transfer.results import protocol_config
+
+    assert protocol_config(_cfg(tmp_path)) == {"name": "finetune", "freeze_backbone": False}
+    image = validate(compose(["task=digits", "backbone=resnet50", "protocol=finetune"]))
+    assert {"lr", "randaugment", "lr_grid"} <= set(protocol_config(image))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -11,10 +13,10 @@ from PIL import Image
 from suite_helpers import run_cli
 
 from tasks.depth.config import DepthTaskConfig
-from tasks.depth.data import h5py_available, load_splits
-from tasks.depth.metrics import METRIC_NAMES, berhu_loss, depth_errors, eval_mask
+from tasks.depth.data import DepthFrames, collate_counting, h5py_available, load_splits
+from tasks.depth.metrics import EIGEN_CROP, METRIC_NAMES, berhu_loss, depth_errors, eval_mask, scale_crop
 from tasks.depth.model import DepthModel, FastUpConv
-from tasks.depth.task import not_comparable
+from tasks.depth.task import check_train_frames, not_comparable
 from transfer.backbones import build_backbone
 from transfer.config import compose, validate
 from transfer.errors import ConfigError, DataError
@@ -57,8 +59,19 @@ def test_eigen_crop_and_depth_cap_select_the_scored_pixels():
     mask = eval_mask(gt, min_depth=1e-3, max_depth=10.0)
     assert int(mask.sum()) == (471 - 45) * (601 - 41) - 2
     assert not mask[44, 300] and mask[45, 300] and mask[470, 600] and not mask[471, 600] and not mask[300, 601]
-    half = eval_mask(torch.full((240, 320), 3.0), min_depth=1e-3, max_depth=10.0)  # a half-size export
-    assert int(half.sum()) == (236 - 22) * (300 - 20)  # rows round(22.5)..round(235.5), cols 20.5->20..300.5->300
+
+
+
+def test_eigen_crop_at_half_size_keeps_half_its_rows_and_columns():
+    # A 240 x 320 export: the 426 x 560 crop becomes 213 x 280, rows 22-234 and columns 20-299 (pixel centres
+    # mapped back onto the 480 x 640 frame). Python's round() gave rows 22-235 (214: round(22.5) = 22 but
+    # round(235.5) = 236).
+    half = eval_mask(torch.full((240, 320), 3.0), min_depth=1e-3, max_depth=10.0)
+    assert int(half.sum()) == 213 * 280
+    rows, cols = half.any(1).nonzero().flatten(), half.any(0).nonzero().flatten()
+    assert (int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])) == (22, 234, 20, 299)
+    assert scale_crop(EIGEN_CROP, (480, 640), (480, 640)) == EIGEN_CROP  # the frame's own size: unchanged
+    assert scale_crop(EIGEN_CROP, (480, 640), (120, 160)) == (11, 118, 10, 150)  # 10.75 -> 11, 117.25 -> 118
 
 
 def test_prediction_is_clipped_to_the_cap_before_scoring():
@@ -101,6 +114,83 @@ def test_png_export_reads_millimetres_and_refuses_8_bit_depth(tmp_path, nyu):
         load_splits(task, root)
 
 
+def test_8_bit_training_depth_is_caught_by_the_scan_and_named(tmp_path, nyu):
+    # Only the test split is decoded in the scan; the depth format is checked in every split's header, so an
+    # 8-bit training export no longer passes the scan to be skipped frame by frame in training.
+    root = nyu.write_png_export(tmp_path, train=4, test=2)
+    depth0 = root / (root / "train.txt").read_text().splitlines()[0].split()[1]
+    Image.fromarray(np.full((48, 64), 3, np.uint8)).save(depth0)
+    task = DepthTaskConfig(name="nyu_depth", data_dir=str(root), max_bad_fraction=0.5, expected_test_images=None)
+    _, train, test = load_splits(task, root)
+    assert train.skipped["not_16bit_depth"] == 1 and len(train.items) == 3
+    assert str(depth0) not in [d for _, d in train.items]
+    assert any(str(depth0) in e and "is a L image" in e for e in train.examples)
+    assert test.skipped["not_16bit_depth"] == 0
+    task.max_bad_fraction = 0.1
+    with pytest.raises(DataError, match=r"NYU train split.*1 of 4 frames.*not_16bit_depth': 1.*is a L image"):
+        load_splits(task, root)
+
+
+def corrupt_png_data(path) -> None:
+    """Scramble a PNG's compressed pixels but keep every chunk's CRC valid: the header and ``verify()`` pass
+    (what the scan checks for training frames), decoding fails ("broken data stream")."""
+    data, out, i = path.read_bytes(), bytearray(path.read_bytes()[:8]), 8
+    while i < len(data):
+        n, kind = struct.unpack(">I", data[i:i + 4])[0], data[i + 4:i + 8]
+        body = data[i + 8:i + 8 + n]
+        if kind == b"IDAT":
+            body = bytes(b ^ 0x5A for b in body)
+        out += struct.pack(">I", n) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        i += 12 + n
+    path.write_bytes(bytes(out))
+
+
+def test_training_frames_that_fail_to_decode_count_against_the_limit(tmp_path, nyu):
+    root = nyu.write_png_export(tmp_path, train=4, test=2)
+    lines = (root / "train.txt").read_text().splitlines()
+    for line in lines[:2]:
+        corrupt_png_data(root / line.split()[1])
+    task = DepthTaskConfig(name="nyu_depth", data_dir=str(root), crop=[32, 48], input_scale=1.0,
+                           max_bad_fraction=0.5, expected_test_images=None)
+    reader, train, _ = load_splits(task, root)  # the scan passes: headers and CRCs are intact
+    assert len(train.items) == 4 and sum(train.skipped.values()) == 0
+    frames = DepthFrames(train.items, reader, task, mean=(0.5,) * 3, std=(0.5,) * 3, train=True)
+    batch = collate_counting([frames[i] for i in range(4)])
+    assert batch["skipped"] == 2 and batch["failed"].tolist() == [0, 1] and len(batch["image"]) == 2
+    check_train_frames(task, train, reader, [0, 1])  # 2 of 4 = the limit: training goes on
+    task.max_bad_fraction = 0.25
+    with pytest.raises(DataError, match=r"2 of 4 frames are unusable.*2 failed to decode during training.*"
+                                        r"broken data stream"):
+        check_train_frames(task, train, reader, [0, 1])
+
+
+@pytest.mark.e2e
+def test_a_run_whose_training_frames_all_fail_stops_with_its_counts(tmp_path, nyu, monkeypatch):
+    # Every training frame passes the scan and fails to decode: the run must fail (exit 2), not train zero steps
+    # and report the untrained decoder's test scores as complete.
+    root = nyu.write_png_export(tmp_path / "data", train=2, test=2)
+    for line in (root / "train.txt").read_text().splitlines():
+        corrupt_png_data(root / line.split()[1])
+    run_dir = tmp_path / "run"
+    code = main(["task=nyu_depth", f"task.data_dir={root}", "trainer.max_steps=2", f"run.dir={run_dir}", *nyu.FAST])
+    assert code == 2
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "failed" and results["metrics"] == {}
+    assert results["counts"]["train/frames_failed_decode"] == 2 and results["counts"]["train/images"] == 2
+    assert "2 failed to decode during training" in results["error"]
+    # Even with the frame limit out of the way, a run whose every step had an empty batch fails (Lightning
+    # counts those steps in global_step; before, such a run reported status complete).
+    import tasks.depth.task as depth_task
+
+    monkeypatch.setattr(depth_task, "check_train_frames", lambda *args: None)
+    code = main(["task=nyu_depth", f"task.data_dir={root}", "trainer.max_steps=2", f"run.dir={tmp_path / 'run2'}",
+                 *nyu.FAST])
+    assert code == 2
+    results = json.loads((tmp_path / "run2" / "results.json").read_text())
+    assert results["status"] == "failed" and results["metrics"] == {}
+    assert "no training step of this run had data" in results["error"]
+
+
 def test_damaged_frames_are_counted_and_the_limit_holds(tmp_path, nyu):
     root = nyu.write_png_export(tmp_path, train=4, test=3)
     lines = (root / "train.txt").read_text().splitlines()
@@ -109,7 +199,8 @@ def test_damaged_frames_are_counted_and_the_limit_holds(tmp_path, nyu):
     (root / depth1).unlink()
     task = DepthTaskConfig(name="nyu_depth", data_dir=str(root), max_bad_fraction=0.5, expected_test_images=None)
     _, train, _ = load_splits(task, root)
-    assert train.skipped == {"missing": 1, "unreadable": 1, "size_mismatch": 0} and len(train.items) == 2
+    assert train.skipped == {"missing": 1, "unreadable": 1, "size_mismatch": 0, "not_16bit_depth": 0}
+    assert len(train.items) == 2
     task.max_bad_fraction = 0.1
     with pytest.raises(DataError, match=r"2 of 4 frames.*Expected layout"):
         load_splits(task, root)
@@ -143,6 +234,16 @@ def test_protocol_values_that_depth_would_ignore_are_refused(tmp_path):
         validate(compose(["task=nyu_depth", f"task.data_dir={tmp_path}", "protocol.lr=0.5"]))
     with pytest.raises(ConfigError, match="Use protocol=frozen"):  # frozen transfer is its own protocol
         validate(compose(["task=nyu_depth", f"task.data_dir={tmp_path}", "protocol.freeze_backbone=true"]))
+
+
+def test_results_record_only_the_protocol_keys_depth_uses(tmp_path):
+    # task.optim holds the training values: the classification fields of protocol=finetune (lr 0.01, steps
+    # 20000, batch 256, ...) are not what depth trained with, so results.json's protocol_config leaves them out.
+    from transfer.results import protocol_config
+
+    base = ["task=nyu_depth", f"task.data_dir={tmp_path}"]
+    assert protocol_config(validate(compose(base))) == {"name": "finetune", "freeze_backbone": False}
+    assert protocol_config(validate(compose([*base, "protocol=frozen"]))) == {"name": "frozen"}
 
 
 def test_frozen_protocol_has_its_own_run_folder(tmp_path):
@@ -201,6 +302,8 @@ def test_nyu_depth_png_end_to_end_then_resume(tmp_path, nyu):
     assert 0 <= results["metrics"]["test/delta1"] <= 100 and results["metrics"]["test/rms"] >= 0
     assert results["counts"]["test/frames_scored"] == 3 and results["counts"]["train/images"] == 4
     assert results["recipe"]["lr"] == pytest.approx(0.16 * 2 / 256)  # scaled to the batch of 2
+    assert results["protocol_config"] == {"name": "finetune", "freeze_backbone": False}
+    assert results["counts"]["train/frames_failed_decode"] == 0 and results["counts"]["train/skipped_frames"] == 0
     assert results["extra"]["global_step"] == 2 and results["extra"]["resumed_from"] is None
     # resume=true continues the finished run from its last checkpoint for a longer schedule (a changed
     # trainer.max_steps needs resume_allow_changes=true): steps 3-4 only.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.segmentation.data import IGNORE, LAYOUTS, read_ade20k_label, read_voc_label, scan_split
+from tasks.segmentation.data import IGNORE, LAYOUTS, check_targets, read_ade20k_label, read_voc_label, scan_split
 from transfer.config import compose, validate
 from transfer.errors import ConfigError, DataError
 
@@ -43,6 +43,41 @@ def test_colour_masks_and_out_of_range_values_are_refused(tmp_path):
     Image.fromarray(np.full((4, 4), 151, np.uint8), mode="L").save(tmp_path / "big.png")
     with pytest.raises(DataError, match=r"values \[151\]"):
         read_ade20k_label(str(tmp_path / "big.png"))
+
+
+def test_ade20k_value_255_is_refused_naming_the_file(tmp_path, seg):
+    # 255 is no ADE20K value (0 = other, 1-150 = classes): shifted by one it became a phantom class 254.
+    label = np.array([[0, 1, 150], [255, 0, 75]], np.uint8)
+    Image.fromarray(label, mode="L").save(tmp_path / "a.png")
+    with pytest.raises(DataError, match=r"a\.png.*values \[255\].*0 \(other\) to 150"):
+        read_ade20k_label(str(tmp_path / "a.png"))
+    root = seg.write_ade20k(tmp_path / "copy", train=2, val=2)
+    bad = root / "ADEChallengeData2016" / "annotations" / "validation" / "ADE_val_00000002.png"
+    scene = np.array(Image.open(bad))
+    scene[0, 0] = 255
+    Image.fromarray(scene, mode="L").save(bad)
+    with pytest.raises(DataError, match=r"(?s)ADE_val_00000002\.png.*\[255\].*Expected layout"):
+        scan_split(ADE, root, "validation", decode=True, max_bad_fraction=0.0)
+
+
+def test_voc_values_are_0_to_20_and_255(tmp_path, seg):
+    label = np.array([[0, 20, 255], [21, 1, 0]], np.uint8)
+    seg.save_palette_png(label, tmp_path / "m.png")
+    with pytest.raises(DataError, match=r"m\.png.*values \[21\].*0-20 and 255"):
+        read_voc_label(str(tmp_path / "m.png"))
+    label[1, 0] = 0
+    seg.save_palette_png(label, tmp_path / "m.png")
+    np.testing.assert_array_equal(read_voc_label(str(tmp_path / "m.png")), label)
+
+
+def test_targets_outside_the_classes_and_255_stop_the_run():
+    ok = np.array([[0, 149], [255, 3]], np.uint8)
+    assert check_targets(ok, 150, "ok.png") is ok
+    for value in (150, 254):
+        with pytest.raises(DataError, match=rf"x\.png.*targets \[{value}\].*classes 0-149 and 255"):
+            check_targets(np.array([[0, value]], np.uint8), 150, "x.png")
+    with pytest.raises(DataError, match=r"targets \[-1\]"):
+        check_targets(np.array([[0, -1]], np.int64), 21, "x.png")
 
 
 def test_train_aug_is_voc_train_plus_sbd_minus_voc_val(voc_root):
@@ -96,6 +131,17 @@ def test_missing_folders_show_the_expected_layout(task, remove, shown, tmp_path,
     with pytest.raises(DataError, match="Expected layout") as err:
         scan_split(layout, root, split, decode=True, max_bad_fraction=0.0)
     assert remove.split("/")[-1] in str(err.value) and shown in str(err.value)
+
+
+@pytest.mark.parametrize("task", ["voc_semseg", "ade20k"])
+def test_results_record_only_the_protocol_keys_segmentation_uses(task, tmp_path):
+    # task.solver holds the training values: the classification fields of protocol=finetune (lr 0.01, steps
+    # 20000, batch 256, weight decay 0 beside the recipe's 1e-4, ...) are left out of protocol_config.
+    from transfer.results import protocol_config
+
+    base = [f"task={task}", f"task.data_dir={tmp_path}"]
+    assert protocol_config(validate(compose(base))) == {"name": "finetune", "freeze_backbone": False}
+    assert protocol_config(validate(compose([*base, "protocol=frozen"]))) == {"name": "frozen"}
 
 
 def test_data_dir_is_required_before_any_run_directory_exists():

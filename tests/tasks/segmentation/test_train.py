@@ -18,6 +18,7 @@ from suite_helpers import run_cli  # noqa: E402
 from tasks.detection.train import read_metrics_log  # noqa: E402
 from tasks.segmentation.data import LAYOUTS, VOC_CLASSES, read_voc_label, register_split, scan_split  # noqa: E402
 from tasks.segmentation.train import build_evaluator  # noqa: E402
+from transfer.errors import DataError  # noqa: E402
 
 # One 4 x 6 validation mask, counted by hand: 14 background pixels, 4 aeroplane, 2 bicycle, 4 not scored.
 HAND_LABEL = np.array([[0, 0, 0, 0, 255, 255],
@@ -65,6 +66,33 @@ def test_constant_prediction_matches_the_hand_count(constant, miou, pacc, macc, 
     assert res["pACC"] == pytest.approx(pacc) and res["mACC"] == pytest.approx(macc)
     assert res["fwIoU"] == pytest.approx(fwiou)
     assert math.isnan(res["IoU-cat"])  # absent from the split: left out of the mean
+
+
+def test_a_reader_that_lets_a_bad_value_through_is_stopped_in_training_and_evaluation(tmp_path, seg, monkeypatch):
+    # A future layout whose reader checks too little: without the per-layout value check, ADE's 255 shifts to
+    # 254. The targets guard in the scan, the training mapper and the evaluator's label loading stops it.
+    import tasks.segmentation.data as data
+    from tasks.segmentation.train import SemSegMapper
+
+    monkeypatch.setattr(data, "_check_values", lambda label, *args, **kwargs: label)
+    root = seg.write_ade20k(tmp_path, train=1, val=1)
+    bad = root / "ADEChallengeData2016" / "annotations" / "validation" / "ADE_val_00000001.png"
+    scene = np.array(Image.open(bad))
+    scene[0, :3] = 255
+    Image.fromarray(scene, mode="L").save(bad)
+    layout = LAYOUTS.get("ade20k")
+    with pytest.raises(DataError, match=r"ADE_val_00000001\.png.*targets \[254\]"):
+        scan_split(layout, root, "validation", decode=True, max_bad_fraction=0.0, num_classes=150)
+    listed = scan_split(layout, root, "validation", decode=True, max_bad_fraction=0.0)  # no guard: passes
+    name = register_split(layout, root, listed, [f"c{i}" for i in range(150)])
+    pair = listed.pairs[0]
+    record = {"file_name": pair.image, "sem_seg_file_name": pair.label, "height": pair.height, "width": pair.width}
+    with pytest.raises(DataError, match=r"targets \[254\]"):
+        SemSegMapper("ade20k", [], num_classes=150)(record)
+    evaluator = build_evaluator(name)
+    evaluator.reset()
+    with pytest.raises(DataError, match=r"ADE_val_00000001\.png.*targets \[254\]"):
+        evaluator.process([{"file_name": pair.image}], [{"sem_seg": torch.zeros(150, pair.height, pair.width)}])
 
 
 def _results(run_dir: Path) -> dict:

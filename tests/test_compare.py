@@ -1,6 +1,7 @@
 """The matching rule: which published rows stand next to a run, which are context, and what lands in W&B."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -91,6 +92,46 @@ def test_a_protocol_setting_changed_from_the_published_recipe_is_not_comparable(
     # Settings that do not change the protocol (the feature cache) leave it comparable.
     config = {**asdict(PROTOCOLS.get("linear")()), "cache": False}
     assert assess(_results(extra={"preprocess": "paper"}, protocol_config=config))["comparable"]
+
+
+def _changed(value):
+    """A value of the same kind that differs from ``value`` (a protocol field's default)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return value + "-changed"
+    if isinstance(value, (list, tuple)):
+        return [*value, 7.0] if value else [7.0]
+    return "changed" if value is None else None
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS.names())
+def test_every_protocol_key_changed_from_the_published_recipe_is_a_reason(protocol):
+    """Every field of every protocol schema is checked unless the schema declares it irrelevant, with a reason:
+    a key added later cannot be forgotten (linear max_iter=1 and tolerance were once comparable)."""
+    schema = PROTOCOLS.get(protocol)
+    unchecked = getattr(schema, "UNCHECKED_KEYS", {})
+    fields = [f.name for f in dataclasses.fields(schema) if f.name != "name"]
+    assert set(unchecked) <= set(fields) and all(isinstance(why, str) and why for why in unchecked.values())
+    recipe = asdict(schema())
+    for key in fields:
+        verdict = assess(_results(protocol=protocol, extra={"preprocess": "paper"},
+                                  protocol_config={**recipe, key: _changed(recipe[key])}))
+        named = [r for r in verdict["comparison"]["reasons"] if r.startswith(f"protocol.{key}=")]
+        if key in unchecked or not getattr(schema, "PUBLISHED", True):
+            assert not named
+        else:
+            assert named and not verdict["comparable"], key
+
+
+def test_a_linear_probe_with_max_iter_1_is_not_comparable():
+    config = {**asdict(PROTOCOLS.get("linear")()), "max_iter": 1, "tolerance": 0.1}
+    verdict = assess(_results(extra={"preprocess": "paper", "resolution": 224}, protocol_config=config))
+    assert not verdict["comparable"] and not any(r["comparable"] for r in verdict["baselines"])
+    assert verdict["comparison"]["reasons"] == ["protocol.max_iter=1 differs from the linear recipe's 200",
+                                                "protocol.tolerance=0.1 differs from the linear recipe's 1e-06"]
 
 
 def test_knn_rows_are_context_labelled_with_their_protocol():

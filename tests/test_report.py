@@ -174,7 +174,7 @@ def runs(tmp_path):
     root = tmp_path / "runs"
     _write_run(root, "cifar100", "rs50", "linear", {"test/top1": 70.0, "test/top5": 90.0}, "1000", "test/top1")
     _write_run(root, "cifar100", "rs50", "linear", {"test/top1": 72.5, "test/top5": 91.0}, "2000", "test/top1",
-               extra={"preprocess": "paper"})
+               extra={"preprocess": "paper", "resolution": 224})
     _write_run(root, "cifar100", "rs101", "finetune", {"test/top1": 84.0}, "1500", "test/top1")
     _write_run(root, "cifar100", "resnet50", "linear", {"test/top1": 60.0}, "1700", "test/top1", weights="random")
     _write_run(root, "digits", "rs50", "knn", {"test/top1": 55.0, "test/mean_per_class": 54.0}, "1200")

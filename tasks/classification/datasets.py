@@ -15,14 +15,13 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from tasks.classification.config import ClassificationTaskConfig
-from tasks.classification.sources import Source, check_damage, load_source
+from tasks.classification.sources import OfficialLayout, Source, check_damage, load_source, with_local_identity
 from tasks.classification.splits import (
+    FLOWERS102_LAYOUT,
     PUBLISHED_SPLITS,
     FoundSizes,
     SplitSizes,
     check_split_sizes,
-    flowers102_official,
-    has_flowers102_files,
 )
 from transfer.errors import DataError
 from transfer.images import MARKERS, Undecodable, decode_image
@@ -122,7 +121,7 @@ class DatasetSpec:
     Split names are candidates, first match wins; when no validation split exists, ``val_fraction`` of
     train is held out with a fixed seed (ssl-transfer ``linear.py`` ``get_train_valid_loader``: 20 %, seed 0).
     ``sizes`` are the published split sizes, checked on every load (:mod:`tasks.classification.splits`);
-    ``official_files`` reads a local copy in the data set's official release layout, when it is one.
+    ``official`` reads a local copy in the data set's official release layout, when it is one.
     """
 
     hub_id: str | None
@@ -133,7 +132,7 @@ class DatasetSpec:
     test: tuple[str, ...] = ("test",)
     num_classes: int | None = None
     sizes: SplitSizes | None = None
-    official_files: tuple[Callable[[Path], bool], Callable[[Path, bool], Source]] | None = None
+    official: OfficialLayout | None = None
 
 
 def _pick(source: Source, candidates: tuple[str, ...]) -> str | None:
@@ -146,13 +145,7 @@ def build_from_spec(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Splits:
     Raises :class:`DataError` when the splits' sizes differ from the published ones (``spec.sizes``) and
     ``cfg.check_split_sizes`` is true.
     """
-    if cfg.data_dir and spec.official_files and spec.official_files[0](Path(cfg.data_dir).expanduser()):
-        source = spec.official_files[1](Path(cfg.data_dir).expanduser(), cfg.scan_images)
-    else:
-        source = load_source(data_dir=cfg.data_dir, hub_id=cfg.hub_id or spec.hub_id,
-                             image_column=cfg.image_column or spec.image_column,
-                             label_column=cfg.label_column or spec.label_column, scan=cfg.scan_images,
-                             max_pixels=cfg.max_image_pixels)
+    source = _read(spec, cfg)
     train_name, test_name = _pick(source, spec.train), _pick(source, spec.test)
     if train_name is None or test_name is None:
         raise DataError(f"{source.origin}: needs a train split (one of {list(spec.train)}) and a test split "
@@ -190,6 +183,31 @@ def build_from_spec(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Splits:
     return splits
 
 
+def _read(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Source:
+    """The data set's official release layout when ``task.data_dir`` holds it, else a generic layout or the Hub.
+
+    Every local copy, whatever its layout, leaves through :func:`sources.with_local_identity`: the feature cache
+    key covers every file read.
+    """
+    root = Path(cfg.data_dir).expanduser() if cfg.data_dir else None
+    official = spec.official
+    if root is not None and official is not None and root.is_dir() and (where := official.find(root)) is not None:
+        source = official.read(where, scan=cfg.scan_images, max_pixels=cfg.max_image_pixels, seed=cfg.split_seed)
+        return with_local_identity(source, root)
+    hint = ""
+    if root is not None and official is not None and root.is_dir():  # a partial official copy: say what is missing
+        present = [r for r in official.required if (root / r.rstrip("/")).exists()]
+        if present:
+            missing = [r for r in official.required if r not in present]
+            hint = (f"It holds {', '.join(present)} of {cfg.dataset}'s official layout but not "
+                    f"{', '.join(missing)}, which that layout needs.")
+    source = load_source(data_dir=cfg.data_dir, hub_id=cfg.hub_id or spec.hub_id,
+                         image_column=cfg.image_column or spec.image_column,
+                         label_column=cfg.label_column or spec.label_column, scan=cfg.scan_images,
+                         max_pixels=cfg.max_image_pixels, official=[official.describe] if official else [], hint=hint)
+    return with_local_identity(source, root) if root is not None else source
+
+
 def _check_damage(source: Source, max_bad_fraction: float) -> None:
     skipped = sum(s.skipped for s in source.splits.values())
     total = skipped + sum(len(s.labels) for s in source.splits.values())
@@ -208,8 +226,7 @@ _SPECS = {
     "food101": DatasetSpec("ethz/food101", val=(), test=("test", "validation"), num_classes=101),
     # This Hub copy has the official 1,020 / 1,020 / 6,149 splits (its dataset viewer lists train 1.02k,
     # validation 1.02k, test 6.15k); nelorth/oxford-flowers, used before, has 7,169 / 1,020 and no val.
-    "flowers102": DatasetSpec("dpdl-benchmark/oxford_flowers102", num_classes=102,
-                              official_files=(has_flowers102_files, flowers102_official)),
+    "flowers102": DatasetSpec("dpdl-benchmark/oxford_flowers102", num_classes=102, official=FLOWERS102_LAYOUT),
     "oxford_pets": DatasetSpec("timm/oxford-iiit-pet", num_classes=37),
     "dtd": DatasetSpec("tanganke/dtd", num_classes=47),
     "stanford_cars": DatasetSpec("tanganke/stanford_cars", num_classes=196),

@@ -9,14 +9,17 @@ image is decoded by :func:`transfer.images.decode_image` (every Pillow mode to 8
 
 Each :class:`Source` also carries ``identity``, a digest of the data it was read from (the files' names,
 sizes and modification times for a local copy, the ``datasets`` fingerprints for a Hub copy), which the
-feature cache key includes.
+feature cache key includes. For a local copy it is computed in one place, :func:`with_local_identity`, which
+every local layout goes through (``datasets.build_from_spec``): it digests every image file the splits read
+(:class:`FileImages`) and every other file the reader declares in ``Source.files`` (split lists, label files,
+arrays), so a layout cannot leave an edited file out of the key.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,17 +29,25 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
-from transfer.errors import DataError
+from transfer.errors import DataError, TransferError
 from transfer.images import ImageDecodeError, TooLarge, Undecodable, check_header, load_image
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = """\
-  1. a datasets.save_to_disk folder (DATA_DIR/dataset_dict.json, DATA_DIR/train/…, DATA_DIR/test/…);
-  2. parquet files named by split, as on the Hub (DATA_DIR/data/train-00000-of-00001.parquet,
-     DATA_DIR/data/test-00000-of-00001.parquet);
-  3. an ImageFolder tree: DATA_DIR/train/<class>/*.jpg, DATA_DIR/test/<class>/*.jpg
-     (optionally DATA_DIR/val/<class>/*.jpg)."""
+
+def accepted_layouts(official: Sequence[str] = ()) -> str:
+    """The numbered list of layouts ``task.data_dir`` may have: the data set's official ones, then the generic."""
+    generic = [
+        "a datasets.save_to_disk folder (DATA_DIR/dataset_dict.json, DATA_DIR/train/…, DATA_DIR/test/…);",
+        "parquet files named by split, as on the Hub (DATA_DIR/data/train-00000-of-00001.parquet,\n"
+        "     DATA_DIR/data/test-00000-of-00001.parquet);",
+        "an ImageFolder tree: DATA_DIR/train/<class>/*.jpg, DATA_DIR/test/<class>/*.jpg\n"
+        "     (optionally DATA_DIR/val/<class>/*.jpg).",
+    ]
+    return "\n".join(f"  {i}. {text}" for i, text in enumerate([*official, *generic], start=1))
+
+
+LAYOUTS = accepted_layouts()
 
 
 @dataclass
@@ -56,6 +67,23 @@ class Source:
     origin: str  # what was read, for messages
     identity: str = ""  # digest of the data read (files, sizes, mtimes; or datasets fingerprints)
     label_column: str = ""  # the column the labels came from ("" for class folders)
+    # Files a local reader read besides the splits' image files (split lists, label files, arrays): part of
+    # the identity (with_local_identity).
+    files: list[Path] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class OfficialLayout:
+    """One official release layout of a data set: ``find(root)`` says where in ``root`` it is (None when it is
+    not there); ``read(where, scan=, max_pixels=, seed=)`` returns its splits, decoding every image through
+    :func:`transfer.images.decode_image` under ``max_pixels`` (``task.max_image_pixels``). ``describe`` is the
+    line listed in errors; ``required`` the paths the layout needs, to say which are missing from a partial copy.
+    """
+
+    describe: str
+    find: Callable[[Path], Path | None]
+    read: Callable[..., Source]
+    required: tuple[str, ...] = ()
 
 
 class HubRows(Dataset):
@@ -91,6 +119,23 @@ class FileImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image | Undecodable | TooLarge, int]:
         return load_image(self.paths[i], max_pixels=self.max_pixels), int(self.labels[i])
+
+
+def scan_files(paths: Sequence[str | Path], labels: Sequence[int], *, split: str, scan: bool = True,
+               max_pixels: int | None = None) -> SourceSplit:
+    """One split of image files: with ``scan``, every header is checked under ``max_pixels`` (a progress bar on
+    a terminal) and the unreadable or missing files are skipped and counted, as for every other layout; an image
+    above ``max_pixels`` raises :class:`transfer.images.ImageTooLargeError`. The items decode under the same
+    limit."""
+    paths, labels = [str(p) for p in paths], np.asarray(labels, dtype=np.int64)
+    good = np.ones(len(paths), dtype=bool)
+    if scan:
+        for i, f in enumerate(tqdm(paths, desc=f"scan {split}", unit="img", leave=False, disable=None)):
+            good[i] = readable(f, max_pixels=max_pixels)
+    bad = [f for f, ok in zip(paths, good) if not ok]
+    keep = np.flatnonzero(good)
+    return SourceSplit(FileImages([paths[i] for i in keep], labels[keep], max_pixels=max_pixels), labels[keep],
+                       len(bad), bad[:5])
 
 
 def readable(value, *, max_pixels: int | None = None, name: str | None = None) -> bool:
@@ -143,13 +188,48 @@ def item_ids(ds: Dataset) -> list:
 
 
 def files_identity(root: Path, files: Iterable[Path]) -> str:
-    """sha256 over (path relative to ``root``, size, mtime in ns) of ``files``: changes when a file is added,
-    removed, moved, replaced or edited."""
+    """sha256 over (path relative to ``root``, or as given outside it; size; mtime in ns) of ``files``: changes
+    when a file is added, removed, moved, replaced or edited. A file that does not exist counts by its name."""
     h = hashlib.sha256()
-    for f in sorted(files):
-        st = os.stat(f)
-        h.update(f"{Path(f).relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    for f in sorted({Path(f) for f in files}):
+        try:
+            st = os.stat(f)
+            stamp = f"{st.st_size}\t{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        name = f.relative_to(root) if f.is_relative_to(root) else f
+        h.update(f"{name}\t{stamp}\n".encode())
     return h.hexdigest()
+
+
+def image_files(ds: Dataset) -> list[str]:
+    """The image files ``ds`` reads (:class:`FileImages` paths, through ``Subset`` / ``ConcatDataset`` / ``base``
+    layers); empty for rows of a Hub copy or arrays in memory."""
+    if hasattr(ds, "base"):
+        return image_files(ds.base)
+    if isinstance(ds, Subset):
+        return image_files(ds.dataset)
+    if isinstance(ds, ConcatDataset):
+        return [f for d in ds.datasets for f in image_files(d)]
+    return list(ds.paths) if isinstance(ds, FileImages) else []
+
+
+def with_local_identity(source: Source, root: Path) -> Source:
+    """``source`` with ``identity`` covering every file a local layout read: the reader's own digest (arrow or
+    parquet files), the files it declares (``source.files``) and every image file of its splits, each by path,
+    size and mtime. Every local copy goes through here (``datasets.build_from_spec``), so the feature cache key
+    changes when any of them is edited or replaced.
+
+    Raises :class:`TransferError` when the reader left nothing to digest: a layout that reads files it does not
+    declare is a bug, not a cache key that silently ignores the data.
+    """
+    files = [Path(f) for f in source.files] + [Path(f) for s in source.splits.values() for f in image_files(s.dataset)]
+    if not files and not source.identity:
+        raise TransferError(f"{source.origin}: the reader of this layout declared no files it read (Source.files) "
+                            "and no identity; the feature cache could not tell an edited copy from this one.")
+    h = hashlib.sha256(f"{source.identity}\n{files_identity(root, files) if files else ''}".encode())
+    source.identity = h.hexdigest()
+    return source
 
 
 def check_damage(*, bad: int, total: int, examples: Sequence[str], max_bad_fraction: float, origin: str,
@@ -165,15 +245,19 @@ def check_damage(*, bad: int, total: int, examples: Sequence[str], max_bad_fract
 
 
 def load_source(*, data_dir: str | None, hub_id: str | None, image_column: str, label_column: str,
-                scan: bool = True, max_pixels: int | None = None) -> Source:
+                scan: bool = True, max_pixels: int | None = None, official: Sequence[str] = (),
+                hint: str = "") -> Source:
     """Open the data set from ``data_dir`` when given, else from the Hub by ``hub_id``; scan every split.
 
     ``max_pixels``: the image size limit of :func:`transfer.images.decode_image` (default Pillow's).
+    ``official`` describes the data set's official release layouts (read elsewhere, before this): every error
+    lists them with the generic layouts; ``hint`` is added to the error for a folder in no layout.
     """
+    layouts = accepted_layouts(official)
     if data_dir:
         root = Path(data_dir).expanduser()
         if not root.is_dir():
-            raise DataError(f"task.data_dir={data_dir!r} is not a directory. Accepted layouts:\n{LAYOUTS}")
+            raise DataError(f"task.data_dir={data_dir!r} is not a directory. Accepted layouts:\n{layouts}")
         if _is_saved_dataset(root):
             identity = files_identity(root, (p for p in root.rglob("*") if p.is_file()))
             return _from_hf(_load_from_disk(root), image_column, label_column, str(root), scan, max_pixels,
@@ -186,10 +270,10 @@ def load_source(*, data_dir: str | None, hub_id: str | None, image_column: str, 
             return _from_folders(root, scan, max_pixels)
         found = sorted(p.name for p in root.iterdir())[:10]
         raise DataError(f"task.data_dir={str(root)!r} is in none of the accepted layouts (found: "
-                        f"{found or 'nothing'}). Accepted layouts:\n{LAYOUTS}")
+                        f"{found or 'nothing'}).{' ' + hint if hint else ''} Accepted layouts:\n{layouts}")
     if not hub_id:
         raise DataError("this data set has no Hugging Face Hub copy on record; download it yourself and pass "
-                        f"task.data_dir=PATH. Accepted layouts:\n{LAYOUTS}")
+                        f"task.data_dir=PATH. Accepted layouts:\n{layouts}")
     dsd = _load_hub(hub_id)
     identity = hashlib.sha256(repr(sorted((k, v._fingerprint) for k, v in dsd.items())).encode()).hexdigest()
     return _from_hf(dsd, image_column, label_column, f"hub:{hub_id}", scan, max_pixels, identity)

@@ -13,11 +13,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from torchvision.datasets import Flowers102
-from tqdm.auto import tqdm
 
-from tasks.classification.sources import FileImages, Source, SourceSplit, readable
+from tasks.classification.sources import OfficialLayout, Source, scan_files
 from transfer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -158,18 +156,24 @@ class _LocalFlowers102(Flowers102):
         return False
 
 
+def find_flowers102(root: Path) -> Path | None:
+    """``root`` or ``root/flowers-102`` when it holds every official file, else None."""
+    return next((base for base in (root, root / "flowers-102") if all((base / f).exists() for f in FLOWERS_FILES)),
+                None)
+
+
 def has_flowers102_files(root: Path) -> bool:
-    return any(all((base / f).exists() for f in FLOWERS_FILES) for base in (root, root / "flowers-102"))
+    return find_flowers102(root) is not None
 
 
-def flowers102_official(root: Path, scan: bool = True) -> Source:
+def flowers102_official(root: Path, scan: bool = True, *, max_pixels: int | None = None, seed: int = 0) -> Source:
     """The official Flowers-102 splits (train 1,020 / val 1,020 / test 6,149) from ``setid.mat``.
 
     ``root`` holds ``setid.mat``, ``imagelabels.mat`` and ``jpg/image_NNNNN.jpg`` (the official download),
-    directly or under ``root/flowers-102`` (torchvision's layout). Raises :class:`DataError` for unreadable
-    ``.mat`` files.
+    directly or under ``root/flowers-102`` (torchvision's layout). Images are scanned and decoded under
+    ``max_pixels`` (``task.max_image_pixels``). Raises :class:`DataError` for unreadable ``.mat`` files.
     """
-    splits = {}
+    splits, base = {}, find_flowers102(root) or root
     for ours, theirs in FLOWERS_SPLITS.items():
         try:
             ds = _LocalFlowers102(str(root), split=theirs)
@@ -178,12 +182,13 @@ def flowers102_official(root: Path, scan: bool = True) -> Source:
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Re-download "
                             "them from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/.") from None
         # torchvision keeps the file list private; it is the one attribute read here (torchvision 0.29).
-        files, labels = [str(p) for p in ds._image_files], np.asarray(ds._labels, dtype=np.int64)
-        good = np.ones(len(files), dtype=bool)
-        if scan:
-            for i, f in enumerate(tqdm(files, desc=f"scan {ours}", unit="img", leave=False)):
-                good[i] = readable({"path": f, "bytes": None})
-        bad = [f for f, ok in zip(files, good) if not ok]
-        keep = np.flatnonzero(good)
-        splits[ours] = SourceSplit(FileImages([files[i] for i in keep], labels[keep]), labels[keep], len(bad), bad[:5])
-    return Source(splits, list(Flowers102.classes), f"{root} (official Flowers-102 files)")
+        splits[ours] = scan_files(ds._image_files, ds._labels, split=ours, scan=scan, max_pixels=max_pixels)
+    return Source(splits, list(Flowers102.classes), f"{root} (official Flowers-102 files)",
+                  files=[base / "setid.mat", base / "imagelabels.mat"])
+
+
+FLOWERS102_LAYOUT = OfficialLayout(
+    "Flowers-102's official files: DATA_DIR/jpg/image_NNNNN.jpg, DATA_DIR/imagelabels.mat and DATA_DIR/setid.mat "
+    "(or under DATA_DIR/flowers-102/, torchvision's download folder), from "
+    "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/;", find_flowers102, flowers102_official,
+    required=("jpg/", "imagelabels.mat", "setid.mat"))

@@ -208,6 +208,43 @@ def test_matrix_covers_backbones_tasks_protocols_with_packaged_baselines(runs, t
         check_png(path)
 
 
+def test_a_backbone_row_over_several_protocols_names_each_values_source_and_weights(tmp_path):
+    """One row, values from two results.json with different weights: both are named, each with its protocol."""
+    root = tmp_path / "runs"
+    linear = _write_run(root, "cifar100", "rs50", "linear", {"test/top1": 72.5}, "1000", "test/top1",
+                        extra={"preprocess": "paper", "resolution": 224})
+    knn = _write_run(root, "cifar100", "rs50", "knn", {"test/top1": 60.0}, "2000", "test/top1", weights="random")
+    tasks, _ = write_report(root, tmp_path / "out")
+    row = next(e for e in tasks[0].entries if e.kind == "this suite")
+    assert row.source == f"knn: {knn}; linear: {linear}"
+    assert row.detail == "knn: source=random; linear: source=pretrained"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"knn: {knn}; linear: {linear}" in md
+    # A row whose values all come from one file keeps the plain text.
+    single = _write_run(tmp_path / "one", "cifar100", "rs50", "linear", {"test/top1": 72.5}, "1000", "test/top1")
+    (only,) = [e for e in build_comparison(find_results(tmp_path / "one"))[0].entries if e.kind == "this suite"]
+    assert only.source == str(single) and only.detail == "source=pretrained"
+
+
+@pytest.mark.parametrize("backbones", [1, 3])
+def test_the_chart_title_fits_inside_the_figure(tmp_path, backbones):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from transfer.report import task_figure
+
+    root = tmp_path / "runs"
+    for i in range(backbones):
+        _write_run(root, "fgvc_aircraft", f"rs{50 + i}", "linear", {"test/mean_per_class": 50.0 + i}, str(1000 + i),
+                   "test/mean_per_class", extra={"preprocess": "paper", "resolution": 224})
+    (task,) = build_comparison(find_results(root))
+    fig = task_figure(task)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    box = fig._suptitle.get_window_extent(canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width and 0 <= box.y0 and box.y1 <= fig.bbox.height, (box, fig.bbox)
+    assert "fgvc_aircraft: runs here" in fig._suptitle.get_text()
+
+
 def test_html_is_self_contained(runs, tmp_path):
     write_report(runs, tmp_path / "out")
     page = (tmp_path / "out" / "report.html").read_text()

@@ -6,6 +6,10 @@ and Stanford Cars, text lists for Pets, DTD, FGVC-Aircraft and SUN397, JSON for 
 :class:`Written`: the folder to pass as ``task.data_dir``, what each split must hold (an image name and its class
 name, per item), and the tiny copy's split sizes in the shape of the published ones (the published sizes are data
 on the data set's spec, so the loading tests swap these in: ``SplitSizes`` with the same fields set).
+
+Every writer of image files takes ``big``: with ``big=True`` one training image (for Caltech-101, whose training
+images are drawn, one image) is :data:`BIG` x :data:`BIG` pixels (1.44 M), for the ``task.max_image_pixels`` tests
+(``tests/local_copies.py``). CIFAR's batches hold 32 x 32 pixel arrays by format: they have no ``big``.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ import scipy.io
 from PIL import Image
 
 from tasks.classification.splits import SplitSizes
+
+BIG = 1200  # pixels a side of the big image: 1.44 M pixels
 
 
 @dataclass
@@ -89,7 +95,7 @@ def write_cifar100(root: Path, *, n_train: int = 18, n_test: int = 7) -> Written
 
 # --- Flowers-102 ----------------------------------------------------------------------------------------------------
 
-def write_flowers102(root: Path) -> Written:
+def write_flowers102(root: Path, *, big: bool = False) -> Written:
     """jpg/image_NNNNN.jpg, imagelabels.mat (1-based labels), setid.mat (trnid / valid / tstid)."""
     per_class = [(2, 2, 3), (2, 2, 4), (2, 2, 2)]  # train, val, test images of each of 3 classes
     labels = np.repeat(np.arange(1, 4), [sum(c) for c in per_class])  # 1-based, as in imagelabels.mat
@@ -100,7 +106,8 @@ def write_flowers102(root: Path) -> Written:
         split_ids["trnid"] += mine[:tr]
         split_ids["valid"] += mine[tr:tr + va]
         split_ids["tstid"] += mine[tr + va:]
-    files = [jpeg(root / "jpg" / f"image_{i:05d}.jpg", int(lab), i) for i, lab in enumerate(labels, start=1)]
+    files = [jpeg(root / "jpg" / f"image_{i:05d}.jpg", int(lab), i, BIG if big and i == split_ids["trnid"][0] else 10)
+             for i, lab in enumerate(labels, start=1)]
     scipy.io.savemat(root / "imagelabels.mat", {"labels": labels[None].astype(np.uint8)})
     scipy.io.savemat(root / "setid.mat", {k: np.asarray(v, dtype=np.uint16)[None] for k, v in split_ids.items()})
     from torchvision.datasets import Flowers102
@@ -116,7 +123,7 @@ def write_flowers102(root: Path) -> Written:
 PETS = [("Abyssinian", 1, 1), ("american_bulldog", 2, 2), ("american_pit_bull_terrier", 3, 2)]  # name, id, species
 
 
-def write_pets(root: Path) -> Written:
+def write_pets(root: Path, *, big: bool = False) -> Written:
     """images/<Breed>_<n>.jpg; annotations/trainval.txt and test.txt ("Image CLASS-ID SPECIES BREED-ID")."""
     expected: dict[str, list] = {"train": [], "test": []}
     lines: dict[str, list[str]] = {"trainval": [], "test": []}
@@ -125,7 +132,8 @@ def write_pets(root: Path) -> Written:
         for i in range(1, 8):
             split = "trainval" if i <= 4 else "test"
             image_id = f"{breed}_{100 + i}"
-            files.append(jpeg(root / "images" / f"{image_id}.jpg", label, i))
+            size = BIG if big and (label, i) == (0, 1) else 10
+            files.append(jpeg(root / "images" / f"{image_id}.jpg", label, i, size))
             lines[split].append(f"{image_id} {class_id} {species} {label + 1}")
             title = " ".join(part.title() for part in breed.split("_"))  # torchvision's class name
             expected["train" if split == "trainval" else "test"].append((f"{image_id}.jpg", title))
@@ -142,7 +150,7 @@ def write_pets(root: Path) -> Written:
 TEXTURES = ["banded", "blotchy", "zigzagged"]
 
 
-def write_dtd(root: Path, *, torchvision_layout: bool = False) -> Written:
+def write_dtd(root: Path, *, torchvision_layout: bool = False, big: bool = False) -> Written:
     """dtd/images/<texture>/<texture>_NNNN.jpg and dtd/labels/{train,val,test}{1,2}.txt (split 2 differs)."""
     base = root / "dtd" / "dtd" if torchvision_layout else root / "dtd"
     expected: dict[str, list] = {"train": [], "validation": [], "test": []}
@@ -150,7 +158,8 @@ def write_dtd(root: Path, *, torchvision_layout: bool = False) -> Written:
     files = []
     for label, texture in enumerate(TEXTURES):
         names = [f"{texture}_{i:04d}.jpg" for i in range(1, 8)]
-        files += [jpeg(base / "images" / texture / n, label, i) for i, n in enumerate(names)]
+        files += [jpeg(base / "images" / texture / n, label, i, BIG if big and (label, i) == (0, 0) else 10)
+                  for i, n in enumerate(names)]  # image 0 of each texture is in train1
         for partition, order in ((1, names), (2, names[::-1])):
             for k, (split, ours) in enumerate((("train", "train"), ("val", "validation"), ("test", "test"))):
                 chosen = order[2 * k:2 * k + 2]
@@ -169,7 +178,7 @@ def write_dtd(root: Path, *, torchvision_layout: bool = False) -> Written:
 VARIANTS = ["707-320", "Cessna 172", "F-16A/B"]  # real variant names: one with a space, one with a slash
 
 
-def write_aircraft(root: Path) -> Written:
+def write_aircraft(root: Path, *, big: bool = False) -> Written:
     """fgvc-aircraft-2013b/data/images/NNNNNNN.jpg, variants.txt, images_variant_{train,val,test}.txt."""
     data = root / "fgvc-aircraft-2013b" / "data"
     expected: dict[str, list] = {"train": [], "validation": [], "test": []}
@@ -179,7 +188,8 @@ def write_aircraft(root: Path) -> Written:
         for split, ours in (("train", "train"), ("val", "validation"), ("test", "test")):
             for _ in range(2):
                 number += 7
-                files.append(jpeg(data / "images" / f"{number}.jpg", label, number))
+                first = big and not files  # the first image written is a training image
+                files.append(jpeg(data / "images" / f"{number}.jpg", label, number, BIG if first else 10))
                 lists[split].append(f"{number} {variant}")
                 expected[ours].append((f"{number}.jpg", variant))
     (data / "variants.txt").write_text("\n".join(VARIANTS) + "\n")
@@ -204,7 +214,7 @@ def _annotations(rows: list[tuple[int, str]]) -> np.ndarray:
     return out
 
 
-def write_cars(root: Path, *, test_annos_in_devkit: bool = False) -> Written:
+def write_cars(root: Path, *, test_annos_in_devkit: bool = False, big: bool = False) -> Written:
     """devkit/cars_meta.mat + cars_train_annos.mat, cars_train/, cars_test/, cars_test_annos_withlabels.mat."""
     (root / "devkit").mkdir(parents=True)
     names = np.empty((1, len(CARS)), dtype=object)
@@ -214,7 +224,8 @@ def write_cars(root: Path, *, test_annos_in_devkit: bool = False) -> Written:
     files, lists = [], [root / "devkit" / "cars_meta.mat"]
     for split, per_class in (("train", 4), ("test", 3)):
         rows = [(label, f"{label * 10 + i + 1:05d}.jpg") for label in range(len(CARS)) for i in range(per_class)]
-        files += [jpeg(root / f"cars_{split}" / f, label, i) for i, (label, f) in enumerate(rows)]
+        files += [jpeg(root / f"cars_{split}" / f, label, i, BIG if big and (split, i) == ("train", 0) else 10)
+                  for i, (label, f) in enumerate(rows)]
         where = root / "devkit" / "cars_train_annos.mat" if split == "train" else \
             root / ("devkit" if test_annos_in_devkit else "") / "cars_test_annos_withlabels.mat"
         scipy.io.savemat(where, {"annotations": _annotations(rows)})
@@ -228,7 +239,7 @@ def write_cars(root: Path, *, test_annos_in_devkit: bool = False) -> Written:
 DISHES = ["apple_pie", "baby_back_ribs", "waffles"]
 
 
-def write_food101(root: Path) -> Written:
+def write_food101(root: Path, *, big: bool = False) -> Written:
     """food-101/images/<dish>/<id>.jpg, food-101/meta/{train,test}.json (+ the .txt lists and classes.txt)."""
     base = root / "food-101"
     meta: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
@@ -238,7 +249,8 @@ def write_food101(root: Path) -> Written:
         for i in range(6):
             split = "train" if i < 4 else "test"
             image_id = f"{dish}/{100 + i * 13}"
-            files.append(jpeg(base / "images" / f"{image_id}.jpg", label, i))
+            size = BIG if big and (label, i) == (0, 0) else 10
+            files.append(jpeg(base / "images" / f"{image_id}.jpg", label, i, size))
             meta[split].setdefault(dish, []).append(image_id)
             expected[split].append((f"{100 + i * 13}.jpg", dish))
     (base / "meta").mkdir(parents=True)
@@ -255,10 +267,10 @@ def write_food101(root: Path) -> Written:
 CALTECH = {"BACKGROUND_Google": 31, "Faces_easy": 33, "accordion": 32}  # images per folder; 30 train each
 
 
-def write_caltech101(root: Path) -> Written:
+def write_caltech101(root: Path, *, big: bool = False) -> Written:
     """101_ObjectCategories/<class>/image_NNNN.jpg (BACKGROUND_Google is one of the folders)."""
     base = root / "101_ObjectCategories"
-    files = [jpeg(base / name / f"image_{i:04d}.jpg", label, i, size=8)
+    files = [jpeg(base / name / f"image_{i:04d}.jpg", label, i, size=BIG if big and (label, i) == (0, 1) else 8)
              for label, (name, n) in enumerate(CALTECH.items()) for i in range(1, n + 1)]
     n_test = sum(CALTECH.values()) - 30 * len(CALTECH)
     return Written(root, {}, SplitSizes(train=30 * len(CALTECH), test=n_test, train_per_class=30), files)
@@ -269,7 +281,7 @@ def write_caltech101(root: Path) -> Written:
 SCENES = ["/a/abbey", "/b/bakery/shop", "/c/campus"]  # a class two folders deep, as in the release
 
 
-def write_sun397(root: Path) -> Written:
+def write_sun397(root: Path, *, big: bool = False) -> Written:
     """SUN397/<l>/<class>/sun_*.jpg + ClassName.txt; Partitions/ClassName.txt, Training_0k.txt, Testing_0k.txt.
 
     Each class has 6 images: split 1 trains on 2 and tests on 2; split 2 uses the others, so reading the wrong
@@ -282,7 +294,8 @@ def write_sun397(root: Path) -> Written:
     lists = {"Training_01": [], "Testing_01": [], "Training_02": [], "Testing_02": []}
     for label, scene in enumerate(SCENES):
         names = [f"{scene}/sun_{label}{chr(97 + i) * 6}.jpg" for i in range(6)]
-        files += [jpeg(images / n.lstrip("/"), label, i) for i, n in enumerate(names)]
+        files += [jpeg(images / n.lstrip("/"), label, i, BIG if big and (label, i) == (0, 0) else 10)
+                  for i, n in enumerate(names)]  # image 0 of each class is in Training_01
         for split, picked in (("Training_01", names[0:2]), ("Testing_01", names[2:4]), ("Training_02", names[4:6]),
                               ("Testing_02", names[0:2])):
             lists[split] += picked

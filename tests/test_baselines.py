@@ -2,6 +2,8 @@
 keys the adapters emit; bad files fail clearly."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -102,6 +104,24 @@ def test_resnet_rs_entries_match_their_published_imagenet_top1(name):
     found = [r for r in baselines_for("imagenet", "supervised", "val/top1")
              if r.arch == spec.arch and r.setting.startswith(f"{spec.test_res}px")]
     assert len(found) == 1 and found[0].value == spec.top1
+    # The row an ImageNet eval of this entry is comparable with: its checkpoint, at its resolution.
+    assert dict(found[0].conditions) == {"resolution": str(spec.test_res), "checkpoint": spec.checkpoint}
+
+
+def test_every_row_that_names_its_input_size_carries_it_as_a_resolution_condition():
+    """A run at another resolution must not match: the size a row's setting states ("224px") is a condition."""
+    rows = load_baselines()
+    sized = [r for r in rows if re.search(r"\d+\s*px", r.setting)]
+    assert len(sized) > 100
+    for r in sized:
+        assert dict(r.conditions).get("resolution") == re.search(r"(\d+)\s*px", r.setting).group(1), r
+    assert all("resolution" not in dict(r.conditions) for r in rows if r not in sized)
+
+
+def test_every_supervised_imagenet_row_names_its_checkpoint():
+    rows = baselines_for("imagenet", "supervised")
+    assert rows and all(dict(r.conditions).get("checkpoint") for r in rows)
+    assert len({dict(r.conditions)["checkpoint"] for r in rows}) == len(rows)
 
 
 def test_query_filters_by_protocol_and_metric(tmp_path):

@@ -1,6 +1,7 @@
 """The matching rule: which published rows stand next to a run, which are context, and what lands in W&B."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +34,7 @@ def _split(verdict: dict) -> tuple[dict, dict]:
 
 
 def test_supervised_linear_run_matches_the_supervised_linear_rows_at_the_papers_preprocessing():
-    verdict = assess(_results(extra={"preprocess": "paper"}))
+    verdict = assess(_results(extra={"preprocess": "paper", "resolution": 224}))
     comparable, context = _split(verdict)
     assert verdict["comparable"] and verdict["comparison"]["pretraining"] == "imagenet1k_supervised"
     expected = [b for b in baselines_for("cifar100", "linear", "test/top1") if b.pretrain == "imagenet1k_supervised"]
@@ -53,19 +54,19 @@ def test_without_the_preprocess_field_the_papers_rows_are_context():
     comparable, context = _split(verdict)
     assert verdict["comparable"] and not comparable
     row = context["supervised_simclr_baseline", "resnet50", "linear", "test/top1"]
-    assert row["context"] == "preprocess: row paper, run checkpoint"
+    assert row["context"] == "preprocess: row paper, run checkpoint; resolution: row 224, run not recorded"
 
 
 def test_self_supervised_run_matches_the_self_supervised_rows():
     verdict = assess(_results(backbone="simclr_r50", weights={"source": "file:simclr_r50.safetensors"},
-                              extra={"preprocess": "paper"}))
+                              extra={"preprocess": "paper", "resolution": 224}))
     comparable, _ = _split(verdict)
     assert verdict["comparison"]["pretraining"] == "imagenet1k_self_supervised"
     assert {k[0] for k in comparable} == {"simclr", "byol", "simclr_byol_repro"}
 
 
 def test_a_random_weight_run_is_not_comparable_and_shows_no_difference():
-    verdict = assess(_results(weights={"source": "random"}, extra={"preprocess": "paper"}))
+    verdict = assess(_results(weights={"source": "random"}, extra={"preprocess": "paper", "resolution": 224}))
     assert verdict["comparable"] is False
     assert any("backbone.weights=random" in r for r in verdict["comparison"]["reasons"])
     assert verdict["baselines"] and not any(r["comparable"] for r in verdict["baselines"])
@@ -86,15 +87,55 @@ def test_a_non_standard_copy_is_not_comparable(extra, match):
 
 def test_a_protocol_setting_changed_from_the_published_recipe_is_not_comparable():
     config = {**asdict(PROTOCOLS.get("linear")()), "l2_steps": 40}
-    verdict = assess(_results(extra={"preprocess": "paper"}, protocol_config=config))
+    verdict = assess(_results(extra={"preprocess": "paper", "resolution": 224}, protocol_config=config))
     assert verdict["comparison"]["reasons"] == ["protocol.l2_steps=40 differs from the linear recipe's 45"]
     # Settings that do not change the protocol (the feature cache) leave it comparable.
     config = {**asdict(PROTOCOLS.get("linear")()), "cache": False}
-    assert assess(_results(extra={"preprocess": "paper"}, protocol_config=config))["comparable"]
+    assert assess(_results(extra={"preprocess": "paper", "resolution": 224}, protocol_config=config))["comparable"]
+
+
+def _changed(value):
+    """A value of the same kind that differs from ``value`` (a protocol field's default)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return value + "-changed"
+    if isinstance(value, (list, tuple)):
+        return [*value, 7.0] if value else [7.0]
+    return "changed" if value is None else None
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS.names())
+def test_every_protocol_key_changed_from_the_published_recipe_is_a_reason(protocol):
+    """Every field of every protocol schema is checked unless the schema declares it irrelevant, with a reason:
+    a key added later cannot be forgotten (linear max_iter=1 and tolerance were once comparable)."""
+    schema = PROTOCOLS.get(protocol)
+    unchecked = getattr(schema, "UNCHECKED_KEYS", {})
+    fields = [f.name for f in dataclasses.fields(schema) if f.name != "name"]
+    assert set(unchecked) <= set(fields) and all(isinstance(why, str) and why for why in unchecked.values())
+    recipe = asdict(schema())
+    for key in fields:
+        verdict = assess(_results(protocol=protocol, extra={"preprocess": "paper", "resolution": 224},
+                                  protocol_config={**recipe, key: _changed(recipe[key])}))
+        named = [r for r in verdict["comparison"]["reasons"] if r.startswith(f"protocol.{key}=")]
+        if key in unchecked or not getattr(schema, "PUBLISHED", True):
+            assert not named
+        else:
+            assert named and not verdict["comparable"], key
+
+
+def test_a_linear_probe_with_max_iter_1_is_not_comparable():
+    config = {**asdict(PROTOCOLS.get("linear")()), "max_iter": 1, "tolerance": 0.1}
+    verdict = assess(_results(extra={"preprocess": "paper", "resolution": 224}, protocol_config=config))
+    assert not verdict["comparable"] and not any(r["comparable"] for r in verdict["baselines"])
+    assert verdict["comparison"]["reasons"] == ["protocol.max_iter=1 differs from the linear recipe's 200",
+                                                "protocol.tolerance=0.1 differs from the linear recipe's 1e-06"]
 
 
 def test_knn_rows_are_context_labelled_with_their_protocol():
-    verdict = assess(_results(protocol="knn", extra={"preprocess": "paper"}))
+    verdict = assess(_results(protocol="knn", extra={"preprocess": "paper", "resolution": 224}))
     assert verdict["comparable"] and verdict["baselines"]
     assert not any(r["comparable"] for r in verdict["baselines"])  # nothing published under k-NN
     assert all(r["label"].startswith(f"{r['protocol']}/") for r in verdict["baselines"])
@@ -102,14 +143,14 @@ def test_knn_rows_are_context_labelled_with_their_protocol():
 
 
 def test_the_suites_strong_finetune_recipe_has_no_published_counterpart():
-    verdict = assess(_results(protocol="finetune_strong", extra={"preprocess": "paper"}))
+    verdict = assess(_results(protocol="finetune_strong", extra={"preprocess": "paper", "resolution": 224}))
     assert verdict["comparison"]["baseline_protocol"] is None
     assert not any(r["comparable"] for r in verdict["baselines"])
     assert all("finetune_strong, which has no published counterpart" in r["context"] for r in verdict["baselines"])
 
 
 def test_the_papers_finetune_recipe_matches_the_finetune_rows():
-    verdict = assess(_results(protocol="finetune", extra={"preprocess": "paper"}))
+    verdict = assess(_results(protocol="finetune", extra={"preprocess": "paper", "resolution": 224}))
     comparable, _ = _split(verdict)
     assert verdict["comparable"] and comparable
     assert all(r["protocol"] == "finetune" and r["pretrain"] == "imagenet1k_supervised" for r in comparable.values())
@@ -162,11 +203,46 @@ def test_conditions_read_the_runs_extra_then_its_protocol_config():
     assert verdict["comparison"]["facts"] == {"detector": "faster_rcnn_r50_c4", "freeze_backbone": "true"}
 
 
-def test_eval_protocol_is_compared_with_the_supervised_rows():
-    verdict = assess(_results("imagenet", "eval", {"val/top1": 80.0}, backbone="rs152"))
+def _imagenet_eval(backbone: str, resolution: int) -> dict:
+    # As tasks/imagenet writes it: the resolution evaluated at and the entry's published checkpoint.
+    from transfer.backbones import BACKBONES
+    return _results("imagenet", "eval", {"val/top1": 80.0}, backbone=backbone,
+                    extra={"resolution": resolution, "checkpoint": BACKBONES.get(backbone).checkpoint})
+
+
+def test_eval_protocol_is_compared_with_its_own_checkpoints_row_only():
+    """rs152 is resnet-rs-152-i256: of the 15 supervised ImageNet rows (160..320 px, several checkpoints) only
+    that checkpoint's 256-px row is measured the same way."""
+    verdict = assess(_imagenet_eval("rs152", 256))
     comparable = [r for r in verdict["baselines"] if r["comparable"]]
-    assert sorted(r["value"] for r in comparable) == sorted(b.value for b in baselines_for("imagenet", "supervised",
-                                                                                            "val/top1"))
+    assert [(r["arch"], r["conditions"], r["value"]) for r in comparable] == [
+        ("resnetrs152", "resolution=256;checkpoint=resnet-rs-152-i256", 83.0)]
+    assert comparable[0]["difference"] == pytest.approx(80.0 - 83.0)
+    supervised = [r for r in verdict["baselines"] if r["protocol"] == "supervised"]
+    assert len(supervised) == len(baselines_for("imagenet", "supervised", "val/top1")) == 15
+    i192 = next(r for r in supervised if "resnet-rs-152-i192" in r["conditions"])
+    assert i192["context"] == "resolution: row 192, run 256; checkpoint: row resnet-rs-152-i192, run resnet-rs-152-i256"
+
+
+def test_eval_at_another_resolution_than_the_checkpoints_row_is_context():
+    verdict = assess(_imagenet_eval("rs50", 128))
+    assert not any(r["comparable"] for r in verdict["baselines"])
+    row = next(r for r in verdict["baselines"] if "resnet-rs-50-i160" in r["conditions"])
+    assert row["context"] == "resolution: row 160, run 128"
+    assert [r["value"] for r in assess(_imagenet_eval("rs50", 160))["baselines"] if r["comparable"]] == [78.8]
+
+
+@pytest.mark.parametrize("protocol", ["linear", "finetune"])
+def test_a_run_at_another_resolution_than_the_published_rows_is_context(protocol):
+    """A linear (or fine-tune) run at task.resolution=32 with the papers' crop is not the papers' 224-px protocol."""
+    extra = {"preprocess": "paper", "resolution": 32}
+    verdict = assess(_results("flowers102", protocol, {"test/mean_per_class": 40.0}, extra=extra))
+    assert verdict["baselines"] and not any(r["comparable"] for r in verdict["baselines"])
+    row = next(r for r in verdict["baselines"] if r["method"] == "supervised_simclr_baseline"
+               and r["protocol"] == protocol)
+    assert row["value"] in (94.7, 97.6) and row["difference"] is None
+    assert row["context"] == "resolution: row 224, run 32"
+    assert verdict["comparison"]["facts"]["resolution"] == "32"
 
 
 def test_labels_stay_unique_when_method_and_arch_repeat():
@@ -202,7 +278,7 @@ def _logged_table(logger) -> dict:
 
 
 def test_offline_run_holds_verdict_comparable_rows_and_labelled_context(offline_logger):
-    results = {**_results(extra={"preprocess": "paper"})}
+    results = {**_results(extra={"preprocess": "paper", "resolution": 224})}
     results.update(assess(results))
     offline_logger.summary(results["metrics"])
     rows = log_comparison(offline_logger, results)

@@ -159,11 +159,12 @@ def test_online_without_network_falls_back_offline_and_writes_results(tmp_path, 
 
 
 def _write_run(root: Path, task: str, backbone: str, protocol: str, metrics: dict, stamp: str,
-               primary: str | None = None, extra: dict | None = None, weights: str = "pretrained") -> Path:
+               primary: str | None = None, extra: dict | None = None, weights: str | dict = "pretrained") -> Path:
     run_dir = root / task / f"{backbone}-{protocol}" / stamp
     run_dir.mkdir(parents=True)
     results = {"schema_version": SCHEMA_VERSION, "task": task, "backbone": backbone, "protocol": protocol,
-               "weights": {"source": weights}, "metrics": metrics, "counts": {}, "packages": {},
+               "weights": weights if isinstance(weights, dict) else {"source": weights}, "metrics": metrics,
+               "counts": {}, "packages": {},
                "wall_time_s": 1.0, "primary_metric": primary, "extra": extra or {}}
     path = write_results(run_dir, results)
     os.utime(path, (int(stamp), int(stamp)))  # the newest run of a cell is told by the file time
@@ -175,7 +176,7 @@ def runs(tmp_path):
     root = tmp_path / "runs"
     _write_run(root, "cifar100", "rs50", "linear", {"test/top1": 70.0, "test/top5": 90.0}, "1000", "test/top1")
     _write_run(root, "cifar100", "rs50", "linear", {"test/top1": 72.5, "test/top5": 91.0}, "2000", "test/top1",
-               extra={"preprocess": "paper"})
+               extra={"preprocess": "paper", "resolution": 224})
     _write_run(root, "cifar100", "rs101", "finetune", {"test/top1": 84.0}, "1500", "test/top1")
     _write_run(root, "cifar100", "resnet50", "linear", {"test/top1": 60.0}, "1700", "test/top1", weights="random")
     _write_run(root, "digits", "rs50", "knn", {"test/top1": 55.0, "test/mean_per_class": 54.0}, "1200")
@@ -189,7 +190,7 @@ def test_matrix_covers_backbones_tasks_protocols_with_packaged_baselines(runs, t
     assert "cifar100 · finetune test/top1" in overview and "cifar100 · linear test/top1" in overview
     # No primary metric recorded for the digits run: every test metric gets a column.
     assert "digits · knn test/mean_per_class | digits · knn test/top1" in overview
-    assert "| rs50 | — | 72.50 (newest of 2) | 54.00 | 55.00 |" in overview
+    assert "| rs50 | — | 72.50 @224px (newest of 2) | 54.00 | 55.00 |" in overview  # the newest run's resolution
     assert "| rs101 | 84.00 | — | — | — |" in overview
     assert "| resnet50 | — | 60.00 (not comparable: random weights) | — | — |" in overview
     cifar = next(t for t in tasks if t.task == "cifar100")
@@ -207,6 +208,52 @@ def test_matrix_covers_backbones_tasks_protocols_with_packaged_baselines(runs, t
     assert set(charts) == {"cifar100", "digits"}
     for path in charts.values():
         check_png(path)
+
+
+def test_a_backbone_row_over_several_protocols_names_each_values_source_and_weights(tmp_path):
+    """One row (the same weights: the same sha256), values from two results.json whose weights were read from two
+    paths: both files and both weights are named, each with its protocol. Other weights are a row of their own."""
+    root = tmp_path / "runs"
+    digest = "ab" * 32
+    linear = _write_run(root, "cifar100", "rs50", "linear", {"test/top1": 72.5}, "1000", "test/top1",
+                        extra={"preprocess": "paper", "resolution": 224},
+                        weights={"source": "file", "path": "/w/a.safetensors", "sha256": digest})
+    knn = _write_run(root, "cifar100", "rs50", "knn", {"test/top1": 60.0}, "2000", "test/top1",
+                     weights={"source": "file", "path": "/w/b.safetensors", "sha256": digest})
+    other = _write_run(root, "cifar100", "rs50", "knn", {"test/top1": 30.0}, "3000", "test/top1", weights="random")
+    tasks, _ = write_report(root, tmp_path / "out")
+    rows = {e.name: e for e in tasks[0].entries if e.kind == "this suite"}
+    assert sorted(rows) == ["rs50 [random]", f"rs50 [sha256 {digest[:10]}]"]
+    row = rows[f"rs50 [sha256 {digest[:10]}]"]
+    assert row.source == f"knn: {knn}; linear: {linear}"
+    assert row.detail == (f"knn: source=file, path=/w/b.safetensors, sha256 {digest[:12]}; "
+                          f"linear: source=file, path=/w/a.safetensors, sha256 {digest[:12]}")
+    assert rows["rs50 [random]"].source == str(other) and rows["rs50 [random]"].detail == "source=random"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"knn: {knn}; linear: {linear}" in md
+    # A row whose values all come from one file keeps the plain text.
+    single = _write_run(tmp_path / "one", "cifar100", "rs50", "linear", {"test/top1": 72.5}, "1000", "test/top1")
+    (only,) = [e for e in build_comparison(find_results(tmp_path / "one"))[0].entries if e.kind == "this suite"]
+    assert only.source == str(single) and only.detail == "source=pretrained"
+
+
+@pytest.mark.parametrize("backbones", [1, 3])
+def test_the_chart_title_fits_inside_the_figure(tmp_path, backbones):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from transfer.report import task_figure
+
+    root = tmp_path / "runs"
+    for i in range(backbones):
+        _write_run(root, "fgvc_aircraft", f"rs{50 + i}", "linear", {"test/mean_per_class": 50.0 + i}, str(1000 + i),
+                   "test/mean_per_class", extra={"preprocess": "paper", "resolution": 224})
+    (task,) = build_comparison(find_results(root))
+    fig = task_figure(task)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    box = fig._suptitle.get_window_extent(canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width and 0 <= box.y0 and box.y1 <= fig.bbox.height, (box, fig.bbox)
+    assert "fgvc_aircraft: runs here" in fig._suptitle.get_text()
 
 
 def test_html_is_self_contained(runs, tmp_path):

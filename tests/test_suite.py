@@ -182,8 +182,9 @@ def _write_run(root: Path, task: str, backbone: str, protocol: str, metrics: dic
 @pytest.fixture
 def table5_runs(tmp_path):
     root = tmp_path / "runs"
-    _write_run(root, "cifar100", "resnet50", "linear", {"test/top1": 70.0}, 1000, extra={"preprocess": "paper"})
-    _write_run(root, "cifar100", "resnet50", "linear", {"test/top1": 77.0}, 2000, extra={"preprocess": "paper"})
+    paper = {"preprocess": "paper", "resolution": 224}
+    _write_run(root, "cifar100", "resnet50", "linear", {"test/top1": 70.0}, 1000, extra=paper)
+    _write_run(root, "cifar100", "resnet50", "linear", {"test/top1": 77.0}, 2000, extra=paper)
     _write_run(root, "cifar100", "rs50", "linear", {"test/top1": 75.0}, 1500, weights="random")
     _write_run(root, "nyu_depth", "resnet50", "finetune", {"test/delta1": 82.0, "test/rms": 0.55}, 1600,
                extra={"head": "fcrn"})

@@ -21,6 +21,7 @@ results.json; :func:`log_comparison` puts the same answer into the W&B run.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import warnings
@@ -102,8 +103,18 @@ def run_facts(results: dict[str, Any]) -> dict[str, str]:
     return facts
 
 
-def _protocol_deviations(results: dict[str, Any]) -> list[str]:
-    """``protocol.<key>`` values that differ from the recipe of the published protocol."""
+def checked_protocol_keys(schema: type) -> list[str]:
+    """The fields of a protocol schema a run must leave at the published recipe's values: every field but
+    ``name`` and the schema's ``UNCHECKED_KEYS`` (none when the protocol has no published recipe)."""
+    if not getattr(schema, "PUBLISHED", True):
+        return []
+    unchecked = getattr(schema, "UNCHECKED_KEYS", {})
+    return [f.name for f in dataclasses.fields(schema) if f.name != "name" and f.name not in unchecked]
+
+
+def protocol_deviations(results: dict[str, Any]) -> list[str]:
+    """``protocol.<key>`` values of the run's ``protocol_config`` that differ from the published recipe (the
+    schema's defaults), for every key :func:`checked_protocol_keys` names."""
     from transfer.protocols import PROTOCOLS as SCHEMAS
     from transfer.registry import UnknownNameError
 
@@ -113,8 +124,19 @@ def _protocol_deviations(results: dict[str, Any]) -> list[str]:
     except UnknownNameError:
         return []
     recipe = schema()
-    return [f"protocol.{key}={used[key]!r} differs from the {results['protocol']} recipe's {getattr(recipe, key)!r}"
-            for key in getattr(schema, "PUBLISHED_KEYS", ()) if key in used and used[key] != getattr(recipe, key)]
+    out = []
+    for key in checked_protocol_keys(schema):
+        if key in used and not _same(used[key], getattr(recipe, key)):
+            out.append(f"protocol.{key}={used[key]!r} differs from the {results['protocol']} recipe's "
+                       f"{getattr(recipe, key)!r}")
+    return out
+
+
+def _same(used: Any, published: Any) -> bool:
+    """Equal as stored in results.json (a tuple default is a list there; 1 and 1.0 are the same number)."""
+    if isinstance(published, (list, tuple)) and isinstance(used, (list, tuple)):
+        return len(used) == len(published) and all(_same(u, p) for u, p in zip(used, published))
+    return used == published
 
 
 def run_reasons(results: dict[str, Any]) -> list[str]:
@@ -137,7 +159,7 @@ def run_reasons(results: dict[str, Any]) -> list[str]:
                        "recipe, so no published number was measured this way")
     elif pretraining == "unknown":
         reasons.append(f"backbone {results['backbone']!r} is not in the registry: its pretraining is unknown")
-    return reasons + _protocol_deviations(results)
+    return reasons + protocol_deviations(results)
 
 
 def lower_is_better(results: dict[str, Any]) -> set[str]:

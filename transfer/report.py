@@ -24,6 +24,7 @@ import html
 import logging
 import os
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,9 @@ class Entry:
     not_comparable: dict[str, str] = field(default_factory=dict)  # protocol -> why that run is not comparable
     marks: dict[str, list[str]] = field(default_factory=dict)  # protocol -> short reasons (random weights, subset)
     resolution: dict[str, Any] = field(default_factory=dict)  # protocol -> input resolution of that run
+    # A run row's values may come from several results.json (one per protocol): each protocol's weights and file.
+    weights_by: dict[str, str] = field(default_factory=dict)  # protocol -> weights of the run shown
+    source_by: dict[str, str] = field(default_factory=dict)  # protocol -> its results.json
 
 
 @dataclass
@@ -129,8 +133,8 @@ def build_comparison(found: list[tuple[Path, dict[str, Any]]], *,
             if not verdict["comparable"]:
                 e.not_comparable[protocol] = "; ".join(verdict["comparison"]["reasons"])
                 e.marks[protocol] = short_reasons(verdict["comparison"]["reasons"])
-            e.detail = _weights_text(r["weights"])
-            e.source = str(path)
+            e.weights_by[protocol], e.source_by[protocol] = _weights_text(r["weights"]), str(path)
+            e.detail, e.source = _per_protocol(e.weights_by), _per_protocol(e.source_by)
             for row in verdict["baselines"]:
                 if (protocol, row["metric"]) not in columns:
                     continue
@@ -185,6 +189,14 @@ def short_reasons(reasons: list[str]) -> list[str]:
     out = [mark for prefix, mark in SHORT_REASONS if any(r.startswith(prefix) for r in reasons)]
     other = any(not r.startswith(tuple(prefix for prefix, _ in SHORT_REASONS)) for r in reasons)
     return out + (["see row"] if other else [])
+
+
+def _per_protocol(by: dict[str, str]) -> str:
+    """One text when every protocol's is the same, else ``"linear: …; knn: …"``, so each value of a row can be
+    traced to its own results.json and weights."""
+    if len(set(by.values())) <= 1:
+        return next(iter(by.values()), "")
+    return "; ".join(f"{p}: {text or '—'}" for p, text in sorted(by.items()))
 
 
 def _weights_text(weights: dict[str, Any]) -> str:
@@ -289,7 +301,15 @@ def to_html(tasks: list[TaskComparison], charts: dict[str, Path], *, baselines: 
 
 
 def plot_task(t: TaskComparison, path: Path) -> Path:
-    """One horizontal bar panel per protocol/metric: this suite's runs coloured, published rows grey."""
+    """One horizontal bar panel per protocol/metric: this suite's runs coloured, published rows grey; as a PNG."""
+    fig = task_figure(t)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path
+
+
+def task_figure(t: TaskComparison):
+    """The matplotlib ``Figure`` of :func:`plot_task`; its title is wrapped to the figure's width."""
     from matplotlib.figure import Figure  # the object API: no pyplot global state
 
     panels = [(c, sorted(((e.values[c.protocol, c.metric], e) for e in t.entries
@@ -305,7 +325,11 @@ def plot_task(t: TaskComparison, path: Path) -> Path:
             return e.name + (f" ({NOT_COMPARABLE})" if c.protocol in e.not_comparable else "")
         return e.name + (f" ({CONTEXT})" if e.kind == CONTEXT else "")
     tallest = max(len(bars) for _, bars in panels)
-    fig = Figure(figsize=(6.5 * len(panels), 1.2 + 0.35 * tallest), layout="constrained")
+    width = 6.5 * len(panels)
+    title = (f"{t.task}: runs here (blue; orange: not comparable), published baselines measured the same way "
+             "(grey) and context (light grey)")
+    lines = wrap_title(title, width, fontsize=10)
+    fig = Figure(figsize=(width, 1.2 + 0.35 * tallest + 0.2 * lines.count("\n")), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (c, bars) in zip(axes, panels):
         ys = range(len(bars))
@@ -316,11 +340,15 @@ def plot_task(t: TaskComparison, path: Path) -> Path:
         ax.set_title(f"{t.task} · {c.protocol}")
         ax.margins(x=0.12)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"{t.task}: runs here (blue; orange: not comparable), published baselines measured the same way "
-                 "(grey) and context (light grey)", fontsize=10)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path
+    fig.suptitle(lines, fontsize=10)
+    return fig
+
+
+def wrap_title(text: str, width_in: float, *, fontsize: float) -> str:
+    """``text`` broken into lines that fit a figure ``width_in`` inches wide at ``fontsize`` points (a character
+    of a sans-serif font is at most about 0.6 em wide; the figure keeps a margin of 0.3 inch)."""
+    chars = max(20, int((width_in - 0.3) * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.wrap(text, chars))
 
 
 def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, *, baselines: str | Path | None = None,

@@ -15,7 +15,14 @@ from torch.utils.data import Dataset, Subset
 
 from tasks.classification.config import ClassificationTaskConfig
 from tasks.classification.official import OFFICIAL_LAYOUTS, OfficialLayout
-from tasks.classification.sources import ArrayImages, Source, check_damage, labels_of, load_source
+from tasks.classification.sources import (
+    ArrayImages,
+    Source,
+    check_damage,
+    labels_of,
+    load_source,
+    with_local_identity,
+)
 from tasks.classification.splits import PUBLISHED_SPLITS, FoundSizes, SplitSizes, check_split_sizes
 from transfer.errors import DataError
 from transfer.images import MARKERS, Undecodable
@@ -184,25 +191,38 @@ def build_from_spec(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Splits:
 
 
 def _read(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Source:
-    """The data set's official release layout when ``task.data_dir`` holds it, else a generic layout or the Hub."""
+    """The data set's official release layout when ``task.data_dir`` holds it, else a generic layout or the Hub.
+
+    Every local copy, whatever its layout, leaves through :func:`sources.with_local_identity`: the feature cache
+    key covers every file read. A folder in no layout is refused naming what it holds: part of this data set's
+    official layout (the files missing), or another data set's official layout (``did you mean task=X``).
+    """
     root = Path(cfg.data_dir).expanduser() if cfg.data_dir else None
-    if root is not None and spec.official is not None and root.is_dir():
-        where = spec.official.find(root)
+    official = spec.official
+    if root is not None and official is not None and root.is_dir():
+        where = official.find(root)
         if where is not None:
-            log.info("%s: reading %s", cfg.name, spec.official.describe.split(":")[0])
-            return spec.official.read(where, scan=cfg.scan_images, max_pixels=cfg.max_image_pixels,
-                                      seed=cfg.split_seed)
-    hint = ""
-    if root is not None and root.is_dir():  # another data set's release: say which, rather than only "no layout"
+            log.info("%s: reading %s", cfg.name, official.describe.split(":")[0])
+            source = official.read(where, scan=cfg.scan_images, max_pixels=cfg.max_image_pixels, seed=cfg.split_seed)
+            return with_local_identity(source, root)
+    hints = []
+    if root is not None and root.is_dir():
+        partial = official.partial(root) if official is not None else None
+        if partial is not None:  # a partial official copy: say what is missing
+            present, missing = partial
+            hints.append(f"It holds {', '.join(present)} of {cfg.dataset}'s official layout but not "
+                         f"{', '.join(missing)}, which that layout needs.")
+        # another data set's release: say which, rather than only "no layout"
         other = [name for name, s in SPECS.items() if s.official is not None and name != cfg.dataset
                  and s.official.find(root) is not None]
         if other:
-            hint = f"It holds the official layout of {' / '.join(other)}: did you mean task={other[0]}?"
-    return load_source(data_dir=cfg.data_dir, hub_id=cfg.hub_id or spec.hub_id,
-                       image_column=cfg.image_column or spec.image_column,
-                       label_column=cfg.label_column or spec.label_column, scan=cfg.scan_images,
-                       max_pixels=cfg.max_image_pixels,
-                       official=[spec.official.describe] if spec.official else [], hint=hint)
+            hints.append(f"It holds the official layout of {' / '.join(other)}: did you mean task={other[0]}?")
+    source = load_source(data_dir=cfg.data_dir, hub_id=cfg.hub_id or spec.hub_id,
+                         image_column=cfg.image_column or spec.image_column,
+                         label_column=cfg.label_column or spec.label_column, scan=cfg.scan_images,
+                         max_pixels=cfg.max_image_pixels, official=[official.describe] if official else [],
+                         hint=" ".join(hints))
+    return with_local_identity(source, root) if root is not None else source
 
 
 def _check_damage(source: Source, max_bad_fraction: float) -> None:

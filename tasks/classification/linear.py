@@ -249,7 +249,8 @@ def search_l2(train: tuple[torch.Tensor, torch.Tensor] | Rows, val: tuple[torch.
 
     An end of the grid is *open* while its score is not below the best score (the curve has not come down
     there). Each open end is extended, one decade at a time at the grid's own spacing, until it closes or
-    ``extend_decades`` have been added on that side. The best is the first-found highest score (ties keep the
+    ``extend_decades`` have been added on that side; never further than ``extend_decades`` past the grid (a
+    step coarser than what is left is shortened to it). The best is the first-found highest score (ties keep the
     stronger penalty of the first sweep); a new value replaces it only when strictly better. ``refine_steps``
     then halves the spacing around the peak that many times, the refinement CLIP_benchmark's linear probe does
     around its peak; 0 keeps the grid's own values (the papers' protocol).
@@ -277,7 +278,10 @@ def search_l2(train: tuple[torch.Tensor, torch.Tensor] | Rows, val: tuple[torch.
     per_decade = max(1, round(1 / step))
     added = {"weak": 0.0, "strong": 0.0}
     while sides := [s for s in open_ends() if added[s] < extend_decades - 1e-9]:
-        exps = [(i + 1) * step for i in range(per_decade)]
+        # At the grid's spacing, never past extend_decades on this side: a coarse grid (11 decades apart)
+        # is extended by at most what is left, not by one whole grid step.
+        room = extend_decades - added[sides[0]]
+        exps = [e for e in ((i + 1) * step for i in range(per_decade)) if e <= room + 1e-9] or [room]
         if sides[0] == "weak":  # weaker penalties, in order, warm-started from the best fit
             low = min(scores)
             new, model = [low / 10 ** e for e in exps], best
@@ -286,7 +290,7 @@ def search_l2(train: tuple[torch.Tensor, torch.Tensor] | Rows, val: tuple[torch.
             new, model = sorted((high * 10 ** e for e in exps), reverse=True), None
         for l2 in new:
             model = fit_and_score(l2, model)
-        added[sides[0]] += per_decade * step
+        added[sides[0]] += exps[-1]
     for _ in range(refine_steps):
         step /= 2
         center = best

@@ -39,8 +39,10 @@ never downloads. Four are written here, each for a reason:
 
 Every reader ends as :class:`tasks.classification.sources.Source` splits named ``train`` / ``validation`` /
 ``test``: image files go through :func:`tasks.classification.sources.scan_files` (unreadable or missing files are
-skipped and counted like those of every other layout) and the source's ``identity`` (part of the feature cache
-key) digests the split files and every image file read.
+skipped and counted like those of every other layout). Each reader declares in ``Source.files`` every file it read
+besides the images (split lists, label files, CIFAR's batch files); :func:`tasks.classification.sources.
+with_local_identity`, which every local copy goes through, digests those and every image file into the source's
+``identity`` (part of the feature cache key).
 """
 from __future__ import annotations
 
@@ -56,26 +58,60 @@ import numpy as np
 from torchvision.datasets import CIFAR10, CIFAR100, DTD, FGVCAircraft, Flowers102, Food101, OxfordIIITPet
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from tasks.classification.sources import ArrayImages, Source, SourceSplit, files_identity, scan_files
+from tasks.classification.sources import ArrayImages, Source, SourceSplit, scan_files
 from transfer.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
+def _has(base: Path, required: str) -> bool:
+    """``required`` is a path under ``base``, or alternatives joined by ``|`` (one of them is enough)."""
+    return any((base / alt.rstrip("/")).exists() for alt in required.split("|"))
+
+
+def _shown(required: str) -> str:
+    first, *others = required.split("|")
+    return first + "".join(f" (or {o})" for o in others)
+
+
 @dataclass(frozen=True)
 class OfficialLayout:
     """One official release layout: ``find(root)`` says where in ``root`` it is (None when it is not there);
-    ``read(where, scan=, max_pixels=, seed=)`` returns its splits. ``describe`` is the line listed in errors."""
+    ``read(where, scan=, max_pixels=, seed=)`` returns its splits, every image decoded under ``max_pixels``
+    (``task.max_image_pixels``) and every file read besides the images listed in ``Source.files``.
+    ``describe`` is the line listed in errors. ``required`` are the paths the layout needs (``dir/`` for a
+    folder, ``a|b`` for either), looked for in ``root`` and each of ``subfolders``, so that :meth:`partial` can say
+    which are missing from a partial copy; empty where the layout is too varied to say (SUN397).
+    """
 
     describe: str
     find: Callable[[Path], Any]
     read: Callable[..., Source]
+    required: tuple[str, ...] = ()
+    subfolders: tuple[str, ...] = ()
+
+    def partial(self, root: Path) -> tuple[list[str], list[str]] | None:
+        """(present, missing) required paths of the folder (``root`` or a subfolder) holding the most of them, when
+        it holds some but not all; None otherwise."""
+        best: tuple[list[str], list[str]] | None = None
+        for base in (root, *(root / s for s in self.subfolders)):
+            present = [_shown(r) for r in self.required if _has(base, r)]
+            missing = [_shown(r) for r in self.required if not _has(base, r)]
+            if present and missing and (best is None or len(present) > len(best[0])):
+                best = (present, missing)
+        return best
+
+
+def _layout(describe: str, subfolders: tuple[str, ...], required: tuple[str, ...],
+            read: Callable[..., Source]) -> OfficialLayout:
+    """A layout found in ``root`` or the first ``root/<subfolder>`` holding every ``required`` path."""
+    return OfficialLayout(describe, lambda root: _under(root, subfolders, required), read, required, subfolders)
 
 
 def _under(root: Path, subfolders: tuple[str, ...], required: tuple[str, ...]) -> Path | None:
     """The first of ``root`` and ``root/<subfolder>`` holding every ``required`` path."""
     for base in (root, *(root / s for s in subfolders)):
-        if all((base / r).exists() for r in required):
+        if all(_has(base, r) for r in required):
             return base
     return None
 
@@ -95,12 +131,11 @@ def _torchvision(cls: type, where: Path, what: str, fix: str, **kwargs):
 
 def _files_source(where: Path, splits: dict[str, tuple[list, list]], classes: list[str], what: str, *, scan: bool,
                   max_pixels: int | None, extra_files: list[Path]) -> Source:
-    """Scan the image files of each split and digest what was read."""
+    """Scan the image files of each split; ``extra_files`` (the split and label files read) go to ``Source.files``
+    for the identity (:func:`tasks.classification.sources.with_local_identity`)."""
     out = {name: scan_files(files, labels, split=name, scan=scan, max_pixels=max_pixels)
            for name, (files, labels) in splits.items()}
-    listed = [Path(f) for files, _ in splits.values() for f in files]
-    existing = [f for f in [*extra_files, *listed] if f.exists()]  # a missing image is counted by the scan
-    return Source(out, classes, f"{where} ({what})", identity=files_identity(where, sorted(set(existing))))
+    return Source(out, classes, f"{where} ({what})", files=list(extra_files))
 
 
 # --- CIFAR-10 / CIFAR-100: the python pickles -------------------------------------------------------------------
@@ -158,17 +193,16 @@ def _cifar_layout(cls: type[CIFAR10], label_key: str) -> OfficialLayout:
             # The arrays are the pixels: nothing to decode, so nothing can be skipped.
             splits[split] = SourceSplit(ArrayImages(np.concatenate(images), labels, ids), labels)
         return Source(splits, classes, f"{where} (official {cls.__name__} python batches)",
-                      identity=files_identity(where, [where / n for n in names]), label_column=label_key)
+                      label_column=label_key, files=[where / n for n in names])
 
-    return OfficialLayout(
-        describe=f"the official python version: {cls.base_folder}/ with {', '.join(names)} (as unpacked from "
-                 f"{cls.filename}; DATA_DIR is that folder or the one holding it, torchvision's download root)",
-        find=lambda root: _under(root, (cls.base_folder,), tuple(names)), read=read)
+    return _layout(f"the official python version: {cls.base_folder}/ with {', '.join(names)} (as unpacked from "
+                   f"{cls.filename}; DATA_DIR is that folder or the one holding it, torchvision's download root)",
+                   (cls.base_folder,), tuple(names), read)
 
 
 # --- Flowers-102 -------------------------------------------------------------------------------------------------
 
-FLOWERS_FILES = ("setid.mat", "imagelabels.mat", "jpg")
+FLOWERS_FILES = ("jpg/", "imagelabels.mat", "setid.mat")
 # The suite's split names for torchvision's: train / val / test read from setid.mat's trnid / valid / tstid.
 FLOWERS_SPLITS = {"train": "train", "validation": "val", "test": "test"}
 
@@ -354,7 +388,7 @@ def read_caltech101(where: Path, *, scan: bool = True, max_pixels: int | None = 
             labels.append(label)
     return _files_source(where, splits, classes, f"official Caltech-101 folders, {CALTECH_TRAIN_PER_CLASS} "
                          f"training images per class drawn with task.split_seed={seed}", scan=scan,
-                         max_pixels=max_pixels, extra_files=[])
+                         max_pixels=max_pixels, extra_files=[folder / name for name in classes])  # the folders listed
 
 
 # --- SUN397 ------------------------------------------------------------------------------------------------------
@@ -398,11 +432,9 @@ def read_sun397(where: tuple[Path, Path], *, scan: bool = True, max_pixels: int 
         splits[split] = ([images / line.lstrip("/") for line in lines],
                          [index[line.rsplit("/", 1)[0]] for line in lines])
     source = _files_source(images, splits, classes, "official SUN397 images, partition 1", scan=scan,
-                           max_pixels=max_pixels, extra_files=[])
-    # The partition files may sit outside the images folder: digest them beside the images' digest.
-    return Source(source.splits, source.class_names, source.origin, label_column="partition 1",
-                  identity=files_identity(parts, [parts / f for f in (*SUN_PARTITION, "ClassName.txt")])
-                  + source.identity)
+                           max_pixels=max_pixels, extra_files=[parts / f for f in (*SUN_PARTITION, "ClassName.txt")])
+    source.label_column = "partition 1"
+    return source
 
 
 # --- the layouts of each data set --------------------------------------------------------------------------------
@@ -410,42 +442,35 @@ def read_sun397(where: tuple[Path, Path], *, scan: bool = True, max_pixels: int 
 OFFICIAL_LAYOUTS: dict[str, OfficialLayout] = {
     "cifar10": _cifar_layout(CIFAR10, "labels"),
     "cifar100": _cifar_layout(CIFAR100, "fine_labels"),
-    "flowers102": OfficialLayout(
+    "flowers102": _layout(
         "the official Flowers-102 files: jpg/image_NNNNN.jpg, imagelabels.mat, setid.mat (or under flowers-102/, "
-        "torchvision's download folder)", lambda root: _under(root, ("flowers-102",), FLOWERS_FILES),
-        read_flowers102),
-    "oxford_pets": OfficialLayout(
+        "torchvision's download folder)", ("flowers-102",), FLOWERS_FILES, read_flowers102),
+    "oxford_pets": _layout(
         "the official Oxford-IIIT Pets files: images/*.jpg, annotations/trainval.txt and test.txt (or under "
-        "oxford-iiit-pet/)", lambda root: _under(root, ("oxford-iiit-pet",),
-                                                  ("images", "annotations/trainval.txt", "annotations/test.txt")),
+        "oxford-iiit-pet/)", ("oxford-iiit-pet",), ("images/", "annotations/trainval.txt", "annotations/test.txt"),
         read_pets),
-    "dtd": OfficialLayout(
+    "dtd": _layout(
         "the official DTD files: dtd/images/<texture>/*.jpg, dtd/labels/train1.txt, val1.txt, test1.txt (DATA_DIR "
-        "is dtd/, the folder holding it, or torchvision's root holding dtd/dtd/)",
-        lambda root: _under(root, ("dtd", "dtd/dtd"), ("images", "labels/train1.txt", "labels/val1.txt",
-                                                        "labels/test1.txt")), read_dtd),
-    "fgvc_aircraft": OfficialLayout(
+        "is dtd/, the folder holding it, or torchvision's root holding dtd/dtd/)", ("dtd", "dtd/dtd"),
+        ("images/", "labels/train1.txt", "labels/val1.txt", "labels/test1.txt"), read_dtd),
+    "fgvc_aircraft": _layout(
         "the official FGVC-Aircraft files: fgvc-aircraft-2013b/data/images/*.jpg, data/variants.txt, "
-        "data/images_variant_train.txt, _val.txt, _test.txt",
-        lambda root: _under(root, ("fgvc-aircraft-2013b",), ("data/images", "data/variants.txt",
-                                                             *(f"data/images_variant_{s}.txt"
-                                                               for s in ("train", "val", "test")))),
+        "data/images_variant_train.txt, _val.txt, _test.txt", ("fgvc-aircraft-2013b",),
+        ("data/images/", "data/variants.txt", *(f"data/images_variant_{s}.txt" for s in ("train", "val", "test"))),
         read_aircraft),
-    "stanford_cars": OfficialLayout(
+    "stanford_cars": _layout(
         "the official Stanford Cars files: devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/, "
         "cars_test/, cars_test_annos_withlabels.mat (beside devkit/ or in it; or all under stanford_cars/)",
-        lambda root: next((b for b in (_under(root, ("stanford_cars",), ("devkit/cars_meta.mat",
-                                                                         "devkit/cars_train_annos.mat", "cars_train",
-                                                                         "cars_test", rel))
-                                       for rel in (CARS_TEST_ANNOS, f"devkit/{CARS_TEST_ANNOS}")) if b), None),
-        read_cars),
-    "food101": OfficialLayout(
+        ("stanford_cars",), ("devkit/cars_meta.mat", "devkit/cars_train_annos.mat", "cars_train/", "cars_test/",
+                             f"{CARS_TEST_ANNOS}|devkit/{CARS_TEST_ANNOS}"), read_cars),
+    "food101": _layout(
         "the official Food-101 files: food-101/images/<dish>/*.jpg, food-101/meta/train.json and test.json",
-        lambda root: _under(root, ("food-101",), ("images", "meta/train.json", "meta/test.json")), read_food101),
-    "caltech101": OfficialLayout(
+        ("food-101",), ("images/", "meta/train.json", "meta/test.json"), read_food101),
+    "caltech101": _layout(
         "the official Caltech-101 folders: 101_ObjectCategories/<class>/*.jpg, BACKGROUND_Google included (or "
-        "under caltech101/, torchvision's download folder)",
-        lambda root: _under(root, ("caltech101", "caltech-101"), ("101_ObjectCategories",)), read_caltech101),
+        "under caltech101/, torchvision's download folder)", ("caltech101", "caltech-101"),
+        ("101_ObjectCategories/",), read_caltech101),
+    # SUN397's partition files may sit in several places (_find_sun397): no required list, so no partial hint.
     "sun397": OfficialLayout(
         "the official SUN397 files: SUN397/<letter>/<class>/sun_*.jpg and ClassName.txt, with Partitions/"
         "Training_01.txt and Testing_01.txt (in SUN397/, beside it, or in DATA_DIR)", _find_sun397, read_sun397),

@@ -10,7 +10,10 @@ image is decoded by :func:`transfer.images.decode_image` (every Pillow mode to 8
 
 Each :class:`Source` also carries ``identity``, a digest of the data it was read from (the files' names,
 sizes and modification times for a local copy, the ``datasets`` fingerprints for a Hub copy), which the
-feature cache key includes.
+feature cache key includes. For a local copy it is computed in one place, :func:`with_local_identity`, which
+every local layout goes through (``datasets.build_from_spec``): it digests every image file the splits read
+(:class:`FileImages`) and every other file the reader declares in ``Source.files`` (split lists, label files,
+arrays), so a layout cannot leave an edited file out of the key.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
-from transfer.errors import DataError
+from transfer.errors import DataError, TransferError
 from transfer.images import ImageDecodeError, TooLarge, Undecodable, check_header, decode_image, load_image
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,9 @@ class Source:
     origin: str  # what was read, for messages
     identity: str = ""  # digest of the data read (files, sizes, mtimes; or datasets fingerprints)
     label_column: str = ""  # the column the labels came from ("" for class folders)
+    # Files a local reader read besides the splits' image files (split lists, label files, arrays): part of
+    # the identity (with_local_identity).
+    files: list[Path] = field(default_factory=list)
 
 
 class HubRows(Dataset):
@@ -105,8 +111,10 @@ class ArrayImages(Dataset):
 
 def scan_files(paths: Sequence[str | Path], labels: Sequence[int], *, split: str, scan: bool = True,
                max_pixels: int | None = None) -> SourceSplit:
-    """One split of image files: with ``scan``, every header is checked (a progress bar on a terminal) and the
-    unreadable or missing files are skipped and counted, as for every other layout."""
+    """One split of image files: with ``scan``, every header is checked under ``max_pixels`` (a progress bar on
+    a terminal) and the unreadable or missing files are skipped and counted, as for every other layout; an image
+    above ``max_pixels`` raises :class:`transfer.images.ImageTooLargeError`. The items decode under the same
+    limit."""
     paths, labels = [str(p) for p in paths], np.asarray(labels, dtype=np.int64)
     good = np.ones(len(paths), dtype=bool)
     if scan:
@@ -168,13 +176,48 @@ def item_ids(ds: Dataset) -> list:
 
 
 def files_identity(root: Path, files: Iterable[Path]) -> str:
-    """sha256 over (path relative to ``root``, size, mtime in ns) of ``files``: changes when a file is added,
-    removed, moved, replaced or edited."""
+    """sha256 over (path relative to ``root``, or as given outside it; size; mtime in ns) of ``files``: changes
+    when a file is added, removed, moved, replaced or edited. A file that does not exist counts by its name."""
     h = hashlib.sha256()
-    for f in sorted(files):
-        st = os.stat(f)
-        h.update(f"{Path(f).relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    for f in sorted({Path(f) for f in files}):
+        try:
+            st = os.stat(f)
+            stamp = f"{st.st_size}\t{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        name = f.relative_to(root) if f.is_relative_to(root) else f
+        h.update(f"{name}\t{stamp}\n".encode())
     return h.hexdigest()
+
+
+def image_files(ds: Dataset) -> list[str]:
+    """The image files ``ds`` reads (:class:`FileImages` paths, through ``Subset`` / ``ConcatDataset`` / ``base``
+    layers); empty for rows of a Hub copy or arrays in memory."""
+    if hasattr(ds, "base"):
+        return image_files(ds.base)
+    if isinstance(ds, Subset):
+        return image_files(ds.dataset)
+    if isinstance(ds, ConcatDataset):
+        return [f for d in ds.datasets for f in image_files(d)]
+    return list(ds.paths) if isinstance(ds, FileImages) else []
+
+
+def with_local_identity(source: Source, root: Path) -> Source:
+    """``source`` with ``identity`` covering every file a local layout read: the reader's own digest (arrow or
+    parquet files), the files it declares (``source.files``) and every image file of its splits, each by path,
+    size and mtime. Every local copy goes through here (``datasets.build_from_spec``), so the feature cache key
+    changes when any of them is edited or replaced.
+
+    Raises :class:`TransferError` when the reader left nothing to digest: a layout that reads files it does not
+    declare is a bug, not a cache key that silently ignores the data.
+    """
+    files = [Path(f) for f in source.files] + [Path(f) for s in source.splits.values() for f in image_files(s.dataset)]
+    if not files and not source.identity:
+        raise TransferError(f"{source.origin}: the reader of this layout declared no files it read (Source.files) "
+                            "and no identity; the feature cache could not tell an edited copy from this one.")
+    h = hashlib.sha256(f"{source.identity}\n{files_identity(root, files) if files else ''}".encode())
+    source.identity = h.hexdigest()
+    return source
 
 
 def check_damage(*, bad: int, total: int, examples: Sequence[str], max_bad_fraction: float, origin: str,

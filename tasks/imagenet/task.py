@@ -119,6 +119,8 @@ def run(ctx: RunContext) -> TaskOutput:
     return TaskOutput(metrics=metrics, counts=counts, weights=backbone.weights.as_dict(),
                       primary_metric=f"{task.split}/top1",
                       extra={"resolution": resolution, "data_config": data_config,
+                             # matched against the baselines' checkpoint condition (transfer.compare)
+                             "checkpoint": backbone.spec.checkpoint or f"registry entry {backbone.spec.name}",
                              "published_top1_source": backbone.spec.source,
                              **({"not_comparable": partial} if partial else {})})
 

@@ -69,6 +69,9 @@ class BackboneSpec:
     download_hint: str = ""
     top1: float | None = None  # published ImageNet top-1 of these weights
     source: str = ""  # where the facts of this entry come from
+    # The published checkpoint these weights are (e.g. "resnet-rs-152-i256"), as baselines.csv names it in a
+    # row's checkpoint condition; "" when the entry is not one of those.
+    checkpoint: str = ""
     classifier_prefix: str = "fc."
     arch_kwargs: dict = field(default_factory=dict)
 

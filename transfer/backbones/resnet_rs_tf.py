@@ -33,4 +33,5 @@ for depth, res, top1 in OFFICIAL_CHECKPOINTS:
         name=name, arch=f"resnetrs{depth}", family="resnet_rs", train_res=res, test_res=res, crop_pct=TF_CROP,
         hub_id=f"timm/resnetrs{depth}.tf_in1k" if ported else None,
         convert=partial(convert_for_backbone, name=name, depth=depth), download_hint=hint, top1=top1,
+        checkpoint=f"resnet-rs-{depth}-i{res}",
         source=f"{TPU_README}; checkpoint {url}" + (f"; weights: timm resnetrs{depth}.tf_in1k" if ported else "")))

@@ -17,7 +17,7 @@ RESNET_RS = [(50, 160, 78.8), (101, 192, 81.2), (152, 256, 83.0), (200, 256, 83.
 for depth, res, top1 in RESNET_RS:
     register_backbone(BackboneSpec(
         name=f"rs{depth}", arch=f"resnetrs{depth}", family="resnet_rs", train_res=res, test_res=res,
-        crop_pct=TF_CROP, hub_id=f"timm/resnetrs{depth}.tf_in1k", top1=top1,
+        crop_pct=TF_CROP, hub_id=f"timm/resnetrs{depth}.tf_in1k", top1=top1, checkpoint=f"resnet-rs-{depth}-i{res}",
         source=f"{TPU_README}; weights: timm resnetrs{depth}.tf_in1k"))
 
 # torchvision's original ResNet-50 weights (IMAGENET1K_V1: resize 256, crop 224, bilinear; top-1 76.13

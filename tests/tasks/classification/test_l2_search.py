@@ -65,6 +65,18 @@ def test_an_inside_peak_needs_no_extension_and_refinement_adds_points_around_it(
     assert scores[refined.best.l2] == max(scores.values()) >= scores[peak]
 
 
+def test_a_coarse_grid_is_extended_by_at_most_extend_decades(problem):
+    """Two values 11 decades apart: the weak end is open, and the extension stops extend_decades past it (not one
+    whole 11-decade grid step, to 1e-10)."""
+    train, val = problem
+    grid = l2_grid(31.6, 3.16e12, 2)  # the peak (near 1-10) lies below the weak end
+    for decades in (4.0, 2.5):
+        search = search_l2(train, val, 3, grid, top1, extend_decades=decades, **FIT)
+        assert search.edge == "weak"
+        assert search.searched[0] == pytest.approx(31.6 / 10 ** decades)
+        assert min(l2 for l2, _ in search.curve) >= 31.6 / 10 ** decades * (1 - 1e-9)
+
+
 @pytest.mark.e2e
 def test_a_run_records_the_edge_and_is_not_comparable_when_the_best_may_lie_outside(tmp_path):
     run_dir = tmp_path / "run"

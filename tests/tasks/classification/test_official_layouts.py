@@ -22,7 +22,7 @@ from official_copies import CALTECH, WRITERS, Written, cifar_pixels, write_cars,
 from tasks.classification.config import ClassificationTaskConfig
 from tasks.classification.datasets import DATASETS, SPECS, build_from_spec
 from tasks.classification.official import OFFICIAL_LAYOUTS
-from tasks.classification.sources import FileImages, item_ids
+from tasks.classification.sources import FileImages, item_ids, with_local_identity
 from transfer.errors import DataError
 from transfer.run import main as run_main
 
@@ -37,7 +37,7 @@ def _read(name: str, written: Written, **kw):
     layout = OFFICIAL_LAYOUTS[name]
     where = layout.find(written.data_dir)
     assert where is not None, f"{name}: layout not found in {written.data_dir}"
-    return layout.read(where, **kw)
+    return with_local_identity(layout.read(where, **kw), written.data_dir)  # as datasets.build_from_spec does
 
 
 def _items(split) -> list[tuple[str, str]]:

@@ -12,10 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 import pytest
-import scipy.io
-from PIL import Image
+from local_copies import TINY, write_flowers
 
 from tasks.classification.config import ClassificationTaskConfig
 from tasks.classification.datasets import DATASETS, SPECS, build_from_spec
@@ -45,9 +43,6 @@ def flowers102_official(root):
     where = layout.find(root)
     assert where is not None, f"no Flowers-102 layout in {root}"
     return layout.read(where)
-
-
-TINY = {"train": 2, "val": 2, "test": [3, 4, 5]}  # images per class in the tiny Flowers copy (3 classes)
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -110,27 +105,6 @@ def test_limit_per_split_marks_the_splits_not_comparable():
     assert len(splits.test) == 30 and splits.not_comparable == [
         "task.limit_per_split=30: a stratified sample of 30 images of each split (seed task.split_seed=0) is used"]
     assert DATASETS.get("digits")(ClassificationTaskConfig(name="digits", dataset="digits")).not_comparable == []
-
-
-def write_flowers(root, *, torchvision_layout: bool = False) -> dict:
-    """A tiny Flowers-102 in the official layout; returns the ids of each split and the 1-based labels."""
-    base = root / "flowers-102" if torchvision_layout else root
-    (base / "jpg").mkdir(parents=True)
-    per_class = [TINY["train"] + TINY["val"] + n for n in TINY["test"]]
-    labels = np.repeat(np.arange(1, len(per_class) + 1), per_class)  # 1-based, as in imagelabels.mat
-    ids = np.random.default_rng(0).permutation(len(labels)) + 1  # image ids are 1-based and mixed over classes
-    split_ids = {"trnid": [], "valid": [], "tstid": []}
-    for c in range(1, len(per_class) + 1):
-        mine = sorted(ids[labels[ids - 1] == c].tolist())
-        split_ids["trnid"] += mine[:TINY["train"]]
-        split_ids["valid"] += mine[TINY["train"]:TINY["train"] + TINY["val"]]
-        split_ids["tstid"] += mine[TINY["train"] + TINY["val"]:]
-    for i, label in enumerate(labels, start=1):
-        Image.new("RGB", (12, 12), (40 * int(label), 255 - i, 7 * i % 256)).save(base / "jpg" / f"image_{i:05d}.jpg")
-    # The real files: imagelabels.mat holds `labels` (1 x 8189), setid.mat the 1 x N index arrays.
-    scipy.io.savemat(base / "imagelabels.mat", {"labels": labels[None].astype(np.uint8)})
-    scipy.io.savemat(base / "setid.mat", {k: np.asarray(v, dtype=np.uint16)[None] for k, v in split_ids.items()})
-    return {"ids": split_ids, "labels": labels}
 
 
 @pytest.mark.parametrize("torchvision_layout", [False, True])

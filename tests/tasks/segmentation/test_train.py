@@ -180,7 +180,7 @@ def test_the_mapper_decodes_every_mode_and_applies_exif(tmp_path):
     Image.fromarray(gray.astype(np.uint16) * 257).save(image)
     mask = Image.fromarray(np.zeros((12, 16), np.uint8), mode="L").convert("P")
     mask.save(label)
-    mapper = SemSegMapper("voc2012", [], train=True)
+    mapper = SemSegMapper("voc2012", [], train=True, num_classes=21)
     out = mapper({"file_name": str(image), "sem_seg_file_name": str(label)})
     assert torch.equal(out["image"], torch.from_numpy(np.repeat(gray[None], 3, 0)))
     jpeg = tmp_path / "b.jpg"

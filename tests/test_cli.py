@@ -168,6 +168,35 @@ def test_a_sweep_prints_the_swept_key_and_its_failed_job(tmp_path, capsys, monke
     assert "exit status 2: " in failed[0] and "not a readable safetensors file" in failed[0]
 
 
+def test_a_sweep_stops_on_sigterm_recording_the_job_as_interrupted(tmp_path, capsys, monkeypatch):
+    import signal
+    import time
+
+    dirs = []
+
+    def task(ctx):  # the second job is stopped by SIGTERM (scancel, pre-emption) while it works
+        dirs.append(ctx.run_dir)
+        if len(dirs) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):
+                time.sleep(0.1)
+        return TaskOutput(metrics={"test/top1": 50.0}, weights={"source": "random"})
+
+    fake_task(monkeypatch, task)
+    before = signal.getsignal(signal.SIGTERM)
+    code = main(["-m", *QUICK, "trainer.seed=0,1,2", f"run.root={tmp_path / 'runs'}"])
+    assert code == 128 + signal.SIGTERM and len(dirs) == 2  # exit 143, the third job never started
+    assert signal.getsignal(signal.SIGTERM) == before
+    history = json.loads((dirs[1] / "history.json").read_text())["processes"][-1]
+    assert history["status"] == "interrupted" and "SIGTERM" in history["error"]
+    assert not (dirs[1] / "results.json").exists() and (dirs[0] / "results.json").exists()
+    out = capsys.readouterr().out
+    summary = out[out.index("sweep: 3 job(s), 0 failed, 1 interrupted, 1 not started"):]
+    assert "| interrupted (143) " in summary.splitlines()[4]
+    assert summary.split("interrupted:\n", 1)[1].splitlines()[0].startswith("  [2/3] ")
+    assert "trainer.seed=2" in summary.split("not started:\n", 1)[1].splitlines()[0]
+
+
 # --- 5. the report tells weights apart ------------------------------------------------------------------------------
 
 def test_report_keeps_runs_with_different_weights_apart(tmp_path):

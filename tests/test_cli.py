@@ -58,6 +58,19 @@ def test_a_sweep_with_an_unknown_key_fails_once_before_any_job(tmp_path, capsys)
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("sweep, fragment", [
+    ("trainer.max_epoch=1,2", "Did you mean trainer.max_epochs=1?"),  # a nested typo: every job has it
+    ("task.resolution=32,-4", "[2/2]"),  # only the second job's value is bad: the first does not run either
+])
+def test_a_sweep_validates_every_job_before_the_first_runs(sweep, fragment, tmp_path, capsys, monkeypatch):
+    ran = []
+    fake_task(monkeypatch, lambda ctx: ran.append(ctx) or TaskOutput(metrics={"test/top1": 1.0}, weights={}))
+    assert main(["-m", *QUICK, sweep, f"run.root={tmp_path}"]) == 2
+    err = _one_error_line(capsys)
+    assert fragment in err and "no job was run" in err
+    assert not ran and not any(tmp_path.iterdir())
+
+
 # --- 3. --help ------------------------------------------------------------------------------------------------------
 
 def test_help_lists_every_task_backbone_and_protocol_and_the_common_keys(capsys):

@@ -180,6 +180,21 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*axes)]
 
 
+def check_sweep(jobs: list[list[str]]) -> None:
+    """Compose and validate every job of a sweep before the first one starts: a nested-key typo
+    (``trainer.max_epoch=1,2``) or a bad value in any job fails once, naming the job, and nothing runs.
+
+    Raises :class:`ConfigError` (or the job's own :class:`TransferError` / :class:`UnknownNameError` message,
+    prefixed with the job) for the first job that cannot start.
+    """
+    for i, job in enumerate(jobs, start=1):
+        try:
+            validate(compose(job))
+        except (TransferError, UnknownNameError) as e:
+            raise ConfigError(f"sweep job [{i}/{len(jobs)}] ({' '.join(job)}) cannot start; no job was run: "
+                              f"{e}") from None
+
+
 @dataclass
 class JobOutcome:
     """One job of a ``-m`` sweep: its overrides, its results or its exit status and error."""
@@ -232,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _main(argv)
         except Interrupted as e:
-            print(f"error: {e}; the run is recorded as interrupted (resume=true continues it from its last "
+            print(f"error: {e}; the run is recorded as interrupted (resume=true continues a run that has a "
                   "checkpoint).", file=sys.stderr, flush=True)
             return e.exit_status
 
@@ -270,6 +285,7 @@ def _main(argv: list[str] | None) -> int:
         check_top_level_keys(overrides)  # a typo fails once, not once per job
         swept = [key.lstrip("+~") for key, values in sweep_axes(overrides) if len(values) > 1]
         jobs = expand_sweep(overrides)
+        check_sweep(jobs)
     except (TransferError, UnknownNameError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -281,7 +297,7 @@ def _main(argv: list[str] | None) -> int:
         except Interrupted as e:  # scancel, pre-emption, a time limit, Ctrl+C: no further job starts
             stop = e
             outcomes.append(JobOutcome(job, status=e.exit_status, interrupted=True,
-                                       error=f"{e}; recorded as interrupted (resume=true continues it)"))
+                                       error=f"{e}; recorded as interrupted"))
             print(f"error: {e}; no further job of the sweep is started.", file=sys.stderr, flush=True)
             break
         except (TransferError, UnknownNameError) as e:

@@ -45,6 +45,7 @@ def test_a_misspelt_group_exits_2_naming_the_valid_key(tmp_path):
     ("+trainer.max_epoch=3", "Did you mean trainer.max_epochs=3?"),
     ("logger.wandb.mod=disabled", "Did you mean logger.wandb.mode=disabled?"),
     ("task.limit_per_splt=5", "Did you mean task.limit_per_split=5?"),
+    ("suit=resnet_rs_table5", "Did you mean suite=resnet_rs_table5?"),  # suite= is read before any run config
 ])
 def test_unknown_keys_are_refused_with_the_closest_name(override, fragment, tmp_path, capsys):
     assert main([override, f"run.root={tmp_path}"]) == 2

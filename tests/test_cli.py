@@ -300,3 +300,14 @@ def test_results_json_metrics_are_tidy_end_to_end(tmp_path, monkeypatch):
     assert main([*QUICK, f"run.dir={tmp_path / 'run'}"]) == 0
     assert read_results(tmp_path / "run" / "results.json")["metrics"]["test/top1"] == 97.5
     assert json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]["test/top1"] == 97.5
+
+
+def test_lists_of_floats_in_extra_are_tidy_too(tmp_path, monkeypatch):
+    curve = [(1e-4, 80.0000011920929), (3.1622776601683795e-05, 96.66666388511658)]  # val scores via float32
+    fake_task(monkeypatch, lambda ctx: TaskOutput(metrics={"test/top1": 50.0}, weights={"source": "random"},
+                                                  extra={"l2_curve": curve, "best_l2": 1e-4, "note": "kept",
+                                                         "search": {"scores": [0.30000001192092896]}}))
+    assert main([*QUICK, f"run.dir={tmp_path / 'run'}"]) == 0
+    extra = json.loads((tmp_path / "run" / "results.json").read_text())["extra"]
+    assert extra["l2_curve"] == [[1e-4, 80.0], [3.162278e-05, 96.66666]] and extra["note"] == "kept"
+    assert extra["search"] == {"scores": [0.3]} and extra["best_l2"] == 1e-4

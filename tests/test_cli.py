@@ -45,6 +45,7 @@ def test_a_misspelt_group_exits_2_naming_the_valid_key(tmp_path):
     ("+trainer.max_epoch=3", "Did you mean trainer.max_epochs=3?"),
     ("logger.wandb.mod=disabled", "Did you mean logger.wandb.mode=disabled?"),
     ("task.limit_per_splt=5", "Did you mean task.limit_per_split=5?"),
+    ("suit=resnet_rs_table5", "Did you mean suite=resnet_rs_table5?"),  # suite= is read before any run config
 ])
 def test_unknown_keys_are_refused_with_the_closest_name(override, fragment, tmp_path, capsys):
     assert main([override, f"run.root={tmp_path}"]) == 2
@@ -56,6 +57,19 @@ def test_a_sweep_with_an_unknown_key_fails_once_before_any_job(tmp_path, capsys)
     assert main(["-m", *QUICK, "protocl=knn,linear", f"run.root={tmp_path}"]) == 2
     assert "Did you mean protocol=knn,linear?" in _one_error_line(capsys)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("sweep, fragment", [
+    ("trainer.max_epoch=1,2", "Did you mean trainer.max_epochs=1?"),  # a nested typo: every job has it
+    ("task.resolution=32,-4", "[2/2]"),  # only the second job's value is bad: the first does not run either
+])
+def test_a_sweep_validates_every_job_before_the_first_runs(sweep, fragment, tmp_path, capsys, monkeypatch):
+    ran = []
+    fake_task(monkeypatch, lambda ctx: ran.append(ctx) or TaskOutput(metrics={"test/top1": 1.0}, weights={}))
+    assert main(["-m", *QUICK, sweep, f"run.root={tmp_path}"]) == 2
+    err = _one_error_line(capsys)
+    assert fragment in err and "no job was run" in err
+    assert not ran and not any(tmp_path.iterdir())
 
 
 # --- 3. --help ------------------------------------------------------------------------------------------------------
@@ -168,6 +182,35 @@ def test_a_sweep_prints_the_swept_key_and_its_failed_job(tmp_path, capsys, monke
     assert "exit status 2: " in failed[0] and "not a readable safetensors file" in failed[0]
 
 
+def test_a_sweep_stops_on_sigterm_recording_the_job_as_interrupted(tmp_path, capsys, monkeypatch):
+    import signal
+    import time
+
+    dirs = []
+
+    def task(ctx):  # the second job is stopped by SIGTERM (scancel, pre-emption) while it works
+        dirs.append(ctx.run_dir)
+        if len(dirs) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):
+                time.sleep(0.1)
+        return TaskOutput(metrics={"test/top1": 50.0}, weights={"source": "random"})
+
+    fake_task(monkeypatch, task)
+    before = signal.getsignal(signal.SIGTERM)
+    code = main(["-m", *QUICK, "trainer.seed=0,1,2", f"run.root={tmp_path / 'runs'}"])
+    assert code == 128 + signal.SIGTERM and len(dirs) == 2  # exit 143, the third job never started
+    assert signal.getsignal(signal.SIGTERM) == before
+    history = json.loads((dirs[1] / "history.json").read_text())["processes"][-1]
+    assert history["status"] == "interrupted" and "SIGTERM" in history["error"]
+    assert not (dirs[1] / "results.json").exists() and (dirs[0] / "results.json").exists()
+    out = capsys.readouterr().out
+    summary = out[out.index("sweep: 3 job(s), 0 failed, 1 interrupted, 1 not started"):]
+    assert "| interrupted (143) " in summary.splitlines()[4]
+    assert summary.split("interrupted:\n", 1)[1].splitlines()[0].startswith("  [2/3] ")
+    assert "trainer.seed=2" in summary.split("not started:\n", 1)[1].splitlines()[0]
+
+
 # --- 5. the report tells weights apart ------------------------------------------------------------------------------
 
 def test_report_keeps_runs_with_different_weights_apart(tmp_path):
@@ -257,3 +300,14 @@ def test_results_json_metrics_are_tidy_end_to_end(tmp_path, monkeypatch):
     assert main([*QUICK, f"run.dir={tmp_path / 'run'}"]) == 0
     assert read_results(tmp_path / "run" / "results.json")["metrics"]["test/top1"] == 97.5
     assert json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]["test/top1"] == 97.5
+
+
+def test_lists_of_floats_in_extra_are_tidy_too(tmp_path, monkeypatch):
+    curve = [(1e-4, 80.0000011920929), (3.1622776601683795e-05, 96.66666388511658)]  # val scores via float32
+    fake_task(monkeypatch, lambda ctx: TaskOutput(metrics={"test/top1": 50.0}, weights={"source": "random"},
+                                                  extra={"l2_curve": curve, "best_l2": 1e-4, "note": "kept",
+                                                         "search": {"scores": [0.30000001192092896]}}))
+    assert main([*QUICK, f"run.dir={tmp_path / 'run'}"]) == 0
+    extra = json.loads((tmp_path / "run" / "results.json").read_text())["extra"]
+    assert extra["l2_curve"] == [[1e-4, 80.0], [3.162278e-05, 96.66666]] and extra["note"] == "kept"
+    assert extra["search"] == {"scores": [0.3]} and extra["best_l2"] == 1e-4

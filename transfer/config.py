@@ -192,9 +192,13 @@ def recipe_names(group: str) -> list[str]:
     return sorted(p.stem for p in (RECIPES_DIR / group).glob("*.yaml"))
 
 
+SUITE_KEY = "suite"  # suite=NAME / suite.<key>=...: read by transfer.suite, never part of a run's config
+
+
 def top_level_keys() -> list[str]:
-    """The keys a run configuration has at its top: the recipe groups and :class:`RunConfig`'s other fields."""
-    return sorted(RunConfig.__dataclass_fields__)
+    """The top-level keys ``python -m transfer.run`` accepts: the recipe groups and :class:`RunConfig`'s other
+    fields, and ``suite`` (:mod:`transfer.suite`)."""
+    return sorted([*RunConfig.__dataclass_fields__, SUITE_KEY])
 
 
 def did_you_mean(key: str, value: str | None, choices: list[str], *, prefix: str = "", rest: str = "") -> str:
@@ -206,10 +210,11 @@ def did_you_mean(key: str, value: str | None, choices: list[str], *, prefix: str
     return f" Did you mean {prefix}{best}{rest}{'' if value is None else '=' + value}?" if best else ""
 
 
-def check_top_level_keys(keys: list[str]) -> None:
+def check_top_level_keys(keys: list[str], valid: list[str] | None = None) -> None:
     """Refuse a first key that is no key of the run config (``protocl=knn``, ``+protocl=knn``, ``trainr.max_epochs=3``)
-    naming the closest valid one, instead of letting Hydra add it unused. ``keys`` are overrides ``key=value``."""
-    valid = top_level_keys()
+    naming the closest valid one, instead of letting Hydra add it unused. ``keys`` are overrides ``key=value``;
+    ``valid`` defaults to :func:`top_level_keys`."""
+    valid = top_level_keys() if valid is None else valid
     for ov in keys:
         key, sep, value = ov.partition("=")
         key = key.lstrip("+~")
@@ -311,7 +316,7 @@ def validate(raw: DictConfig) -> RunConfig:
     from transfer.tasks import TASKS, load_adapters
 
     load_adapters()
-    check_top_level_keys([str(k) for k in raw.keys()])
+    check_top_level_keys([str(k) for k in raw.keys()], [k for k in top_level_keys() if k != SUITE_KEY])
     for key in ("task", "protocol"):
         if not isinstance(raw.get(key), DictConfig) or "name" not in raw[key]:
             raise ConfigError(f"the {key} recipe must be a mapping with a 'name' key; got {raw.get(key)!r}")

@@ -60,7 +60,7 @@ def build_results(cfg, output, wall_time_s: float, run_dir: Path, *, record=None
         "metrics": {k: tidy_metric(v) for k, v in output.metrics.items()},
         "lower_is_better": lower_is_better(cfg, output.metrics),
         "counts": dict(output.counts),
-        "extra": output.extra,
+        "extra": tidy_extra(output.extra),
         "protocol_config": protocol_config(cfg),
         "recipe": output.recipe,
         "packages": package_versions(),
@@ -82,6 +82,18 @@ def tidy_metric(value) -> float:
     """``value`` as a float rounded to :data:`METRIC_DIGITS` significant digits (NaN and inf pass unchanged)."""
     v = float(value)
     return float(f"{v:.{METRIC_DIGITS}g}") if math.isfinite(v) else v
+
+
+def tidy_extra(value):
+    """``value`` (a task's ``extra``) with every float in it, in dicts, lists and tuples at any depth, rounded by
+    :func:`tidy_metric` (``l2_curve`` holds val scores that passed through float32); other values unchanged."""
+    if isinstance(value, float):
+        return tidy_metric(value)
+    if isinstance(value, dict):
+        return {k: tidy_extra(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [tidy_extra(v) for v in value]
+    return value
 
 
 def protocol_config(cfg) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -31,6 +32,58 @@ from transfer.tasks import TASKS, RunContext
 from transfer.tracking import RunLogger, is_global_zero
 
 log = logging.getLogger("transfer")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # scancel, pre-emption, a time limit; Ctrl+C
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived: the run stops, is recorded ``interrupted`` (not failed: ``resume=true`` continues
+    it), a sweep starts no further job, and ``python -m transfer.run`` exits ``128 + signal`` (143 for SIGTERM).
+
+    A ``BaseException`` so that no ``except Exception`` of a task or a library counts it as the run's own fault.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        self.exit_status = 128 + self.signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+class _StopOnSignal:
+    """Installs handlers for :data:`STOP_SIGNALS` (main thread only) that raise :class:`Interrupted` once.
+
+    Lightning adds its own SIGTERM handler during a fit and calls the one it found (this one), so the signal
+    reaches us inside a fit too. A later signal while the run winds down is ignored, so that the run's record
+    is still written; a forked DataLoader worker that inherited the handler dies by the signal as usual.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self._pid = os.getpid()
+        self._previous: dict = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self._pid:  # a forked worker: die by the signal, as without this handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.received is None:
+            self.received = signum
+            raise Interrupted(signum)
+
+
+_stop = _StopOnSignal()  # set by main(); read by run_one to record an interrupted run as such
 
 
 def resolve_run_dir(cfg: RunConfig, *, sweep_index: int | None = None) -> Path:
@@ -94,7 +147,11 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
         if failure:
             raise error_type(f"{failure} Counts are in {run_dir / RESULTS_FILE}.")
     except BaseException as e:
-        if not (failure and isinstance(e, TransferError) and failure in str(e)):  # that one is recorded already
+        if isinstance(e, Interrupted) or _stop.received is not None:  # also a worker's death by the same signal
+            record.finish("interrupted", str(e if isinstance(e, Interrupted) else Interrupted(_stop.received)))
+            if not isinstance(e, Interrupted):
+                raise Interrupted(_stop.received) from e
+        elif not (failure and isinstance(e, TransferError) and failure in str(e)):  # that one is recorded already
             record.finish("failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise
     finally:
@@ -123,6 +180,21 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*axes)]
 
 
+def check_sweep(jobs: list[list[str]]) -> None:
+    """Compose and validate every job of a sweep before the first one starts: a nested-key typo
+    (``trainer.max_epoch=1,2``) or a bad value in any job fails once, naming the job, and nothing runs.
+
+    Raises :class:`ConfigError` (or the job's own :class:`TransferError` / :class:`UnknownNameError` message,
+    prefixed with the job) for the first job that cannot start.
+    """
+    for i, job in enumerate(jobs, start=1):
+        try:
+            validate(compose(job))
+        except (TransferError, UnknownNameError) as e:
+            raise ConfigError(f"sweep job [{i}/{len(jobs)}] ({' '.join(job)}) cannot start; no job was run: "
+                              f"{e}") from None
+
+
 @dataclass
 class JobOutcome:
     """One job of a ``-m`` sweep: its overrides, its results or its exit status and error."""
@@ -131,11 +203,12 @@ class JobOutcome:
     results: dict | None = None
     status: int = 0  # the exit status the job alone would have had: 2 for a TransferError, 1 for a crash
     error: str = ""
+    interrupted: bool = False  # stopped by SIGTERM/SIGINT (status 128 + signal); no later job was started
 
 
-def sweep_summary(swept: list[str], outcomes: list[JobOutcome]) -> str:
+def sweep_summary(swept: list[str], outcomes: list[JobOutcome], not_started: list[list[str]] = ()) -> str:
     """A table with one row per job: the swept keys' values, its exit status, its metrics and results file; then
-    every failed job with its exit status and error."""
+    every failed job with its exit status and error, the interrupted one and the jobs a signal kept from starting."""
     metrics = sorted({k for o in outcomes if o.results for k in o.results["metrics"]})
     head = [*swept, "status", *metrics, "results"]
     rows = []
@@ -143,21 +216,43 @@ def sweep_summary(swept: list[str], outcomes: list[JobOutcome]) -> str:
         values = dict(ov.lstrip("+~").split("=", 1) for ov in o.overrides if "=" in ov)
         got = o.results["metrics"] if o.results else {}
         where = str(Path(o.results["run_dir"]) / RESULTS_FILE) if o.results else "—"
-        rows.append([*(values.get(k, "") for k in swept), "ok" if not o.status else f"failed ({o.status})",
+        state = "ok" if not o.status else f"{'interrupted' if o.interrupted else 'failed'} ({o.status})"
+        rows.append([*(values.get(k, "") for k in swept), state,
                      *(format_metric(got[m]) if m in got else "" for m in metrics), where])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    out = [f"sweep: {len(outcomes)} job(s), {sum(1 for o in outcomes if o.status)} failed", line(head),
-           "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
-    failed = [(i, o) for i, o in enumerate(outcomes, start=1) if o.status]
-    if failed:
-        out += ["", "failed jobs:"]
-        out += [f"  [{i}/{len(outcomes)}] {' '.join(o.overrides)}: exit status {o.status}: {o.error}"
-                for i, o in failed]
+    total = len(outcomes) + len(not_started)
+    stopped = [(i, o) for i, o in enumerate(outcomes, start=1) if o.interrupted]
+    failed = [(i, o) for i, o in enumerate(outcomes, start=1) if o.status and not o.interrupted]
+    head_line = f"sweep: {total} job(s), {len(failed)} failed"
+    if stopped or not_started:
+        head_line += f", {len(stopped)} interrupted, {len(not_started)} not started"
+    out = [head_line, line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+    for title, listed in (("failed jobs:", failed), ("interrupted:", stopped)):
+        if listed:
+            out += ["", title]
+            out += [f"  [{i}/{total}] {' '.join(o.overrides)}: exit status {o.status}: {o.error}" for i, o in listed]
+    if not_started:
+        out += ["", "not started:"]
+        out += [f"  [{i}/{total}] {' '.join(job)}" for i, job in enumerate(not_started, start=len(outcomes) + 1)]
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m transfer.run``; returns the exit status (0, 1: a run failed or crashed, 2: bad input,
+    128 + signal: stopped by SIGTERM/SIGINT, the run recorded as interrupted)."""
+    global _stop
+    _stop = _StopOnSignal()
+    with _stop:
+        try:
+            return _main(argv)
+        except Interrupted as e:
+            print(f"error: {e}; the run is recorded as interrupted (resume=true continues a run that has a "
+                  "checkpoint).", file=sys.stderr, flush=True)
+            return e.exit_status
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         from transfer.usage import help_text
@@ -190,14 +285,21 @@ def main(argv: list[str] | None = None) -> int:
         check_top_level_keys(overrides)  # a typo fails once, not once per job
         swept = [key.lstrip("+~") for key, values in sweep_axes(overrides) if len(values) > 1]
         jobs = expand_sweep(overrides)
+        check_sweep(jobs)
     except (TransferError, UnknownNameError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    outcomes = []
+    outcomes, stop = [], None
     for i, job in enumerate(jobs):
         print(f"[{i + 1}/{len(jobs)}] {' '.join(job)}", flush=True)
         try:
             outcomes.append(JobOutcome(job, run_one(job, sweep_index=i)))
+        except Interrupted as e:  # scancel, pre-emption, a time limit, Ctrl+C: no further job starts
+            stop = e
+            outcomes.append(JobOutcome(job, status=e.exit_status, interrupted=True,
+                                       error=f"{e}; recorded as interrupted"))
+            print(f"error: {e}; no further job of the sweep is started.", file=sys.stderr, flush=True)
+            break
         except (TransferError, UnknownNameError) as e:
             outcomes.append(JobOutcome(job, status=2, error=str(e)))
             print(f"error: {e}", file=sys.stderr)
@@ -206,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             outcomes.append(JobOutcome(job, status=1, error=f"{type(e).__name__}: {first}"))
     if is_global_zero():
-        print("\n" + sweep_summary(swept, outcomes), flush=True)
+        print("\n" + sweep_summary(swept, outcomes, jobs[len(outcomes):] if stop else []), flush=True)
+    if stop is not None:
+        return stop.exit_status
     return 1 if any(o.status for o in outcomes) else 0
 
 if __name__ == "__main__":

@@ -34,12 +34,11 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from transfer.config import RECIPES_DIR, compose, recipe_names, validate
+from transfer.config import RECIPES_DIR, SUITE_KEY, compose, recipe_names, validate
 from transfer.errors import ConfigError, TransferError
 from transfer.registry import UnknownNameError
 
 log = logging.getLogger("transfer.suite")
-SUITE_KEY = "suite"
 ID = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 # Keys a suite sets per column: a command-line value for them would silently replace every column's.
 PER_COLUMN = ("task", "protocol")

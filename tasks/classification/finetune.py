@@ -43,6 +43,7 @@ class FinetuneModule(L.LightningModule):
         self._outputs: dict[str, list] = {"val": [], "test": []}
         self.undecodable: set[str] = set()  # this process's; gathered over processes in _check_damage
         self.scored: dict[str, int] = {}  # images behind the last metrics of each split, over all processes
+        self.percent: dict[str, float] = {}  # the last metrics of each split in float64 (Lightning logs float32)
         self.check_damage = check_damage
         if protocol.freeze_backbone:
             backbone.requires_grad_(False)
@@ -86,6 +87,7 @@ class FinetuneModule(L.LightningModule):
         self.scored[split] = len(target)
         metrics = classification_metrics(logits, target, self.num_classes, split)
         if metrics:
+            self.percent.update(metrics)
             self.log_dict(metrics, prog_bar=(split == "val"), rank_zero_only=True)
         self._check_damage()
 

@@ -373,7 +373,7 @@ def run_finetune(ctx: RunContext) -> TaskOutput:
         module, trainer, data, resumed_from = _fit(ctx, backbone, splits, resolution, p)
         tested = trainer.test(module, datamodule=data, ckpt_path="best" if p.select == "best_epoch" else None,
                               verbose=False)
-    metrics = {k: float(v) for k, v in tested[0].items()} if tested else {}
+    metrics = {k: module.percent.get(k, float(v)) for k, v in tested[0].items()} if tested else {}
     extra["global_batch"] = data.batch_size * trainer.world_size  # of the fit that was tested
     if p.sweep:
         metrics[f"val/best_{cfg.task.metric}"] = max(r[2] for r in extra["sweep"])

@@ -67,6 +67,8 @@ class ClassifierEval(L.LightningModule):
         self.top5 = MulticlassAccuracy(num_classes=len(WNIDS), top_k=5, average="micro")
         self.undecodable: set[str] = set()  # gathered over processes at the end
         self.scored = 0  # images scored, over all processes, after the epoch
+        self.hits = {1: 0, 5: 0}  # images whose class is among the top k logits, over all processes after the epoch
+        self.percent: dict[str, float] = {}  # {split}/top{k}: hits / scored * 100 in float64 (Lightning logs float32)
 
     def test_step(self, batch, batch_idx) -> None:
         x, y, undecodable = unpack(batch)
@@ -77,12 +79,19 @@ class ClassifierEval(L.LightningModule):
         logits = self.model(x).float()  # (B, 3, H, W) -> (B, 1000)
         self.top1.update(logits, y)
         self.top5.update(logits, y)
+        ranked = logits.topk(5, dim=1).indices == y[:, None]  # (B, 5)
+        self.hits[1] += int(ranked[:, 0].sum())
+        self.hits[5] += int(ranked.any(1).sum())
 
     def on_test_epoch_end(self) -> None:
         # torchmetrics sums its states over processes in compute(); the padding placeholders never reach it.
         self.log(f"{self.split}/top1", 100.0 * self.top1.compute(), sync_dist=False)
         self.log(f"{self.split}/top5", 100.0 * self.top5.compute(), sync_dist=False)
-        self.scored = int(self.trainer.strategy.reduce(torch.tensor(self.scored, device=self.device), reduce_op="sum"))
+        total = lambda n: int(self.trainer.strategy.reduce(torch.tensor(n, device=self.device), reduce_op="sum"))  # noqa: E731
+        self.scored = total(self.scored)
+        self.hits = {k: total(n) for k, n in self.hits.items()}
+        if self.scored:  # counts divided in float64: float32 would leave noise in the seventh digit
+            self.percent = {f"{self.split}/top{k}": 100.0 * n / self.scored for k, n in self.hits.items()}
         self.undecodable = gather_names(self.undecodable)
 
 
@@ -109,7 +118,7 @@ def run(ctx: RunContext) -> TaskOutput:
     tested = trainer.test(module, dataloaders=loader, verbose=False)
     _check_damage(module.undecodable, len(dataset), task)
     counts.update(undecodable_images=len(module.undecodable), images_scored=module.scored)
-    metrics = {k: float(v) for k, v in tested[0].items()}
+    metrics = {k: module.percent.get(k, float(v)) for k, v in tested[0].items()}
     published = backbone.spec.top1
     if published is not None:
         metrics["published/top1"] = published

@@ -31,3 +31,20 @@ def test_top1_top5_and_an_empty_split():
     metrics = classification_metrics(logits, target, 6, "test")
     assert metrics["test/top1"] == pytest.approx(80.0) and metrics["test/top5"] == pytest.approx(100.0)
     assert classification_metrics(logits[:0], target[:0], 6, "test") == {}
+
+
+def test_percentages_are_counts_divided_in_float64():
+    """29 of 30 right is 96.66667 after results.json's seven digits; from float32 it was 96.66666."""
+    from transfer.results import tidy_metric
+
+    target = torch.arange(30) % 6
+    predicted = target.clone()
+    predicted[0] = 1  # one error, in class 0 (5 images)
+    logits = torch.nn.functional.one_hot(predicted, 6).float()
+    metrics = classification_metrics(logits, target, 6, "test")
+    assert metrics["test/top1"] == 100.0 * 29 / 30 and tidy_metric(metrics["test/top1"]) == 96.66667
+    assert SCORERS["top1"](logits, target) == 100.0 * 29 / 30
+    assert tidy_metric(metrics["test/mean_per_class"]) == tidy_metric(100.0 * (4 / 5 + 5) / 6) == 96.66667
+    assert metrics["test/top5"] == 100.0
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        classification_metrics(logits, target + 1, 6, "test")

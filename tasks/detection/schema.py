@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.detection.data import LAYOUTS
+from tasks.detection.data import LAYOUTS, check_data
 from transfer.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -195,6 +195,7 @@ def check(cfg: RunConfig) -> None:
             from tasks.detection.translate import build_detectron2_config
 
         build_detectron2_config(cfg)  # model-zoo file, architecture, task.opts: all before any run folder
+    check_data(task)  # layout, listed files, annotation classes: before a run folder exists (reads every XML)
 
 
 def check_base_config(name: str, *, detectron2: bool) -> None:

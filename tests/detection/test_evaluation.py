@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,8 +17,9 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed; it is not
 import torch  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from tasks.detection.data import PreparedData, register_data  # noqa: E402
+from tasks.detection.data import PreparedData, prepare_data, register_data  # noqa: E402
 from tasks.detection.evaluation import VOCEvaluator  # noqa: E402
 from tasks.detection.mapper import UNREADABLE_LOG  # noqa: E402
 from tasks.detection.train import METRICS_LOG, collect, split_metrics  # noqa: E402
@@ -101,3 +103,24 @@ def test_undefined_metrics_are_counted_and_named_in_the_log(voc_root, tmp_path, 
         output = _finished_run(tmp_path, voc_root, [], 0.01, record)
     assert output.counts["undefined_metrics"] == 1 and output.extra["undefined_metrics"] == ["test/ap50/green"]
     assert "test/ap50/green" in caplog.text
+
+
+def test_an_image_smaller_than_its_annotation_is_refused_before_training(voc_root, tmp_path):
+    # A downscaled copy: the JPEG is 48x40, its XML still says 96x80, so every box would be misplaced.
+    root = tmp_path / "voc"
+    shutil.copytree(voc_root, root)
+    for year, image_id in (("2012", "2012_trainval_0001"), ("2007", "2007_test_0002")):
+        path = root / f"VOCdevkit/VOC{year}/JPEGImages/{image_id}.jpg"
+        with Image.open(path) as img:
+            small = img.resize((48, 40))
+        small.save(path, quality=95)
+    cfg = validate(compose(["task=voc_detection", f"task.data_dir={root}", "task.class_names=[red,blue]",
+                            "backbone.weights=random", "logger.wandb.mode=disabled"]))
+    with pytest.raises(DataError) as err:
+        prepare_data(cfg.task, cache_dir=tmp_path / "cache", workers=1)
+    message = str(err.value)
+    assert "2 image(s) differ in size" in message and "image 48x40, annotation 96x80" in message
+    assert "2012_trainval_0001.jpg" in message and "2007_test_0002.jpg" in message
+    # The verdict and size come from the scan cache the second time: the same refusal.
+    with pytest.raises(DataError, match="2 image"):
+        prepare_data(cfg.task, cache_dir=tmp_path / "cache", workers=1)

@@ -190,17 +190,24 @@ def test_random_weights_without_a_published_scratch_recipe_are_not_comparable():
 
 def test_conditions_read_the_runs_extra_then_its_protocol_config():
     metrics = {"test/ap": 50.0, "test/ap50": 80.0, "test/ap75": 55.0}
-    frozen = {**asdict(PROTOCOLS.get("finetune")()), "freeze_backbone": True}
-    # The detection adapter records no detector yet (and runs FPN): every VOC row is context, saying why.
-    verdict = assess(_results("voc_detection", "finetune", metrics, protocol_config=frozen))
+    task = "voc_detection_moco_c4"
+    moco = {"detector": "faster_rcnn_c4", "freeze_backbone": False, "freeze_at": 0,
+            "train_splits": "2007_trainval+2012_trainval", "test_split": "2007_test", "ims_per_batch": 16,
+            "base_lr": 0.02, "max_iter": 24000, "steps": [18000, 22000]}
+    # A run that records no detector: every VOC row is context, saying why.
+    verdict = assess(_results(task, "finetune", metrics))
     assert verdict["comparable"] and not any(r["comparable"] for r in verdict["baselines"])
-    assert all("detector: row faster_rcnn_r50_c4, run not recorded" in r["context"] for r in verdict["baselines"])
-    # A run recording the R50-C4 detector with a frozen backbone matches BYOL's frozen supervised row only.
-    verdict = assess(_results("voc_detection", "finetune", metrics, protocol_config=frozen,
-                              extra={"detector": "faster_rcnn_r50_c4"}))
-    comparable = [r for r in verdict["baselines"] if r["comparable"]]
-    assert [(r["method"], r["metric"], r["value"]) for r in comparable] == [("supervised", "test/ap50", 74.4)]
-    assert verdict["comparison"]["facts"] == {"detector": "faster_rcnn_r50_c4", "freeze_backbone": "true"}
+    assert all("detector: row faster_rcnn_c4, run not recorded" in r["context"] for r in verdict["baselines"])
+    # The facts of MoCo's protocol, from extra: the supervised fine-tuned rows (a supervised backbone) match.
+    verdict = assess(_results(task, "finetune", metrics, extra=moco))
+    comparable = {(r["method"], r["metric"], r["value"]) for r in verdict["baselines"] if r["comparable"]}
+    assert comparable == {("supervised", "test/ap50", 81.3), ("supervised", "test/ap", 53.5),
+                          ("supervised", "test/ap75", 58.8)}
+    # A fact missing from extra is read from protocol_config.
+    verdict = assess(_results(task, "finetune", metrics, extra={k: v for k, v in moco.items() if k != "freeze_at"},
+                              protocol_config={**asdict(PROTOCOLS.get("finetune")()), "freeze_at": 0}))
+    assert len([r for r in verdict["baselines"] if r["comparable"]]) == 3
+    assert verdict["comparison"]["facts"]["max_iter"] == "24000"
 
 
 def _imagenet_eval(backbone: str, resolution: int) -> dict:

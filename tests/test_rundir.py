@@ -183,3 +183,15 @@ def test_a_finished_run_continued_with_a_new_lr_records_what_ran(tmp_path, capsy
     assert json.loads((run / "history" / "results.0.json").read_text()) == first
     assert "lr: 0.01" in (run / "history" / "config.0.yaml").read_text()
     assert "lr: 0.1" in (run / "config.yaml").read_text() == (run / "history" / "config.1.yaml").read_text()
+
+
+def test_a_resume_under_another_protocol_says_only_that(tmp_path):
+    # The two protocols' sections share few keys: the refusal names the protocols, not every key of both.
+    run = _finished_run(tmp_path)
+    cfg = validate(compose([*QUICK, "protocol=linear", f"run.dir={run}", "resume=true", "resume_allow_changes=true",
+                            f"task.data_dir={tmp_path}"]))
+    with pytest.raises(ConfigError) as err:
+        plan_run_dir(cfg)
+    message = str(err.value)
+    assert "protocol=finetune_strong, this one protocol=linear" in message and "new run folder" in message
+    assert "->" not in message and "protocol.lr" not in message

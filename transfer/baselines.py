@@ -23,7 +23,8 @@ BASELINES_VERSION = 2
 COLUMNS = ("method", "arch", "pretrain", "task", "protocol", "setting", "conditions", "metric", "value", "source")
 # linear / finetune / knn are the suite's protocols; scratch = trained from random init on the task;
 # supervised = the checkpoint's own supervised ImageNet evaluation.
-PROTOCOLS = ("linear", "finetune", "knn", "scratch", "supervised")
+# frozen: a dense task trained on a fixed backbone (detection, segmentation, depth), e.g. BYOL's frozen VOC detection.
+PROTOCOLS = ("linear", "finetune", "knn", "scratch", "supervised", "frozen")
 # What the network had learnt before the task: the kinds a run is matched on (transfer.compare).
 PRETRAINING = {
     "imagenet1k_supervised": "ImageNet-1k, supervised",

@@ -82,7 +82,9 @@ def run_pretraining(results: dict[str, Any]) -> str:
 def _fact(value: Any) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):  # whole: 1500000, never 1.5e+06
+        return str(value)
+    if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, str):
         return value

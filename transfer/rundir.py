@@ -241,9 +241,16 @@ def config_changes(cfg, run_dir: Path) -> dict[str, list]:
     model_keys = TASKS.get(cfg.task.adapter).model_keys
     identity = [k for k in changed if k in IDENTITY_KEYS or k in model_keys
                 or k.startswith(tuple(m for m in model_keys if m.endswith(".")))]
+    if "protocol.name" in identity:
+        # Another protocol's section has other keys altogether: listing them would hide the one that matters.
+        before, after = changed["protocol.name"]
+        raise ConfigError(f"resume=true: the run in {str(run_dir)!r} is protocol={before}, this one protocol={after}: "
+                          "the protocols differ, so this is another run and needs a new run folder. Start it without "
+                          "resume=true.")
     if identity:
+        named = ", ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in identity)
         raise ConfigError(f"resume=true: {', '.join(identity)} differ(s) from the run in {str(run_dir)!r} "
-                          f"({listing}); that is another run, not a continuation. Start it without resume=true.")
+                          f"({named}); that is another run, not a continuation. Start it without resume=true.")
     if changed and not cfg.resume_allow_changes:
         raise ConfigError(f"resume=true: the configuration differs from the run's {str(saved)!r}: {listing}. "
                           "Resume with the run's values, or add resume_allow_changes=true to continue with the "

@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+from xml.etree import ElementTree
 
 from transfer.errors import ConfigError, DataError
 from transfer.registry import Registry
@@ -53,6 +54,9 @@ class DatasetLayout:
     load: Callable[[Path, str, list[str], str], list[dict]]  # (data_dir, split, classes, catalog name) -> dicts
     metadata: Callable[[Path, str, list[str]], dict]  # what detectron2's evaluator reads from MetadataCatalog
     primary_metric: str  # the headline number of the data set's papers
+    # (data_dir, splits, classes) -> None: every listed file present and its annotation usable, else DataError.
+    # Called by the adapter's check, before a run folder exists; None: the layout has no such check.
+    check_files: Callable[[Path, Sequence[str], Sequence[str]], None] | None = None
 
 
 LAYOUTS: Registry[DatasetLayout] = Registry("detection data set layout")
@@ -75,10 +79,54 @@ def _voc_paths(data_dir: Path, split: str) -> list[Path]:
     return [root / "Annotations", root / "JPEGImages", root / "ImageSets" / "Main" / f"{part}.txt"]
 
 
-def _voc_classes(data_dir: Path, split: str, class_names: Sequence[str] | None) -> list[str]:
-    from detectron2.data.datasets.pascal_voc import CLASS_NAMES
+# The 20 Pascal VOC classes in the devkit's order (VOCdevkit VOCcode/VOCinit.m; detectron2's pascal_voc.CLASS_NAMES).
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 
-    return list(class_names) if class_names else list(CLASS_NAMES)
+
+def _voc_classes(data_dir: Path, split: str, class_names: Sequence[str] | None) -> list[str]:
+    return list(class_names) if class_names else list(VOC_CLASSES)
+
+
+def _listed(paths: list[Path], limit: int = 10) -> str:
+    return ", ".join(map(str, paths[:limit])) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _voc_check(data_dir: Path, splits: Sequence[str], classes: Sequence[str]) -> None:
+    """Every image id listed in a split has its Annotations/<id>.xml and JPEGImages/<id>.jpg, and every object
+    of those XML files is of a class in ``classes``. Raises DataError naming the files and the fix."""
+    missing, unreadable, unknown, used = [], [], {}, {}
+    known = set(classes)
+    for split in splits:
+        root, part = _voc_root(data_dir, split), _voc_year_split(split)[1]
+        ids = (root / "ImageSets" / "Main" / f"{part}.txt").read_text().split()
+        for image_id in ids:
+            xml, jpg = root / "Annotations" / f"{image_id}.xml", root / "JPEGImages" / f"{image_id}.jpg"
+            missing += [p for p in (xml, jpg) if not p.is_file()]
+            if not xml.is_file():
+                continue
+            try:
+                names = [(o.findtext("name") or "") for o in ElementTree.parse(xml).getroot().iter("object")]
+            except (OSError, ElementTree.ParseError) as e:
+                unreadable.append(f"{xml} ({type(e).__name__}: {e})")
+                continue
+            for name in names:
+                used[name] = None
+                if name not in known:
+                    unknown.setdefault(name, []).append(xml)
+    if missing:
+        raise DataError(f"task.data_dir={str(data_dir)!r}: {len(missing)} file(s) listed in the splits' ImageSets "
+                        f"are missing: {_listed(missing)}. Restore them, or remove their ids from the ImageSets "
+                        f"file. Expected layout:\n{VOC_LAYOUT}")
+    if unreadable:
+        raise DataError(f"{len(unreadable)} annotation file(s) are not readable XML: {'; '.join(unreadable[:5])}. "
+                        "Re-download them.")
+    if unknown:
+        suggested = [c for c in classes if c in used] + list(unknown)
+        found = "; ".join(f"{name!r} in {len(files)} file(s), e.g. {files[0]}" for name, files in unknown.items())
+        raise DataError(f"the annotations name classes that are not in task.class_names={list(classes)}: {found}. "
+                        f"Set task.class_names to every class of this copy (its annotations name task.class_names="
+                        f"[{','.join(suggested)}]), or remove those objects from the XML files.")
 
 
 def _voc_load(data_dir: Path, split: str, classes: list[str], name: str) -> list[dict]:
@@ -95,7 +143,8 @@ def _voc_metadata(data_dir: Path, split: str, classes: list[str]) -> dict:
 
 
 # VOC papers report AP50 (the VOC devkit's metric); MoCo and BYOL's VOC tables lead with it.
-LAYOUTS.add("voc", DatasetLayout("voc", VOC_LAYOUT, _voc_paths, _voc_classes, _voc_load, _voc_metadata, "test/ap50"))
+LAYOUTS.add("voc", DatasetLayout("voc", VOC_LAYOUT, _voc_paths, _voc_classes, _voc_load, _voc_metadata, "test/ap50",
+                                  _voc_check))
 
 
 def _coco_paths(data_dir: Path, split: str) -> list[Path]:
@@ -155,6 +204,20 @@ def split_classes(layout: DatasetLayout, data_dir: Path, splits: Sequence[str],
             raise DataError(f"splits {splits[0]!r} and {split!r} under {str(data_dir)!r} have different classes: "
                             f"{first} vs {names}.")
     return first
+
+
+def check_data(task: DetectionTaskConfig) -> None:
+    """The data checks that need no detectron2, made by the adapter's check before any run folder exists.
+
+    Every split's files and folders are present (:func:`check_layout`), all splits have the same classes, and the
+    layout's own check passes (VOC: each listed image has its XML and JPEG, each XML object a known class).
+    Raises DataError naming the files and the fix.
+    """
+    layout, root = LAYOUTS.get(task.dataset), data_root(task)
+    splits = [*task.train_splits, task.test_split]
+    check_layout(layout, root, splits)
+    if layout.check_files is not None:  # COCO's classes come from its (large) json files, read at registration
+        layout.check_files(root, splits, split_classes(layout, root, splits, task.class_names))
 
 
 def register_split(layout: DatasetLayout, data_dir: Path, split: str, classes: list[str],
@@ -217,10 +280,29 @@ def register_data(task: DetectionTaskConfig, exclude: Collection[str] = ()) -> D
     return DataSplits(tuple(names[:-1]), names[-1], tuple(classes))
 
 
+def check_sizes(dicts: dict[str, list[dict]], sizes: dict[str, tuple[int, int]]) -> None:
+    """Raise a DataError naming the images whose decoded size differs from their annotation's width and height.
+
+    Boxes are in the annotation's pixels: on a resized copy of an image they land in the wrong place, and
+    detectron2 stops mid-run (SizeMismatchError). ``dicts``: split -> detectron2 dataset dicts; ``sizes``:
+    file -> (width, height) of the files that decoded.
+    """
+    wrong = [(split, d["file_name"], sizes[d["file_name"]], (d["width"], d["height"]))
+             for split, found in dicts.items() for d in found
+             if d["file_name"] in sizes and "width" in d and sizes[d["file_name"]] != (d["width"], d["height"])]
+    if wrong:
+        examples = "; ".join(f"{f} (split {split}: image {w}x{h}, annotation {aw}x{ah})"
+                             for split, f, (w, h), (aw, ah) in wrong[:5])
+        raise DataError(f"{len(wrong)} image(s) differ in size from their annotation, so their boxes would be "
+                        f"misplaced: {examples}. Use the original full-size images (a resized copy needs its "
+                        "annotations' sizes and boxes rescaled too), or correct the annotation's width/height.")
+
+
 def prepare_data(task: DetectionTaskConfig, *, cache_dir: Path | None, workers: int) -> PreparedData:
     """Register the splits after decoding every image once; undecodable images are left out and counted.
 
-    Raises DataError when a split is empty or more than ``task.max_bad_fraction`` of a split does not decode.
+    Raises DataError when a split is empty, when more than ``task.max_bad_fraction`` of a split does not
+    decode, or when an image's size differs from its annotation's (:func:`check_sizes`).
     """
     from detectron2.data import DatasetCatalog
 
@@ -233,12 +315,20 @@ def prepare_data(task: DetectionTaskConfig, *, cache_dir: Path | None, workers: 
         if not found:
             raise DataError(f"split {split!r} of task.data_dir={task.data_dir!r} has no images. Expected layout:\n"
                             f"{LAYOUTS.get(task.dataset).tree}")
+    # A listed file that is not there is a layout error (a partial copy), not a damaged image to leave out.
+    missing = [Path(f) for f in dict.fromkeys(f for found in files.values() for f in found) if not os.path.isfile(f)]
+    if missing:
+        raise DataError(f"task.data_dir={task.data_dir!r}: {len(missing)} image file(s) named by the annotations are "
+                        f"missing: {_listed(missing)}. Restore them, or remove them from the annotations. Expected "
+                        f"layout:\n{LAYOUTS.get(task.dataset).tree}")
     root = data_root(task).resolve()
     cache = None
     if cache_dir is not None:
         cache = Path(cache_dir) / "detection_image_scan" / f"{hashlib.sha1(str(root).encode()).hexdigest()[:12]}.json"
+    sizes: dict[str, tuple[int, int]] = {}
     bad = scan_images([f for found in files.values() for f in found], cache=cache, workers=workers,
-                      desc=f"decoding the images of {root}")
+                      desc=f"decoding the images of {root}", sizes=sizes)
+    check_sizes({split: DatasetCatalog.get(name) for split, name in zip(files, [*full.train, full.test])}, sizes)
     skipped = []
     for split, found in files.items():
         left_out = [f for f in found if f in bad]

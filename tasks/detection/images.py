@@ -20,7 +20,9 @@ from tqdm import tqdm
 from transfer.io import atomic_write_json
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries carry the decoded size
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height (detectron2 applies them when reading)
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
@@ -30,12 +32,24 @@ def decode_error(path: str) -> str | None:
     The suite's one image-decoding function is being written in ``transfer/images.py``; this local hook is
     the only place to switch to it.
     """
+    return inspect_image(path)[0]
+
+
+def inspect_image(path: str) -> tuple[str | None, tuple[int, int] | None]:
+    """(why ``path`` does not decode or None, its (width, height) as detectron2 reads it or None).
+
+    The size is after the EXIF orientation, which detectron2's reader applies before comparing the image with
+    its annotation's width and height.
+    """
     try:
         with Image.open(path) as image:
             image.load()  # a truncated file fails here, not at open (Pillow reads headers lazily)
+            width, height = image.size
+            if image.getexif().get(EXIF_ORIENTATION) in TRANSPOSED:
+                width, height = height, width
     except DECODE_ERRORS as e:
-        return f"{type(e).__name__}: {e}"
-    return None
+        return f"{type(e).__name__}: {e}", None
+    return None, (width, height)
 
 
 def _stamp(path: str) -> list[int] | None:
@@ -61,11 +75,12 @@ def _read_cache(path: Path | None) -> dict[str, list]:
 
 
 def scan_images(files: Sequence[str], *, cache: Path | None = None, workers: int = 1,
-                desc: str = "decoding images") -> dict[str, str]:
+                desc: str = "decoding images", sizes: dict[str, tuple[int, int]] | None = None) -> dict[str, str]:
     """``{file: reason}`` for the files of ``files`` that do not decode; the rest decoded completely.
 
-    ``cache`` (a JSON file) keeps each file's verdict with its size and mtime; only new or changed files
-    are decoded. A missing file counts as undecodable.
+    ``cache`` (a JSON file) keeps each file's verdict and size with its byte size and mtime; only new or
+    changed files are decoded. A missing file counts as undecodable. ``sizes``, when given, receives the
+    (width, height) of every file that decodes.
     """
     known = _read_cache(cache)
     entries, todo = {}, []
@@ -73,17 +88,19 @@ def scan_images(files: Sequence[str], *, cache: Path | None = None, workers: int
         stamp = _stamp(f)
         cached = known.get(f)
         if stamp is None:
-            entries[f] = [None, None, "FileNotFoundError: the file does not exist"]
-        elif isinstance(cached, list) and len(cached) == 3 and cached[:2] == stamp:
+            entries[f] = [None, None, "FileNotFoundError: the file does not exist", None]
+        elif isinstance(cached, list) and len(cached) == 4 and cached[:2] == stamp:
             entries[f] = cached
         else:
             todo.append((f, stamp))
     if todo:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            verdicts = pool.map(decode_error, [f for f, _ in todo])
-            for (f, stamp), reason in tqdm(zip(todo, verdicts), total=len(todo), desc=desc, unit="img",
-                                           disable=len(todo) < 500, leave=False):
-                entries[f] = [*stamp, reason]
+            verdicts = pool.map(inspect_image, [f for f, _ in todo])
+            for (f, stamp), (reason, size) in tqdm(zip(todo, verdicts), total=len(todo), desc=desc, unit="img",
+                                                   disable=len(todo) < 500, leave=False):
+                entries[f] = [*stamp, reason, list(size) if size else None]
     if cache is not None and todo:
         atomic_write_json(cache, {"version": CACHE_VERSION, "entries": {**known, **entries}})
+    if sizes is not None:
+        sizes.update({f: tuple(e[3]) for f, e in entries.items() if e[2] is None and e[3]})
     return {f: e[2] for f, e in entries.items() if e[2] is not None}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.detection.data import LAYOUTS
+from tasks.detection.data import LAYOUTS, check_data
 from transfer.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -125,6 +125,31 @@ def frozen_levels(cfg: RunConfig) -> int:
     return cfg.task.freeze_at
 
 
+def detector_name(base_config: str) -> str:
+    """The detector design of a model-zoo config, without the zoo's backbone depth and schedule.
+
+    ``PascalVOC-Detection/faster_rcnn_R_50_C4.yaml`` -> ``faster_rcnn_c4``,
+    ``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml`` -> ``mask_rcnn_fpn``: the backbone is the
+    registry's, so the zoo's ``R_50`` says nothing about the run. Published rows name it in ``detector=...``.
+    """
+    stem = Path(base_config).stem.lower()
+    stem = re.sub(r"_r_\d+", "", stem)
+    return re.sub(r"(_\d+x|_\d+k)+$", "", stem)
+
+
+def comparison_facts(cfg: RunConfig) -> dict:
+    """What published detection rows are matched on, besides the solver in results.json ``recipe``.
+
+    ``detector`` (:func:`detector_name`), ``freeze_backbone`` (protocol=frozen, whatever its frozen levels),
+    ``train_splits`` (joined with ``+``, e.g. ``2007_trainval+2012_trainval``) and ``test_split``. The recipe
+    adds ``architecture``, ``freeze_at``, ``ims_per_batch``, ``base_lr``, ``max_iter``, ``steps`` (the values
+    actually trained with, so a shortened schedule no longer matches a row of the full one).
+    """
+    task = cfg.task
+    return {"detector": detector_name(task.base_config), "freeze_backbone": cfg.protocol.name == "frozen",
+            "train_splits": "+".join(task.train_splits), "test_split": task.test_split}
+
+
 def check(cfg: RunConfig) -> None:
     """Every check of a detection run that can be made before a run directory exists.
 
@@ -175,6 +200,7 @@ def check(cfg: RunConfig) -> None:
             from tasks.detection.translate import build_detectron2_config
 
         build_detectron2_config(cfg)  # model-zoo file, architecture, task.opts: all before any run folder
+    check_data(task)  # layout, listed files, annotation classes: before a run folder exists (reads every XML)
 
 
 def check_base_config(name: str, *, detectron2: bool) -> None:

@@ -28,7 +28,7 @@ from tasks.detection import backbone as _registers_builders  # noqa: F401  (BACK
 from tasks.detection.data import LAYOUTS, prepare_data, register_data
 from tasks.detection.evaluation import COUNT_TASK, build_evaluator
 from tasks.detection.mapper import UNREADABLE_LOG, CheckedDatasetMapper, read_unreadable_log
-from tasks.detection.schema import DetectionTaskConfig, detection_devices
+from tasks.detection.schema import DetectionTaskConfig, comparison_facts, detection_devices
 from tasks.detection.translate import build_detectron2_config, solver_record
 from transfer.backbones import build_backbone
 from transfer.engine import CHECKPOINT_DIR
@@ -179,6 +179,14 @@ def split_metrics(record: dict, split: str = "test") -> tuple[dict[str, float], 
     return metrics, per_class, undefined
 
 
+def distinct_files(records: list[dict]) -> list[dict]:
+    """One record per file (its first error), with ``draws``: how many times the loader failed on it."""
+    out: dict[str, dict] = {}
+    for r in records:
+        out.setdefault(r.get("file", "?"), {**r, "draws": 0})["draws"] += 1
+    return list(out.values())
+
+
 def log_training(records: list[dict], logger) -> None:
     """Send detectron2's training scalars (losses, lr, timings) to W&B as ``train/<name>`` by iteration."""
     for record in records:
@@ -225,15 +233,22 @@ def collect(ctx: RunContext, d2cfg: CfgNode, data, weights: dict) -> TaskOutput:
             f"iterations, so its AP would be 0 or undefined rather than a measurement. Train longer "
             "(trainer.max_steps, task.solver.max_iter), check the learning rate (task.solver.base_lr) and the data, "
             f"or lower the score threshold. Checkpoints and metrics.json are in {str(output_dir)!r}.")
-    unreadable = read_unreadable_log(output_dir / UNREADABLE_LOG)
+    # One entry per file: the loader may draw a file that became unreadable many times, each draw a log line.
+    unreadable = distinct_files(read_unreadable_log(output_dir / UNREADABLE_LOG))
+    train_skipped = {s["file"] for s in data.skipped if s["split"] in task.train_splits}
     train_total = sum(n for split, n in data.totals.items() if split in task.train_splits)
-    left_out = sum(1 for s in data.skipped if s["split"] in task.train_splits) + len(unreadable)
+    left_out = len(train_skipped | {u["file"] for u in unreadable})
     if unreadable and left_out > task.max_bad_fraction * train_total:
         raise DataError(f"{len(unreadable)} training images became unreadable during the run (e.g. "
-                        f"{unreadable[0]['file']}: {unreadable[0]['error']}); with the {left_out - len(unreadable)} "
-                        f"left out before training that is more than task.max_bad_fraction={task.max_bad_fraction} "
-                        f"of {train_total}. The list is in {str(output_dir / UNREADABLE_LOG)!r}.")
+                        f"{unreadable[0]['file']}: {unreadable[0]['error']}); with the {len(train_skipped)} "
+                        f"left out before training that is {left_out} files, more than task.max_bad_fraction="
+                        f"{task.max_bad_fraction} of {train_total}. The list is in "
+                        f"{str(output_dir / UNREADABLE_LOG)!r}.")
     metrics, per_class, undefined = split_metrics(last)
+    if undefined:
+        log.warning("undefined, so reported as no number: %s (a class without ground-truth objects in the test "
+                    "images has no AP and is left out of the mean; COCO also leaves out object sizes that do not "
+                    "occur)", ", ".join(undefined))
     ctx.logger.log(metrics, step=int(last.get("iteration", d2cfg.SOLVER.MAX_ITER)))
     if per_class:
         ctx.logger.table("test/per_class_ap", ["metric", "class", "ap"],
@@ -247,7 +262,8 @@ def collect(ctx: RunContext, d2cfg: CfgNode, data, weights: dict) -> TaskOutput:
         metrics=metrics, weights=weights, primary_metric=LAYOUTS.get(task.dataset).primary_metric, recipe=recipe,
         counts={"skipped_images": len(data.skipped), "skipped_test_images": test_left_out,
                 "unreadable_during_training": len(unreadable), "undefined_metrics": len(undefined)},
-        extra={"per_class_ap": per_class, "undefined_metrics": undefined, "skipped_images": data.skipped[:100],
+        extra={**comparison_facts(cfg), "per_class_ap": per_class, "undefined_metrics": undefined,
+               "skipped_images": data.skipped[:100],
                "unreadable_during_training": unreadable[:100], "test_images": images, "detections": found,
                "train_time_all_attempts_s": last.get(TRAIN_TIME_KEY),
                "detectron2_config": str(output_dir / "config.yaml"), "iterations": d2cfg.SOLVER.MAX_ITER})

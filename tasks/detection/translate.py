@@ -63,7 +63,7 @@ def build_detectron2_config(cfg: RunConfig, output_dir: Path | None = None,
         d2.DATASETS.TRAIN, d2.DATASETS.TEST = tuple(data.train), (data.test,)
         d2.MODEL.ROI_HEADS.NUM_CLASSES = d2.MODEL.RETINANET.NUM_CLASSES = len(data.classes)
 
-    apply_solver(d2, task.solver, cfg.trainer.max_steps)
+    apply_solver(d2, task.solver, cfg.trainer.max_steps, recipe_solver(task.name))
     for key, value in (("MIN_SIZE_TRAIN", task.input.min_size_train), ("MAX_SIZE_TRAIN", task.input.max_size_train),
                        ("MIN_SIZE_TEST", task.input.min_size_test), ("MAX_SIZE_TEST", task.input.max_size_test)):
         if value is not None:
@@ -139,13 +139,27 @@ def _set_head_norm(d2: CfgNode, norm: str) -> None:
         d2.MODEL.ROI_BOX_HEAD.NUM_CONV, d2.MODEL.ROI_BOX_HEAD.NUM_FC = 4, 1
 
 
-def apply_solver(d2: CfgNode, solver: SolverConfig, max_steps: int) -> None:
+def recipe_solver(name: str) -> dict:
+    """The ``solver`` section of the task recipe ``recipes/task/<name>.yaml`` as written (empty when none)."""
+    from omegaconf import OmegaConf
+
+    from transfer.config import RECIPES_DIR
+
+    path = RECIPES_DIR / "task" / f"{name}.yaml"
+    if not path.is_file():
+        return {}
+    return dict(OmegaConf.to_container(OmegaConf.load(path)).get("solver") or {})
+
+
+def apply_solver(d2: CfgNode, solver: SolverConfig, max_steps: int, recipe: dict | None = None) -> None:
     """Solver overrides, the linear LR scaling rule, and ``trainer.max_steps`` as a shortened schedule.
 
     Records what it changed and why in ``d2.TRANSFER_NOTES`` (logged by the run): the LR scaled for a
     smaller ``ims_per_batch`` (linear scaling rule, Goyal et al. 2017, arXiv 1706.02677) unless
     ``base_lr`` is set; the schedule shortened to ``max_steps`` with its LR drops at the same fractions;
-    warm-up kept at the base config's length (at most a quarter of a shortened schedule) unless set.
+    warm-up kept at the base config's length (at most a quarter of a shortened schedule) unless set; and, when
+    the task recipe (``recipe``: its ``solver`` section) fixes ``base_lr`` and the run changes ``ims_per_batch``,
+    that the LR was kept, not scaled.
     """
     notes = []
     base_ims, base_lr = d2.SOLVER.IMS_PER_BATCH, d2.SOLVER.BASE_LR
@@ -159,6 +173,15 @@ def apply_solver(d2: CfgNode, solver: SolverConfig, max_steps: int) -> None:
         notes.append(f"task.solver.ims_per_batch={d2.SOLVER.IMS_PER_BATCH} (base config: {base_ims}): learning rate "
                      f"scaled linearly from {base_lr:g} to {d2.SOLVER.BASE_LR:g} (linear scaling rule); set "
                      "task.solver.base_lr to choose it yourself.")
+    recipe = recipe or {}
+    if (recipe.get("base_lr") is not None and solver.base_lr == recipe["base_lr"]
+            and d2.SOLVER.IMS_PER_BATCH != (recipe.get("ims_per_batch") or base_ims)):
+        # The recipe fixes the LR for its batch size: another batch size keeps it unless the user sets one.
+        recipe_ims = recipe.get("ims_per_batch") or base_ims
+        notes.append(f"task.solver.ims_per_batch={d2.SOLVER.IMS_PER_BATCH} (recipe: {recipe_ims}) with the recipe's "
+                     f"task.solver.base_lr={solver.base_lr:g}, which is not scaled because the recipe sets it; the "
+                     f"linear scaling rule would give {solver.base_lr * d2.SOLVER.IMS_PER_BATCH / recipe_ims:g}. Set "
+                     "task.solver.base_lr to choose it.")
     if solver.steps is not None:
         d2.SOLVER.STEPS = tuple(solver.steps)
     d2.SOLVER.CHECKPOINT_PERIOD = solver.checkpoint_period

@@ -185,6 +185,17 @@ def test_fewer_images_per_batch_scale_the_lr_linearly(voc_root, tmp_path):
     assert (unchanged.SOLVER.IMS_PER_BATCH, unchanged.SOLVER.BASE_LR) == (16, 0.02)
 
 
+def test_a_recipe_fixed_lr_kept_for_another_batch_size_is_noted(voc_root, tmp_path):
+    common = ("task=voc_detection_ssl_transfer", f"task.data_dir={voc_root}", "task.class_names=[red,blue]")
+    bigger = _d2cfg(tmp_path, *common, "task.solver.ims_per_batch=16")
+    # ssl-transfer's recipe sets 2 images at LR 0.0025: 16 images keep 0.0025, and the log says so.
+    assert bigger.SOLVER.BASE_LR == pytest.approx(0.0025)
+    (note,) = bigger.TRANSFER_NOTES
+    assert "ims_per_batch=16 (recipe: 2)" in note and "not scaled" in note and "would give 0.02" in note
+    assert not _d2cfg(tmp_path, *common).TRANSFER_NOTES  # the recipe's own batch size: nothing to note
+    assert not _d2cfg(tmp_path, *common, "task.solver.ims_per_batch=16", "task.solver.base_lr=0.02").TRANSFER_NOTES
+
+
 def test_head_norm_reaches_fpn_and_heads(coco_root, tmp_path):
     d2cfg = _d2cfg(tmp_path, "task=coco_instance_seg", f"task.data_dir={coco_root}", "task.head_norm=GN")
     assert d2cfg.MODEL.FPN.NORM == d2cfg.MODEL.ROI_BOX_HEAD.NORM == d2cfg.MODEL.ROI_MASK_HEAD.NORM == "GN"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from transfer.run import main
 from transfer.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[2]
+VOC_CLASSES = "task.class_names=[red,blue]"  # the classes of the conftest's VOC-layout copy
 DETECTION_RECIPES = tuple(t for t in recipe_names("task") if compose([f"task={t}"]).task.adapter == "detection")
 
 
@@ -34,15 +36,17 @@ def test_every_detection_recipe_is_found():
 
 @pytest.mark.parametrize("recipe", DETECTION_RECIPES)
 @pytest.mark.parametrize("protocol", ["finetune", "frozen"])
-def test_recipes_compose_with_both_protocols(recipe, protocol, tmp_path):
-    cfg = validate(compose([f"task={recipe}", f"protocol={protocol}", f"task.data_dir={tmp_path}"]))
+def test_recipes_compose_with_both_protocols(recipe, protocol, voc_root, coco_root):
+    data = (f"task.data_dir={coco_root}",) if recipe.startswith("coco") else (f"task.data_dir={voc_root}", VOC_CLASSES)
+    cfg = validate(compose([f"task={recipe}", f"protocol={protocol}", *data]))
     assert isinstance(cfg.task, DetectionTaskConfig)
     assert cfg.protocol.name == protocol
     assert cfg.task.train_splits and cfg.task.test_split
 
 
-def test_recipes_default_to_finetune(tmp_path):
-    assert validate(compose(["task=voc_detection", f"task.data_dir={tmp_path}"])).protocol.name == "finetune"
+def test_recipes_default_to_finetune(voc_root):
+    cfg = validate(compose(["task=voc_detection", f"task.data_dir={voc_root}", VOC_CLASSES]))
+    assert cfg.protocol.name == "finetune"
 
 
 def test_protocols_other_than_finetune_and_frozen_are_refused(tmp_path):
@@ -55,23 +59,23 @@ def test_freeze_backbone_on_finetune_points_to_the_frozen_protocol(tmp_path):
         validate(compose(["task=voc_detection", "protocol.freeze_backbone=true", f"task.data_dir={tmp_path}"]))
 
 
-def test_results_record_only_the_protocol_keys_detection_uses(tmp_path):
+def test_results_record_only_the_protocol_keys_detection_uses(voc_root):
     # detectron2's config holds the solver: the classification fields (lr 0.01, steps 20000, batch 256, ...) are
     # neither recorded in results.json's protocol_config nor accepted when changed.
     from transfer.results import protocol_config
 
-    base = ["task=voc_detection", f"task.data_dir={tmp_path}"]
+    base = ["task=voc_detection", f"task.data_dir={voc_root}", VOC_CLASSES]
     assert protocol_config(validate(compose(base))) == {"name": "finetune", "freeze_backbone": False}
     assert protocol_config(validate(compose([*base, "protocol=frozen"]))) == {"name": "frozen"}
     with pytest.raises(ConfigError, match=r"protocol keys \['lr'\] would be ignored.*SOLVER.BASE_LR"):
         validate(compose([*base, "protocol.lr=0.5"]))
 
 
-def test_frozen_levels_follow_the_protocol(tmp_path):
-    base = ["task=voc_detection_ssl_transfer", f"task.data_dir={tmp_path}"]
+def test_frozen_levels_follow_the_protocol(voc_root):
+    base = ["task=voc_detection_ssl_transfer", f"task.data_dir={voc_root}", VOC_CLASSES]
     assert schema.frozen_levels(validate(compose(base))) == 2
     assert schema.frozen_levels(validate(compose([*base, "protocol=frozen"]))) == 4  # ssl-transfer FREEZE_AT 4
-    everything = validate(compose(["task=voc_detection", "protocol=frozen", f"task.data_dir={tmp_path}"]))
+    everything = validate(compose(["task=voc_detection", "protocol=frozen", f"task.data_dir={voc_root}", VOC_CLASSES]))
     assert schema.frozen_levels(everything) == 5
 
 
@@ -127,8 +131,8 @@ def test_bad_values_stop_python_m_transfer_run_before_any_run_folder(override, f
 ])
 def test_bad_values_fail_before_any_run_folder(override, fragment, voc_root, tmp_path, capsys):
     data = [] if override.startswith("task.data_dir") else [f"task.data_dir={voc_root}"]
-    code = main(["task=voc_detection", *data, override, f"run.root={tmp_path / 'runs'}", "logger.wandb.mode=disabled",
-                 "trainer.accelerator=cpu"])
+    code = main(["task=voc_detection", *data, VOC_CLASSES, override, f"run.root={tmp_path / 'runs'}",
+                 "logger.wandb.mode=disabled", "trainer.accelerator=cpu"])
     err = capsys.readouterr().err
     assert code == 2 and fragment in err, err[-2000:]
     assert not (tmp_path / "runs").exists()
@@ -194,8 +198,55 @@ def test_run_without_detectron2_stops_with_the_message_and_no_traceback(voc_root
     # sys.modules[name] = None makes the import system report the package as absent.
     code = ("import sys; sys.modules['detectron2'] = None; from transfer.run import main; "
             f"sys.exit(main(['task=voc_detection', 'task.data_dir={voc_root}', 'run.dir={tmp_path}', "
-            "'logger.wandb.mode=disabled', 'backbone.weights=random']))")
+            f"'logger.wandb.mode=disabled', 'backbone.weights=random', '{VOC_CLASSES}']))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "not on PyPI" in out.stderr and requirement.INSTALL_GUIDE in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# --- data mistakes stop the run before any run folder exists, naming the file and the fix ---------------------
+
+
+def _copy(voc_root: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "voc"
+    shutil.copytree(voc_root, root)
+    return root
+
+
+def _refused(root: Path, tmp_path: Path, capsys, *extra: str) -> str:
+    runs = tmp_path / "runs"
+    code = main(["task=voc_detection", f"task.data_dir={root}", f"run.root={runs}", "logger.wandb.mode=disabled",
+                 "trainer.accelerator=cpu", "backbone.weights=random", *extra])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and errors and "Traceback" not in err, err[-3000:]
+    assert not runs.exists(), "the data mistake was found after the run folder was made"
+    return err
+
+
+def test_an_annotation_class_outside_class_names_names_class_file_and_fix(voc_root, tmp_path, capsys):
+    root = _copy(voc_root, tmp_path)
+    err = _refused(root, tmp_path, capsys, "task.class_names=[red]")
+    assert "'blue' in" in err and "Annotations/" in err and ".xml" in err
+    assert "task.class_names=[red,blue]" in err
+
+
+def test_a_listed_id_without_its_xml_lists_the_missing_paths_and_the_layout(voc_root, tmp_path, capsys):
+    root = _copy(voc_root, tmp_path)
+    (root / "VOCdevkit/VOC2012/Annotations/2012_trainval_0002.xml").unlink()
+    err = _refused(root, tmp_path, capsys, VOC_CLASSES)
+    assert "VOC2012/Annotations/2012_trainval_0002.xml" in err and "1 file(s) listed" in err
+    assert "ImageSets/Main/<split>.txt" in err  # the expected layout is shown
+
+
+def test_a_missing_jpeg_is_a_layout_error_not_a_damaged_image(voc_root, tmp_path, capsys):
+    root = _copy(voc_root, tmp_path)
+    (root / "VOCdevkit/VOC2012/JPEGImages/2012_trainval_0002.jpg").unlink()
+    err = _refused(root, tmp_path, capsys, VOC_CLASSES, "task.max_bad_fraction=0.5")
+    assert "VOC2012/JPEGImages/2012_trainval_0002.jpg" in err and "missing" in err
+
+
+def test_a_missing_split_file_is_refused_before_the_run_folder(voc_root, tmp_path, capsys):
+    err = _refused(voc_root, tmp_path, capsys, VOC_CLASSES, "task.test_split=2007_val")
+    assert "VOC2007/ImageSets/Main/val.txt" in err

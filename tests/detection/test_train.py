@@ -162,8 +162,12 @@ def test_frozen_and_finetuned_runs_land_in_different_folders(kept_apart):
     assert finetune["recipe"]["freeze_at"] == 2 and frozen["recipe"]["freeze_at"] == 5
     on_disk = json.loads((Path(frozen["run_dir"]) / "results.json").read_text())
     assert on_disk["protocol"] == "frozen"
-    # The published VOC rows are fine-tuned: a frozen run sees them as context only, never as comparable.
-    assert frozen["baselines"] and not [b for b in frozen["baselines"] if b["comparable"]]
+    # The published VOC rows are C4 (filed under voc_detection_moco_c4): the FPN recipe shows none of them as peers.
+    assert frozen["baselines"] == [] and finetune["baselines"] == []
+    # Both record the facts rows are matched on.
+    assert (frozen["extra"]["detector"], frozen["extra"]["freeze_backbone"]) == ("faster_rcnn_fpn", True)
+    assert finetune["extra"]["freeze_backbone"] is False
+    assert finetune["extra"]["train_splits"] == "2007_trainval+2012_trainval"
 
 
 def test_both_protocols_appear_in_the_report(kept_apart):

@@ -189,3 +189,17 @@ def test_segmentation_class_aug_folder_with_a_deeplab_style_list(tmp_path, seg):
     listed = scan_split(VOC, root, "auto", decode=False, max_bad_fraction=0.0)
     assert listed.note == "train_aug"
     assert [Path(p.label).parent.name for p in listed.pairs] == ["SegmentationClassAug"] * 2
+
+
+def test_the_detectron2_segmentation_tests_carry_the_marker():
+    # `pytest -m detectron2` selects them, and TRANSFER_REQUIRE_DETECTRON2=1 (CI) fails a session that skips them.
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve().parent
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+                          "-m", "detectron2", str(here / "test_train.py"), str(here / "test_bench.py")],
+                         cwd=here.parents[2], capture_output=True, text=True, timeout=300)
+    selected = [line for line in out.stdout.splitlines() if "::" in line]
+    assert out.returncode == 0 and selected, out.stdout[-2000:] + out.stderr[-2000:]
+    assert {line.split("::")[0].rsplit("/", 1)[-1] for line in selected} == {"test_train.py", "test_bench.py"}

@@ -68,8 +68,25 @@ def build_results(cfg, output, wall_time_s: float, run_dir: Path, *, record=None
         "wall_time_s": round(wall_time_s, 3),
         **history,
         "run_dir": str(run_dir),
-        "status": "complete" if output.metrics else "failed",
+        "status": "failed" if unscored(cfg.task.name, output) else "complete",
     }
+
+
+def unscored(task: str, output) -> str | None:
+    """Why a task's output is a failed run, or None: no metric at all, or not its primary metric (the number the
+    run exists for, e.g. ``test/top1``) even when others (``val/best``) were produced. A task that knows why
+    (every test image undecodable) says so in ``extra["unscored"]``."""
+    why = output.extra.get("unscored") if isinstance(output.extra, dict) else None
+    counts = f"counts: {dict(output.counts) or 'none'}"
+    if not output.metrics:
+        return (f"task {task!r} produced no metric ({counts}); nothing was scored. "
+                + (f"{why}." if why else "See the log above for what was skipped."))
+    primary = output.primary_metric
+    if primary and primary not in output.metrics:
+        only = ", ".join(sorted(output.metrics))
+        return (f"task {task!r} did not produce its primary metric {primary!r} (only {only}; {counts}). "
+                + (f"{why}." if why else "See the log above for what was skipped."))
+    return None
 
 
 def lower_is_better(cfg, metrics: dict[str, float]) -> list[str]:

@@ -20,7 +20,7 @@ from transfer.compare import assess, log_comparison
 from transfer.config import RunConfig, compose, validate
 from transfer.errors import TransferError
 from transfer.registry import UnknownNameError
-from transfer.results import build_results, format_table, write_results
+from transfer.results import build_results, format_table, unscored, write_results
 from transfer.rundir import RESULTS_FILE, RUN_DIR_ENV, config_tree, open_run_dir, plan_run_dir
 from transfer.suite import requested as suite_requested
 from transfer.suite import run_suite
@@ -60,10 +60,9 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
                            config={**names, **config_tree(cfg)})
         ctx = RunContext(cfg=cfg, run_dir=run_dir, logger=logger, record=record)
         output = TASKS.get(cfg.task.adapter).run(ctx)
-        failure = None if output.metrics else (
-            f"task {cfg.task.name!r} produced no metric (counts: {dict(output.counts) or 'none'}); nothing was "
-            "scored. See the log above for what was skipped.")
-        record.finish("complete" if failure is None else "failed", failure)
+        failure = unscored(cfg.task.name, output)
+        # history.json is written once results.json is: a full disk at results.json then leaves it "failed".
+        record.finish("complete" if failure is None else "failed", failure, save=False)
         results = build_results(cfg, output, time.time() - start, run_dir, record=record)
         results.update(assess(results))  # comparable or not, and the published rows measured the same way
         if failure:
@@ -72,6 +71,7 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
             if results["metrics"]:
                 print("\n" + format_table([results]), flush=True)  # before the write: a full disk loses nothing
             path = write_results(run_dir, results)
+            record.beat(force=True)
             logger.summary({**results["metrics"], **{f"counts/{k}": v for k, v in results["counts"].items()},
                             "wall_time_s": results["wall_time_s"]})
             log_comparison(logger, results)
@@ -86,6 +86,7 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
         if logger is not None:
             logger.finish()
         os.environ.pop(RUN_DIR_ENV, None)
+        record.close()
     return results
 
 

@@ -78,10 +78,10 @@ def unscored(task: str, output) -> str | None:
     (every test image undecodable) says so in ``extra["unscored"]``."""
     why = output.extra.get("unscored") if isinstance(output.extra, dict) else None
     counts = f"counts: {dict(output.counts) or 'none'}"
-    if not output.metrics:
-        return (f"task {task!r} produced no metric ({counts}); nothing was scored. "
-                + (f"{why}." if why else "See the log above for what was skipped."))
     primary = output.primary_metric
+    if not output.metrics:
+        return (f"task {task!r} produced no metric{f', not even its primary metric {primary!r}' if primary else ''} "
+                f"({counts}); nothing was scored. " + (f"{why}." if why else "See the log above for what was skipped."))
     if primary and primary not in output.metrics:
         only = ", ".join(sorted(output.metrics))
         return (f"task {task!r} did not produce its primary metric {primary!r} (only {only}; {counts}). "

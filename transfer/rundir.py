@@ -190,10 +190,10 @@ def _pick_resumable(parent: Path) -> tuple[Path, str]:
                   reverse=True) if parent.is_dir() else []
     skipped, chosen = [], None
     for run in runs:
-        if chosen is not None:
-            skipped.append(f"{run.name} (older)")
-        elif (run / RESULTS_FILE).exists():
+        if (run / RESULTS_FILE).exists():
             skipped.append(f"{run.name} (finished: has {RESULTS_FILE})")
+        elif chosen is not None:  # older: not read through (every checkpoint's CRC), unless it has none at all
+            skipped.append(f"{run.name} (no usable checkpoint)" if _holds_a_run(run) is None else f"{run.name} (older)")
         elif not usable_checkpoints(run):
             skipped.append(f"{run.name} (no usable checkpoint)")
         elif holder := lock_holder(run):

@@ -86,7 +86,7 @@ def truncated_jpeg(colour: int) -> bytes:
 @pytest.mark.parametrize("protocol", [
     ["protocol=linear", "protocol.l2_steps=3", "protocol.extend_decades=0"],
     ["protocol=knn", "protocol.k=3"],
-    ["protocol=finetune", "trainer.max_epochs=1"]])
+    ["protocol=finetune_strong", "trainer.max_epochs=1"]])
 def test_a_run_whose_test_split_scored_nothing_fails_with_its_counts(tmp_path, image_folder, facts, capsys, protocol):
     """Every test image is a truncated JPEG: no test metric, whatever else (val/best) the protocol computed."""
     classes, per_class = facts

@@ -512,6 +512,8 @@ class RunRecord:
                 self.entry["error"] = error
             if save:
                 self.beat(force=True)
+            else:  # results.json embeds this entry: its time must be as of now, not of the last save
+                self.entry["wall_time_s"] = round(time.monotonic() - self._start, 3)
 
     def wall_time_this_process(self) -> float:
         return time.monotonic() - self._start

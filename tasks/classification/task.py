@@ -255,7 +255,7 @@ def run_linear(ctx: RunContext) -> TaskOutput:
     backbone, splits, resolution = _build(ctx)
     feats = _features(ctx, backbone, splits, resolution)
     counts = {**splits.counts, **feats["counts"]}
-    if reason := nothing_scored({s: len(feats[s][1]) for s in ("train", "val", "test")}, counts):
+    if reason := nothing_scored({s: len(feats[s]) for s in ("train", "val", "test")}, counts):
         return _unscored_output(ctx, backbone, splits, counts, reason, resolution)
     p, task = ctx.cfg.protocol, ctx.cfg.task
     fit = dict(max_iter=p.max_iter, tolerance=p.tolerance)
@@ -291,7 +291,7 @@ def run_knn(ctx: RunContext) -> TaskOutput:
     backbone, splits, resolution = _build(ctx)
     feats = _features(ctx, backbone, splits, resolution)
     counts = {**splits.counts, **feats["counts"]}
-    sizes = {"train+val": len(feats["train"][1]) + len(feats["val"][1]), "test": len(feats["test"][1])}
+    sizes = {"train+val": len(feats["train"]) + len(feats["val"]), "test": len(feats["test"])}
     if reason := nothing_scored(sizes, counts):
         return _unscored_output(ctx, backbone, splits, counts, reason, resolution)
     p, task = ctx.cfg.protocol, ctx.cfg.task

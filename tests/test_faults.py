@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 
 import lightning as L
@@ -20,7 +21,7 @@ import transfer.engine
 from transfer.backbones import BACKBONES, build_backbone
 from transfer.config import compose, validate
 from transfer.engine import build_trainer
-from transfer.errors import TransferError, WeightsError
+from transfer.errors import StorageError, TransferError, WeightsError
 from transfer.run import main
 from transfer.tasks import RunContext, TaskOutput
 from transfer.tracking import RunLogger
@@ -117,10 +118,12 @@ def test_a_real_full_disk_is_one_line_with_no_traceback(tmp_path, small_disk):
     assert not list(run.rglob("*.tmp"))
 
 
-def test_a_task_that_scored_nothing_fails_and_keeps_its_counts(tmp_path, monkeypatch, capsys):
+def test_a_task_that_scored_nothing_fails_and_keeps_its_counts(tmp_path, monkeypatch, capsys, caplog):
     counts = {"test/skipped_views": 9, "test/videos_without_views": 3}
     fake_task(monkeypatch, lambda ctx: TaskOutput(metrics={}, weights={"source": "random"}, counts=counts))
-    assert main([*QUICK, f"run.root={tmp_path}"]) == 2
+    with caplog.at_level("INFO"):
+        assert main([*QUICK, f"run.root={tmp_path}"]) == 2
+    assert "metrics=" not in caplog.text and "the run produced no metric" in caplog.text
     lines = _error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "produced no metric" in lines[0] and "test/skipped_views" in lines[0]
     run = _only_run_dir(tmp_path)
@@ -154,6 +157,80 @@ def test_a_task_stopped_by_bad_data_keeps_what_it_counted(tmp_path, monkeypatch,
     assert json.loads((run / "history.json").read_text())["processes"][-1]["status"] == "failed"
     with pytest.raises(DataError, match="Counts are in"):  # the task's own error type reaches the caller
         run_one([*QUICK, f"run.root={tmp_path / 'again'}"])
+
+
+def test_a_run_without_its_primary_metric_fails_even_with_other_metrics(tmp_path, monkeypatch, capsys, caplog):
+    counts = {"images_test_scored": 0, "undecodable_images": 8}
+    fake_task(monkeypatch, lambda ctx: TaskOutput(metrics={"val/best": 68.75}, weights={"source": "random"},
+                                                  counts=counts, primary_metric="test/top1"))
+    assert main([*QUICK, f"run.root={tmp_path}"]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "primary metric 'test/top1'" in lines[0] and "images_test_scored" in lines[0]
+    run = _only_run_dir(tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "failed" and results["metrics"] == {"val/best": 68.75} and results["counts"] == counts
+    assert json.loads((run / "history.json").read_text())["processes"][-1]["status"] == "failed"
+
+
+def test_a_full_disk_at_results_json_and_history_still_records_the_failure(tmp_path, monkeypatch, capsys):
+    """The disk fills while the task runs: no temporary file can be written any more, history.json included."""
+    full = []
+
+    def task(ctx):
+        full.append(True)
+        return TaskOutput(metrics={"test/top1": 87.5}, weights={"source": "random"})
+
+    fake_task(monkeypatch, task)
+    real_write = pathlib.Path.write_text
+
+    def write_text(self, text, *args, **kwargs):
+        if full and self.name.endswith(".tmp"):
+            raise ENOSPC
+        return real_write(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    assert main([*QUICK, f"run.root={tmp_path}"]) == 2
+    assert "87.50" in capsys.readouterr().out
+    run = _only_run_dir(tmp_path)
+    history = json.loads((run / "history.json").read_text())["processes"]
+    assert history[-1]["status"] == "failed" and "results.json" in history[-1]["error"], history[-1]
+    assert not (run / "results.json").exists() and not list(run.rglob("*.tmp"))
+
+
+def test_the_free_space_named_is_measured_after_the_failed_file_is_gone(tmp_path, monkeypatch):
+    from transfer import io as tio
+
+    seen, real_usage = [], shutil.disk_usage
+
+    def disk_usage(path):
+        seen.append(sorted(p.name for p in pathlib.Path(path).iterdir()))
+        return real_usage(path)
+
+    def write_text(self, text, *args, **kwargs):
+        self.write_bytes(b"x" * 4096)  # part of the file made it to disk before the disk filled
+        raise ENOSPC
+
+    monkeypatch.setattr(tio.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    with pytest.raises(StorageError, match="no space left on device"):
+        tio.atomic_write_text(tmp_path / "results.json", "{}")
+    assert seen == [[]], "measured while the failed temporary file still took space"
+
+
+def test_every_file_written_atomically_gets_the_mode_of_a_plain_open(tmp_path):
+    from transfer.io import atomic_path, atomic_write_text
+    from transfer.weights import write_safetensors
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    with open(tmp_path / "plain", "w"):
+        pass
+    write_safetensors({"w": torch.ones(2)}, tmp_path / "final.safetensors")  # safetensors recreates its file
+    atomic_write_text(tmp_path / "results.json", "{}")
+    with atomic_path(tmp_path / "x.pt") as tmp:
+        torch.save({}, tmp)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes
 
 
 def test_weights_holding_nan_are_refused_naming_the_file_and_tensor(tmp_path):

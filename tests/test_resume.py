@@ -17,9 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from transfer.config import compose, validate
-from transfer.engine import FINAL_WEIGHTS, build_trainer, resume_path
-from transfer.errors import ConfigError
-from transfer.io import remove_orphan_temporaries
+from transfer.engine import FINAL_WEIGHTS, AtomicCheckpointIO, build_trainer, resume_path
+from transfer.errors import ConfigError, TransferError
+from transfer.io import remove_orphan_temporaries, sha256_file
+from transfer.run import main
 from transfer.rundir import plan_run_dir
 from transfer.tasks import RunContext
 from transfer.tracking import RunLogger
@@ -77,7 +78,7 @@ def test_killed_finetune_resumes_to_the_uninterrupted_result(tmp_path):
     names = sorted(p.name for p in (moved / "checkpoints").iterdir())
     assert not [n for n in names if "-v1" in n or n.endswith(".tmp")], names
     processes = res["history"]
-    assert [p["status"] for p in processes] == ["running", "complete"]  # the first was killed
+    assert [p["status"] for p in processes] == ["interrupted", "complete"]  # the first was killed
     assert processes[1]["fits"][0]["first_epoch"] == 1
     assert res["wall_time_s"] == pytest.approx(sum(p["wall_time_s"] for p in processes), abs=5.0)
     assert res["wall_time_s"] > res["wall_time_this_process_s"]
@@ -207,3 +208,120 @@ def test_the_next_run_clears_what_killed_writers_of_this_host_left_nearby(tmp_pa
     open_run_dir(cfg, plan_run_dir(cfg), writer=True)
     assert not killed.exists() and not cache.exists()
     assert elsewhere.exists()
+
+
+# One finished EMA fine-tune, copied by the tests below (a few seconds on a CPU).
+SHORT = [a for a in FINETUNE if not a.startswith(("trainer.max_epochs", "task.limit_per_split"))] + [
+    "trainer.max_epochs=1", "task.limit_per_split=32"]
+
+
+@pytest.fixture(scope="module")
+def finished_ema_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert main([*SHORT, f"run.dir={run}"]) == 0
+    return run
+
+
+def _copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _member_data_offset(path, name) -> int:
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(name)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    return info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+
+
+@pytest.mark.e2e
+def test_a_checkpoint_with_flipped_bytes_is_refused_naming_the_member(finished_ema_run, tmp_path, capsys):
+    import zipfile
+
+    run = _copy(finished_ema_run, tmp_path)
+    last = run / "checkpoints" / "last.ckpt"
+    with zipfile.ZipFile(last) as z:
+        member = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    assert member.file_size > 4096
+    start = _member_data_offset(last, member.filename) + 1024
+    data = bytearray(last.read_bytes())
+    data[start:start + 1024] = bytes(b ^ 0xFF for b in data[start:start + 1024])
+    last.write_bytes(bytes(data))
+    (run / "results.json").unlink()
+    before = sha256_file(run / "checkpoints" / FINAL_WEIGHTS)
+    capsys.readouterr()
+    assert main([*SHORT, f"run.dir={run}", "resume=true"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert str(last) in err[0] and member.filename in err[0] and "CRC" in err[0], err[0]
+    assert sha256_file(run / "checkpoints" / FINAL_WEIGHTS) == before and not (run / "results.json").exists()
+
+
+def test_a_checkpoint_holding_nan_weights_is_not_read_back(tmp_path):
+    path = tmp_path / "epoch000.ckpt"
+    torch.save({"state_dict": {"head.weight": torch.tensor([1.0, float("nan")])}, "epoch": 0}, path)
+    with pytest.raises(TransferError, match=r"epoch000.ckpt.*state_dict/head.weight"):
+        AtomicCheckpointIO().load_checkpoint(path)
+    torch.save({"state_dict": {"head.weight": torch.ones(2)}, "epoch": 0}, path)
+    assert AtomicCheckpointIO().load_checkpoint(path)["epoch"] == 0
+
+
+@pytest.mark.e2e
+def test_the_final_weights_are_the_same_whatever_path_reached_the_end(finished_ema_run, tmp_path):
+    """EMA: the averaged weights are the final ones. A resume with no epoch left (results.json damaged, or a kill
+    between the last checkpoint and the end) trains nothing and must write the same file, and test the same model."""
+    final = finished_ema_run / "checkpoints" / FINAL_WEIGHTS
+    want = sha256_file(final)
+    first = json.loads((finished_ema_run / "results.json").read_text())
+    assert first["extra"]["final_weights_sha256"] == want
+    assert os.stat(final).st_mode & 0o777 == os.stat(finished_ema_run / "results.json").st_mode & 0o777
+
+    resumed = _copy(finished_ema_run, tmp_path / "a")
+    text = (resumed / "results.json").read_text()
+    (resumed / "results.json").write_text(text[: len(text) // 2])  # truncated
+    assert main([*SHORT, f"run.dir={resumed}", "resume=true"]) == 0
+    again = json.loads((resumed / "results.json").read_text())
+    assert sha256_file(resumed / "checkpoints" / FINAL_WEIGHTS) == want == again["extra"]["final_weights_sha256"]
+    assert again["metrics"] == first["metrics"]
+
+    killed = _copy(finished_ema_run, tmp_path / "b")  # killed after its last checkpoint, before its end
+    (killed / "results.json").unlink()
+    (killed / "checkpoints" / FINAL_WEIGHTS).unlink()
+    assert main([*SHORT, f"run.dir={killed}", "resume=true"]) == 0
+    assert sha256_file(killed / "checkpoints" / FINAL_WEIGHTS) == want
+    assert json.loads((killed / "results.json").read_text())["metrics"] == first["metrics"]
+
+
+def test_the_same_tensors_and_metadata_give_the_same_safetensors_file(tmp_path):
+    """safetensors orders metadata by a Rust HashMap, differently at each write; the sha256 must not change."""
+    from transfer.weights import write_safetensors
+
+    meta = {"epochs": "1", "global_step": "2", "converter": "x", "source": "y.ckpt"}
+    shas = {write_safetensors({"w": torch.ones(3)}, tmp_path / f"{i}.safetensors", metadata=meta) for i in range(6)}
+    assert len(shas) == 1
+
+
+def test_resume_orders_runs_by_their_recorded_progress_not_folder_times(tmp_path):
+    """Another run clearing a temporary file in a folder moves the folder's mtime, not its checkpoints'."""
+    cfg = validate(compose([*QUICK, "protocol=finetune_strong", f"run.root={tmp_path}", "resume=true"]))
+    parent = tmp_path / "digits" / "rs50-finetune_strong"
+    runs = {name: parent / name for name in ("older", "newer", "done", "empty")}
+    for name, run in runs.items():
+        (run / "checkpoints").mkdir(parents=True)
+        if name != "empty":
+            torch.save({"epoch": 1}, run / "checkpoints" / "last.ckpt")
+    (runs["done"] / "results.json").write_text("{}")
+    for name, age in (("older", 1), ("newer", 3), ("done", 2), ("empty", 0)):
+        for f in runs[name].rglob("*"):
+            os.utime(f, (1e9 + age, 1e9 + age))
+    for run in runs.values():
+        os.utime(run, (2e9, 2e9))  # every folder touched later, "older" last of all
+    os.utime(runs["older"], (2e9 + 5, 2e9 + 5))
+    plan = plan_run_dir(cfg)
+    assert plan.path == runs["newer"]
+    assert "done (finished: has results.json)" in plan.note and "older (older)" in plan.note
+    assert "empty (no usable checkpoint)" in plan.note

@@ -1,10 +1,13 @@
 """Run directories: separate per SLURM step / array task / sweep, shared by the ranks of one launch, never
 overwritten; a resume with a changed configuration is refused unless allowed, and then recorded."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from suite_helpers import QUICK, fake_task
+from suite_helpers import QUICK, REPO, fake_task
 
 from transfer.config import compose, validate
 from transfer.engine import apply_hyperparameters
@@ -61,7 +64,7 @@ def test_ranks_of_one_slurm_step_agree_and_steps_arrays_and_sweeps_separate(tmp_
 
 
 def test_a_second_launch_into_the_same_directory_fails_before_writing(tmp_path, launch, capsys):
-    launch(SLURM_JOB_ID=77, SLURM_NTASKS=2, SLURM_PROCID=0)  # e.g. two runs in one batch step, no srun step
+    launch(SLURM_JOB_ID=77, SLURM_NTASKS=2, SLURM_PROCID=0, SLURM_STEP_ID=0)  # the same srun step launched again
     run = _plan(tmp_path, "protocol=finetune_strong")
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
@@ -72,6 +75,58 @@ def test_a_second_launch_into_the_same_directory_fails_before_writing(tmp_path, 
     assert len(err.splitlines()) == 1 and "already holds a run" in err and str(run) in err
     assert sorted(p.name for p in run.rglob("*")) == before
     assert json.loads((run / "results.json").read_text()) == {"first": True}
+
+
+def test_two_runs_of_one_slurm_job_without_a_step_get_their_own_directories(tmp_path, launch, monkeypatch):
+    """python run in a batch script or under salloc: SLURM_JOB_ID and SLURM_NTASKS set, no srun step id."""
+    launch(SLURM_JOB_ID=555, SLURM_NTASKS=4)
+    first, second = _plan(tmp_path), _plan(tmp_path)  # decided before either wrote anything (concurrent runs)
+    assert first != second
+    fake_task(monkeypatch, lambda ctx: TaskOutput(metrics={"test/top1": 50.0}, weights={"source": "random"}))
+    args = [a for a in QUICK if not a.startswith("logger.")]
+    for _ in range(2):
+        assert main([*args, "logger.wandb.mode=offline", f"run.root={tmp_path}"]) == 0
+    done = sorted(p.parent for p in tmp_path.rglob("results.json"))
+    assert len(done) == 2 and done[0] != done[1]
+    assert (done[0] / "wandb_run_id.txt").read_text() != (done[1] / "wandb_run_id.txt").read_text()
+    # torchrun inside the allocation: its ranks still agree, by its run id.
+    launch(SLURM_JOB_ID=555, SLURM_NTASKS=4, WORLD_SIZE=2, RANK=1, TORCHELASTIC_RUN_ID="xyz")
+    assert _plan(tmp_path).name == "job555-torchrun-xyz" == _plan(tmp_path).name
+
+
+_HOLD = """
+import sys
+from transfer.config import compose, validate
+from transfer.rundir import open_run_dir, plan_run_dir
+cfg = validate(compose(sys.argv[2:]))
+record = open_run_dir(cfg, plan_run_dir(cfg), writer=True)  # held while the record lives
+print("claimed", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_directory_in_use_by_a_live_run_is_refused_and_freed_when_it_dies(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    run = tmp_path / "run"
+    args = [*QUICK, f"run.dir={run}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, "x", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        fake_task(monkeypatch, lambda ctx: TaskOutput(metrics={"test/top1": 50.0}, weights={"source": "random"}))
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "in use by a live run" in err and f"pid {holder.pid}" in err, err
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before, "the second run wrote"
+    finally:
+        holder.kill()  # SIGKILL: no cleanup of its own, the kernel drops its lock
+        holder.wait()
+    assert main(args) == 0
+    history = json.loads((run / "history.json").read_text())["processes"]
+    assert [p["status"] for p in history] == ["interrupted", "complete"]
+    assert history[0]["pid"] == holder.pid
 
 
 def test_two_slurm_steps_get_their_own_results_and_wandb_runs(tmp_path, launch, monkeypatch):

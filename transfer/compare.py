@@ -273,7 +273,9 @@ def log_comparison(logger: RunLogger, results: dict[str, Any], *,
     rows = verdict["baselines"]
     if not verdict["comparable"]:
         log.warning("not comparable with published numbers: %s", "; ".join(verdict["comparison"]["reasons"]))
-    if not rows:
+    if not results["metrics"]:
+        log.info("nothing to compare with published baselines: the run produced no metric")
+    elif not rows:
         log.info("no published baselines for task=%s protocol=%s metrics=%s", results["task"],
                  results["protocol"], ", ".join(sorted(results["metrics"])))
     if logger.run is None:

@@ -13,19 +13,21 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar, WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from safetensors.torch import save_file
 
 from transfer.config import TrainerConfig, check_accelerator
 from transfer.errors import ConfigError, TransferError
-from transfer.io import atomic_path, sha256_file
+from transfer.io import atomic_path
 from transfer.reproducible import ReproducibleEpochs
-from transfer.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT, checkpoint_problem
+from transfer.rundir import CHECKPOINT_DIR, LAST_CHECKPOINT, checkpoint_problem, nonfinite_tensors
 from transfer.tasks import RunContext
+from transfer.weights import write_safetensors
 
 FINAL_WEIGHTS = "final.safetensors"
+# What a checkpoint restores into the model and optimisers (WeightAveraging adds the last two).
+RESTORED_STATES = ("state_dict", "optimizer_states", "current_model_state", "averaging_state")
 log = logging.getLogger(__name__)
 
 
@@ -264,23 +266,39 @@ class FiniteLoss(Callback):
 
 
 class FinalWeights(Callback):
-    """The module's weights when training ends, as safetensors (readable without unpickling anything)."""
+    """The module's weights when training ends, as safetensors (readable without unpickling anything).
+
+    They are the same whatever path reached the end: a fit resumed from a checkpoint with no step left (a run
+    resumed after it finished, or killed between its last checkpoint and its end) trains nothing, so Lightning
+    calls no ``on_train_end``; the end-of-training step of a weight-averaging callback (EMA: the averaged
+    weights replace the current ones) is then applied here, to the module that is tested as well.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.written: str | None = None
         self.sha256: str | None = None
+        self._trained = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._trained = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._trained = True
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        if not self._trained:
+            for cb in trainer.callbacks:
+                if isinstance(cb, WeightAveraging) and cb._average_model is not None:
+                    cb.on_train_end(trainer, pl_module)
         state = trainer.strategy.lightning_module_state_dict()  # gathers sharded weights; every rank calls it
         if not trainer.is_global_zero:
             return
         tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()
                    if isinstance(v, torch.Tensor)}
-        with atomic_path(self.path) as tmp:
-            save_file(tensors, str(tmp), metadata={"epochs": str(trainer.current_epoch),
-                                                   "global_step": str(trainer.global_step)})
-        self.written, self.sha256 = str(self.path), sha256_file(self.path)
+        self.sha256 = write_safetensors(tensors, self.path, metadata={"epochs": str(trainer.current_epoch),
+                                                                     "global_step": str(trainer.global_step)})
+        self.written = str(self.path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -289,6 +307,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Written through a Python file object, so a full disk surfaces as ``OSError(ENOSPC)`` (turned into one
     :class:`~transfer.errors.StorageError` line) rather than torch's ``unexpected pos``.
     """
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        """Every checkpoint Lightning reads back (a resume, ``trainer.test(ckpt_path="best")``) is checked first:
+        each zip member's CRC, then the weights and optimiser states it restores must be finite.
+
+        Raises :class:`TransferError` naming the file and the damaged member or tensor.
+        """
+        if problem := checkpoint_problem(Path(path)):
+            raise TransferError(f"cannot read checkpoint {str(path)!r}: {problem}. Move it aside (a resume then starts "
+                                "that part from its start), or use a complete copy of the run.")
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        checkpoint = super().load_checkpoint(path, weights_only=weights_only, **kwargs)
+        used = {k: checkpoint[k] for k in RESTORED_STATES if k in checkpoint}
+        if bad := nonfinite_tensors(used):
+            raise TransferError(f"cannot read checkpoint {str(path)!r}: {len(bad)} tensor(s) hold NaN or inf "
+                                f"({', '.join(bad[:3])}); the run diverged before it was saved. Resume from an "
+                                "earlier checkpoint, or start the run again with a lower protocol.lr.")
+        return checkpoint
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         with atomic_path(path) as tmp:

@@ -33,6 +33,11 @@ _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
 
 
+# 0o666 less the process umask: the mode ``open()`` gives a new file (0644 under the usual umask 022). Read once:
+# changing the umask is process-wide, not safe while other threads create files.
+_MODE = FILE_MODE
+
+
 def storage_error(path: str | os.PathLike, e: OSError) -> StorageError:
     """One line naming ``path`` and the cause; for a full disk, the free space and what to do."""
     code = errno.errorcode.get(e.errno or 0, "")
@@ -61,18 +66,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise storage_error(path, e) from None
     os.close(fd)
     tmp = Path(tmp)
+    failure = None
     try:
         yield tmp
-        # The mode of a file created normally (0644 under the usual umask 022): mkstemp makes 0600, and writers
-        # that recreate the path (safetensors' save_file) do too; results, caches and weights are meant to be shared.
-        os.chmod(tmp, FILE_MODE)
+        # mkstemp makes 0600, and a writer may recreate the file (safetensors does): every file a run leaves gets
+        # the mode of a plain open() under this umask, as results, caches and weights are meant to be shared.
+        os.chmod(tmp, _MODE)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise storage_error(path, e) from None
+        failure = e
     finally:
         tmp.unlink(missing_ok=True)
+    if failure is not None:  # built after the temporary file is gone: the free space it reports is the real one
+        raise storage_error(path, failure) from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

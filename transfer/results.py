@@ -68,7 +68,7 @@ def build_results(cfg, output, wall_time_s: float, run_dir: Path, *, record=None
         "wall_time_s": round(wall_time_s, 3),
         **history,
         "run_dir": str(run_dir),
-        "status": "complete" if output.metrics else "failed",
+        "status": "failed" if unscored(cfg.task.name, output) else "complete",
     }
 
 
@@ -102,6 +102,23 @@ def protocol_config(cfg) -> dict[str, Any]:
 
     values, keys = asdict(cfg.protocol), TASKS.get(cfg.task.adapter).protocol_keys
     return values if keys is None else {k: v for k, v in values.items() if k == "name" or k in keys}
+
+
+def unscored(task: str, output) -> str | None:
+    """Why a task's output is a failed run, or None: no metric at all, or not its primary metric (the number the
+    run exists for, e.g. ``test/top1``) even when others (``val/best``) were produced. A task that knows why
+    (every test image undecodable) says so in ``extra["unscored"]``."""
+    why = output.extra.get("unscored") if isinstance(output.extra, dict) else None
+    counts = f"counts: {dict(output.counts) or 'none'}"
+    primary = output.primary_metric
+    if not output.metrics:
+        return (f"task {task!r} produced no metric{f', not even its primary metric {primary!r}' if primary else ''} "
+                f"({counts}); nothing was scored. " + (f"{why}." if why else "See the log above for what was skipped."))
+    if primary and primary not in output.metrics:
+        only = ", ".join(sorted(output.metrics))
+        return (f"task {task!r} did not produce its primary metric {primary!r} (only {only}; {counts}). "
+                + (f"{why}." if why else "See the log above for what was skipped."))
+    return None
 
 
 def lower_is_better(cfg, metrics: dict[str, float]) -> list[str]:

@@ -24,7 +24,7 @@ from transfer.config import RunConfig, check_top_level_keys, compose, validate
 from transfer.console import setup_logging
 from transfer.errors import ConfigError, TransferError
 from transfer.registry import UnknownNameError
-from transfer.results import build_results, format_metric, format_table, write_results
+from transfer.results import build_results, format_metric, format_table, unscored, write_results
 from transfer.rundir import RESULTS_FILE, RUN_DIR_ENV, config_tree, open_run_dir, plan_run_dir
 from transfer.suite import requested as suite_requested
 from transfer.suite import run_suite
@@ -120,9 +120,7 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
         ctx = RunContext(cfg=cfg, run_dir=run_dir, logger=logger, record=record)
         try:
             output = TASKS.get(cfg.task.adapter).run(ctx)
-            failure = None if output.metrics else (
-                f"task {cfg.task.name!r} produced no metric (counts: {dict(output.counts) or 'none'}); nothing was "
-                "scored. See the log above for what was skipped.")
+            failure = unscored(cfg.task.name, output)
         except TransferError as e:
             if getattr(e, "output", None) is None:
                 raise
@@ -130,7 +128,8 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
             # results.json keeps those counts, without any metric.
             output, failure, error_type = e.output, str(e), type(e)
             output.metrics = {}
-        record.finish("complete" if failure is None else "failed", failure)
+        # history.json is written once results.json is: a full disk at results.json then leaves it "failed".
+        record.finish("complete" if failure is None else "failed", failure, save=False)
         results = build_results(cfg, output, time.time() - start, run_dir, record=record)
         results.update(assess(results))  # comparable or not, and the published rows measured the same way
         if failure:
@@ -140,6 +139,7 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
             if results["metrics"]:
                 print("\n" + format_table([results]), flush=True)  # before the write: a full disk loses nothing
             path = write_results(run_dir, results)
+            record.beat(force=True)
             logger.summary({**results["metrics"], **{f"counts/{k}": v for k, v in results["counts"].items()},
                             "wall_time_s": results["wall_time_s"]})
             log_comparison(logger, results)
@@ -158,6 +158,7 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
         if logger is not None:
             logger.finish()
         os.environ.pop(RUN_DIR_ENV, None)
+        record.close()
     return results
 
 

@@ -9,12 +9,16 @@ Layout of a run directory::
     history/           config.<i>.yaml for process i; results.<i>.json when a resumed run superseded it
     checkpoints/       last.ckpt (the latest epoch), the best epoch, final.safetensors
     wandb/
+    .run.lock          held by the live process that writes the run (two runs never share a directory)
 
 Everything here is decided by :func:`plan_run_dir` before anything is written; :func:`open_run_dir`
 then creates the directory and the records.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import functools
 import json
 import logging
 import os
@@ -30,7 +34,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from transfer.errors import ConfigError, StorageError, TransferError
-from transfer.io import atomic_write_json, atomic_write_text, remove_orphan_temporaries
+from transfer.io import _alive, atomic_write_text, remove_orphan_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ HISTORY_FILE = "history.json"
 HISTORY_DIR = "history"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
+LOCK_FILE = ".run.lock"  # held by the process that writes the run (see claim_run_dir)
 
 # Keys that change how a run is watched, not what it computes: they may differ on resume.
 # (trainer.num_workers: the training epochs do not depend on it, see transfer/reproducible.py.)
@@ -55,20 +60,45 @@ IDENTITY_KEYS = ("task.name", "task.adapter", "task.dataset", "backbone.name", "
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be resumed from (missing, truncated, not a torch checkpoint), or None if it can.
+    """Why ``path`` cannot be resumed from (missing, truncated, damaged, not a torch checkpoint), or None if it can.
 
-    Reads only the zip directory at the end of the file: a file cut short by a copy or a full disk fails.
+    Reads the whole file and checks the CRC-32 of every member of the zip archive (``ZipFile.testzip``):
+    a file cut short by a copy or a full disk fails, and so does one with flipped bytes (the damaged member
+    is named). The answer is remembered while the file's size and modification time stay the same.
     """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return "no such file"
     if not path.is_file():
         return "no such file"
+    return _checkpoint_problem(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _checkpoint_problem(path: str, size: int, mtime_ns: int) -> str | None:
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-    except (zipfile.BadZipFile, OSError) as e:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:  # ValueError: a header field out of range
         return f"not a complete checkpoint ({e})"
+    if bad is not None:
+        return f"damaged: member {bad!r} fails its CRC check (flipped or overwritten bytes)"
     if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         return "not a torch checkpoint (no data.pkl)"
     return None
+
+
+def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
+    """Names (``a/b/c``) of the floating-point tensors in a nested dict/list that hold NaN or inf."""
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        return [prefix or "<tensor>"] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return [name for k, v in items for name in nonfinite_tensors(v, f"{prefix}/{k}" if prefix else str(k))]
 
 
 CHECKPOINT_SUFFIXES = (".ckpt", ".pth")  # Lightning's and Detectron2's training checkpoints (torch zip files)
@@ -100,25 +130,28 @@ def launch_name(sweep_index: int | None = None) -> str | None:
     """A name every rank of one multi-process launch computes alike, or None for a single process.
 
     SLURM: job (or array job), array task and job step; torchrun: its run id (or rendezvous endpoint).
-    The sweep index of ``-m`` keeps the runs of one sweep apart.
+    The sweep index of ``-m`` keeps the runs of one sweep apart. A process of a SLURM job without a job
+    step (run in the batch script or under salloc, not by srun) is a launch of its own: None.
     """
     env = os.environ
     parts: list[str] = []
-    if int(env.get("SLURM_NTASKS") or 1) > 1 and env.get("SLURM_JOB_ID"):
-        if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-            parts += [f"job{env['SLURM_ARRAY_JOB_ID']}", f"task{env['SLURM_ARRAY_TASK_ID']}"]
-        else:
-            parts.append(f"job{env['SLURM_JOB_ID']}")
-        step = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")
-        if step:
-            parts.append(f"step{step}")
+    step = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")
+    slurm = int(env.get("SLURM_NTASKS") or 1) > 1 and env.get("SLURM_JOB_ID")
+    if slurm and env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        job = [f"job{env['SLURM_ARRAY_JOB_ID']}", f"task{env['SLURM_ARRAY_TASK_ID']}"]
+    else:
+        job = [f"job{env['SLURM_JOB_ID']}"] if slurm else []
+    if slurm and step:  # srun started every rank of this step: they all see the same step id
+        parts += [*job, f"step{step}"]
     elif int(env.get("WORLD_SIZE") or 1) > 1:
         run_id = env.get("TORCHELASTIC_RUN_ID", "none")
         if run_id and run_id != "none":
-            parts.append(f"torchrun-{run_id}")
+            parts += [*job, f"torchrun-{run_id}"]
         else:
-            parts.append(f"torchrun-{env.get('MASTER_ADDR', 'local')}-{env.get('MASTER_PORT', '0')}")
+            parts += [*job, f"torchrun-{env.get('MASTER_ADDR', 'local')}-{env.get('MASTER_PORT', '0')}"]
     else:
+        # A process of a SLURM job that srun did not start (the batch script, salloc): nothing marks it apart
+        # from another such process of the job, so it gets a timestamped folder of its own.
         return None
     if sweep_index is not None:
         parts.append(f"sweep{sweep_index}")
@@ -135,21 +168,42 @@ def _timestamped(parent: Path, sweep_index: int | None) -> Path:
     return path
 
 
+def _recorded_time(run: Path) -> float:
+    """When ``run`` last recorded progress: its newest checkpoint, history.json or results.json (files only its
+    own processes write; a folder's mtime also moves when another run clears a temporary file in it)."""
+    ckpts = run / CHECKPOINT_DIR
+    files = [p for p in ckpts.rglob("*") if p.suffix in (*CHECKPOINT_SUFFIXES, ".safetensors")] \
+        if ckpts.is_dir() else []
+    times = []
+    for f in (*files, run / HISTORY_FILE, run / RESULTS_FILE, run / CONFIG_FILE):
+        try:
+            times.append(f.stat().st_mtime)
+        except OSError:
+            pass
+    return max(times, default=float("-inf"))
+
+
 def _pick_resumable(parent: Path) -> tuple[Path, str]:
-    """The newest run under ``parent`` with a usable checkpoint and no results.json; and what was skipped."""
-    runs = sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True) \
-        if parent.is_dir() else []
-    skipped = []
+    """The run under ``parent`` with the newest recorded progress (:func:`_recorded_time`), a usable checkpoint,
+    no results.json and no live process; and a note naming every other candidate and why it was not taken."""
+    runs = sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: (_recorded_time(p), p.name),
+                  reverse=True) if parent.is_dir() else []
+    skipped, chosen = [], None
     for run in runs:
         if (run / RESULTS_FILE).exists():
             skipped.append(f"{run.name} (finished: has {RESULTS_FILE})")
+        elif chosen is not None:  # older: not read through (every checkpoint's CRC), unless it has none at all
+            skipped.append(f"{run.name} (no usable checkpoint)" if _holds_a_run(run) is None else f"{run.name} (older)")
         elif not usable_checkpoints(run):
             skipped.append(f"{run.name} (no usable checkpoint)")
+        elif holder := lock_holder(run):
+            skipped.append(f"{run.name} (in use by a live run: {holder})")
         else:
-            note = f"; skipped newer: {', '.join(skipped)}" if skipped else ""
-            return run, note
+            chosen = run
+    if chosen is not None:
+        return chosen, f"; not taken: {', '.join(skipped)}" if skipped else ""
     raise ConfigError(f"resume=true but no interrupted run with a usable checkpoint is under {str(parent)!r}"
-                      + (f" (found: {', '.join(skipped[:5])})" if skipped else "")
+                      + (f" (found: {', '.join(skipped)})" if skipped else "")
                       + ". Pass the run's directory as run.dir=PATH, or start a new run without resume=true.")
 
 
@@ -198,6 +252,119 @@ def plan_run_dir(cfg, *, sweep_index: int | None = None) -> RunDirPlan:
                           "resolve to the same directory: give each its own srun step or run.dir).")
     changed = config_changes(cfg, path) if cfg.resume else {}
     return RunDirPlan(path, resume=cfg.resume, changed=changed, note=note)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One live run per directory
+
+
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+class RunLock:
+    """The claim of one process on a run directory: ``.run.lock`` held with ``flock`` (released by the kernel when
+    the process ends, however it ends), naming the holder's pid and host. On a file system without ``flock`` the
+    file is created exclusively instead, and a file left by a dead process of this host is taken over."""
+
+    def __init__(self, path: Path, file, flock: bool) -> None:
+        self.path, self._file, self._flock = path, file, flock
+
+    def release(self) -> None:
+        if self._file is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still held: a process that opened it meanwhile retries
+        finally:
+            self._file.close()
+            self._file = None
+
+
+def _holder_text() -> str:
+    since = datetime.now().astimezone().isoformat(timespec="seconds")
+    return f"pid {os.getpid()} on {socket.gethostname()} since {since}"
+
+
+def _in_use(run_dir: Path, holder: str) -> ConfigError:
+    return ConfigError(f"run directory {str(run_dir)!r} is in use by a live run ({holder or 'holder unknown'}); two "
+                       "runs never share a directory. Wait for it to end, or pass another run.dir.")
+
+
+def claim_run_dir(run_dir: Path) -> RunLock:
+    """Claim ``run_dir`` for this process; raises :class:`ConfigError` naming the live run that holds it."""
+    path = Path(run_dir) / LOCK_FILE
+    for _ in range(10):
+        try:
+            f = open(path, "a+")
+        except OSError as e:
+            raise ConfigError(f"cannot create {str(path)!r}: {e.strerror or e}. Pass run.root= or run.dir= on a "
+                              "writable disk.") from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise _in_use(run_dir, holder) from None
+        except OSError as e:
+            f.close()
+            if e.errno not in _NO_FLOCK:
+                raise
+            return _claim_exclusive(path)
+        try:  # the holder before us may have removed the file between our open and our flock
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            f.seek(0)
+            f.truncate()
+            f.write(_holder_text() + "\n")
+            f.flush()
+            return RunLock(path, f, flock=True)
+        f.close()
+    raise _in_use(run_dir, "its lock file keeps changing")
+
+
+def _claim_exclusive(path: Path) -> RunLock:
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = path.read_text(errors="replace").strip() if path.exists() else ""
+            parts = holder.split()
+            if len(parts) >= 4 and parts[2] == socket.gethostname() and parts[1].isdigit() \
+                    and not _alive(int(parts[1])):
+                path.unlink(missing_ok=True)  # left by a killed process of this host
+                continue
+            raise ConfigError(f"run directory {str(path.parent)!r} is in use by {holder or 'another run'} (this file "
+                              f"system has no flock, so a run killed on another host leaves {str(path)!r} behind: "
+                              "delete it if no run is using the directory).") from None
+        f = os.fdopen(fd, "w")
+        f.write(_holder_text() + "\n")
+        f.flush()
+        return RunLock(path, f, flock=False)
+    raise _in_use(path.parent, "")
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """Who holds ``run_dir`` now (pid and host), or None when no live process does. Changes nothing."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        f = open(path)
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "holder unknown"
+        except OSError:  # no flock: the exclusive file of a live process, or of a dead one on this host
+            holder = f.read().strip()
+            parts = holder.split()
+            dead = len(parts) >= 4 and parts[2] == socket.gethostname() and parts[1].isdigit() \
+                and not _alive(int(parts[1]))
+            return None if dead else holder or "holder unknown"
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,6 +446,13 @@ class RunRecord:
         self.processes: list[dict] = self._read() if writer else []
         self.index = len(self.processes)
         self.entry: dict[str, Any] = {}
+        self.lock: RunLock | None = None  # set by open_run_dir for the writing process
+
+    def close(self) -> None:
+        """Let another process claim the run directory (this process's work on it is over)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _read(self) -> list[dict]:
         if not self.path.exists():
@@ -296,6 +470,11 @@ class RunRecord:
         """Record this process and its configuration (``history/config.<i>.yaml`` and ``config.yaml``)."""
         if not self.writer:
             return
+        for earlier in self.processes:  # this process holds the directory: no earlier one is still running
+            if earlier.get("status") == "running":
+                earlier["status"] = "interrupted"
+                earlier.setdefault("error", "the process ended without recording an outcome (killed, or its "
+                                            "last write failed)")
         text = cfg.to_yaml()
         config_rel = f"{HISTORY_DIR}/config.{self.index}.yaml"
         atomic_write_text(self.path.parent / config_rel, text)
@@ -321,19 +500,27 @@ class RunRecord:
             return
         self.entry["wall_time_s"] = round(now - self._start, 3)
         self._last_save = now
+        # Trailing blanks (valid JSON) keep room for the final status when the disk is full (_overwrite_in_place).
+        text = json.dumps({"processes": self.processes}, indent=2, default=str) + "\n" + " " * 1024 + "\n"
         try:
-            atomic_write_json(self.path, {"processes": self.processes})
+            atomic_write_text(self.path, text)
         except StorageError as e:  # the record is a convenience; the run's own writes report the fault
+            if force and self.entry.get("status") != "running" and _overwrite_in_place(self.path, text.rstrip()):
+                return
             if not self._warned:
                 warnings.warn(f"history not updated: {e}", stacklevel=2)
                 self._warned = True
 
-    def finish(self, status: str, error: str | None = None) -> None:
+    def finish(self, status: str, error: str | None = None, *, save: bool = True) -> None:
+        """Record this process's outcome; ``save=False`` only sets it (for results.json), :meth:`beat` writes it."""
         if self.writer and self.entry:
             self.entry["status"] = status
             if error:
                 self.entry["error"] = error
-            self.beat(force=True)
+            if save:
+                self.beat(force=True)
+            else:  # results.json embeds this entry: its time must be as of now, not of the last save
+                self.entry["wall_time_s"] = round(time.monotonic() - self._start, 3)
 
     def wall_time_this_process(self) -> float:
         return time.monotonic() - self._start
@@ -344,16 +531,49 @@ class RunRecord:
         return earlier + self.wall_time_this_process()
 
 
+def _overwrite_in_place(path: Path, text: str) -> bool:
+    """Write ``text`` over ``path`` without a temporary file, padded to the file's size, when it fits there: on a
+    full disk this needs no new block. Not atomic; used only for the final status of history.json."""
+    data = text.encode()
+    try:
+        size = path.stat().st_size
+        if len(data) > size:
+            return False
+        with open(path, "r+b") as f:
+            f.write(data + b" " * (size - len(data)))
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    except OSError:
+        return False
+
+
 def open_run_dir(cfg, plan: RunDirPlan, *, writer: bool) -> RunRecord:
-    """Create the directory, clear interrupted temporaries, keep the superseded results, record this process."""
+    """Create the directory, claim it (:func:`claim_run_dir`: a directory a live run uses is never shared), clear
+    interrupted temporaries, keep the superseded results, record this process. Call ``record.close()`` at the end."""
     try:
         plan.path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create the run directory {str(plan.path)!r}: {e.strerror or e}. Pass run.root= "
                           "or run.dir= on a writable disk.") from None
-    record = RunRecord(plan.path, writer=writer and not plan.inherited)
+    lock = claim_run_dir(plan.path) if writer and not plan.inherited else None  # before anything is read or written
+    try:
+        record = RunRecord(plan.path, writer=writer and not plan.inherited)
+        record.lock = lock
+        _prepare(cfg, plan, record)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return record
+
+
+def _prepare(cfg, plan: RunDirPlan, record: RunRecord) -> None:
     if not record.writer:
-        return record
+        return
+    if not plan.resume and (what := _holds_a_run(plan.path)):  # written by a run that ended since plan_run_dir
+        raise ConfigError(f"run directory {str(plan.path)!r} already holds a run ({what}); nothing was overwritten. "
+                          "Continue it with resume=true, or pass another run.dir.")
     if plan.note:
         log.info("%s", plan.note)
     remove_orphan_temporaries(plan.path)
@@ -374,4 +594,3 @@ def open_run_dir(cfg, plan: RunDirPlan, *, writer: bool) -> RunRecord:
         except OSError as e:
             raise TransferError(f"cannot move {results} aside to {kept}: {e.strerror or e}") from None
     record.start(cfg, plan)
-    return record

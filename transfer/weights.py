@@ -162,7 +162,41 @@ def write_safetensors(sd: Mapping[str, torch.Tensor], path: str | os.PathLike,
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+        _sort_metadata(tmp)
     return sha256_file(path)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Put the ``__metadata__`` entries of a safetensors header in sorted order, in place.
+
+    safetensors writes them in the order of a Rust ``HashMap``, which differs from one write to the next: the
+    same tensors and metadata would give files with different sha256 (final weights of a resumed run, a
+    re-converted checkpoint). Sorting changes no byte count, so the header keeps its length and alignment.
+    """
+    import json
+
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size).decode("utf-8")
+        meta = json.loads(raw).get("__metadata__") or {}
+        if len(meta) < 2:
+            return
+        for order in _orders_in(raw, meta):
+            old = '"__metadata__":' + json.dumps(order, separators=(",", ":"), ensure_ascii=False)
+            if old in raw:
+                new = '"__metadata__":' + json.dumps(dict(sorted(meta.items())), separators=(",", ":"),
+                                                     ensure_ascii=False)
+                f.seek(8)
+                f.write(raw.replace(old, new, 1).encode("utf-8"))
+                return
+
+
+def _orders_in(raw: str, meta: dict) -> list[dict]:
+    """``meta`` with its keys in the order they appear in ``raw`` (JSON keys are quoted, so unambiguous)."""
+    import json
+
+    positions = {k: raw.find(json.dumps(k, ensure_ascii=False) + ":") for k in meta}
+    return [{k: meta[k] for k in sorted(meta, key=positions.__getitem__)}]
 
 
 def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, origin: str,

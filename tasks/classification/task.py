@@ -227,9 +227,36 @@ def _not_comparable(splits: Splits, *more: str) -> dict:
     return {"not_comparable": reasons} if reasons else {}
 
 
+def nothing_scored(sizes: dict[str, int], counts: dict) -> str | None:
+    """The shared check of every protocol: why the run has no number to report, or None.
+
+    ``sizes``: images each split the protocol needs actually contributed (decoded and used), by split name
+    (a key ``"train+val"`` for a k-NN bank). A split with none cannot be fitted on or scored; the run then
+    returns no test metric and fails with this reason (``TaskOutput.extra["unscored"]``), keeping its counts.
+    """
+    empty = [name for name, n in sizes.items() if n == 0]
+    if not empty:
+        return None
+    return (f"no image of the {' and '.join(empty)} split{'s' if len(empty) > 1 else ''} could be used (undecodable "
+            f"images: {counts.get('undecodable_images', 0)}, skipped by the scan: {counts.get('skipped_images', 0)}); "
+            "check the data set files")
+
+
+def _unscored_output(ctx: RunContext, backbone: Backbone, splits: Splits, counts: dict, reason: str,
+                     resolution: int) -> TaskOutput:
+    log.error("%s", reason)
+    return TaskOutput(metrics={}, counts=counts, weights=backbone.weights.as_dict(),
+                      primary_metric=f"test/{ctx.cfg.task.metric}",
+                      extra={"unscored": reason, "resolution": resolution, "preprocess": preprocess_of(ctx.cfg),
+                             **_not_comparable(splits)})
+
+
 def run_linear(ctx: RunContext) -> TaskOutput:
     backbone, splits, resolution = _build(ctx)
     feats = _features(ctx, backbone, splits, resolution)
+    counts = {**splits.counts, **feats["counts"]}
+    if reason := nothing_scored({s: len(feats[s]) for s in ("train", "val", "test")}, counts):
+        return _unscored_output(ctx, backbone, splits, counts, reason, resolution)
     p, task = ctx.cfg.protocol, ctx.cfg.task
     fit = dict(max_iter=p.max_iter, tolerance=p.tolerance)
     grid = l2_grid(p.l2_min, p.l2_max, p.l2_steps)
@@ -263,6 +290,10 @@ def run_knn(ctx: RunContext) -> TaskOutput:
 
     backbone, splits, resolution = _build(ctx)
     feats = _features(ctx, backbone, splits, resolution)
+    counts = {**splits.counts, **feats["counts"]}
+    sizes = {"train+val": len(feats["train"]) + len(feats["val"]), "test": len(feats["test"])}
+    if reason := nothing_scored(sizes, counts):
+        return _unscored_output(ctx, backbone, splits, counts, reason, resolution)
     p, task = ctx.cfg.protocol, ctx.cfg.task
     bank = concat(feats["train"], feats["val"])
     scores = knn_predict(bank, None, feats["test"], splits.num_classes, k=p.k, temperature=p.temperature)
@@ -380,6 +411,10 @@ def run_finetune(ctx: RunContext) -> TaskOutput:
     undecodable.update(module.undecodable)
     counts = {**splits.counts, "undecodable_images": len(undecodable),
               "images_test_scored": module.scored.get("test", 0)}
+    if reason := nothing_scored({"test": counts["images_test_scored"]}, counts):
+        log.error("%s", reason)
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("test/")}
+        extra["unscored"] = reason
     return TaskOutput(metrics=metrics, counts=counts, weights=backbone.weights.as_dict(),
                       primary_metric=f"test/{cfg.task.metric}", extra={**extra, "resumed_from": resumed_from,
                              **progress_of(trainer), **_not_comparable(splits)})

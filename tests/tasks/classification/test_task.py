@@ -1,9 +1,12 @@
 """``python -m transfer.run`` with the classification adapter on tiny data written in the real formats."""
 from __future__ import annotations
 
+import io
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from transfer.run import main as run_main
 
@@ -68,3 +71,41 @@ def test_corrupt_images_above_the_threshold_stop_the_run(tmp_path, image_folder,
     code = run_main([*COMMON, "task=cifar100", f"task.data_dir={image_folder}", f"run.dir={tmp_path / 'r'}"])
     assert code == 2
     assert "unreadable" in capsys.readouterr().err
+
+
+def truncated_jpeg(colour: int) -> bytes:
+    """A real JPEG cut in half (an interrupted download): the header scan passes it, decoding fails."""
+    buf = io.BytesIO()
+    im = np.random.default_rng(colour).integers(0, 60, (96, 96, 3)).astype(np.uint8)
+    im[..., colour] += 180
+    Image.fromarray(im).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("protocol", [
+    ["protocol=linear", "protocol.l2_steps=3", "protocol.extend_decades=0"],
+    ["protocol=knn", "protocol.k=3"],
+    ["protocol=finetune_strong", "trainer.max_epochs=1"]])
+def test_a_run_whose_test_split_scored_nothing_fails_with_its_counts(tmp_path, image_folder, facts, capsys, protocol):
+    """Every test image is a truncated JPEG: no test metric, whatever else (val/best) the protocol computed."""
+    classes, per_class = facts
+    for label, name in enumerate(classes):
+        for old in (image_folder / "test" / name).iterdir():
+            old.unlink()
+        for i in range(per_class["test"]):
+            (image_folder / "test" / name / f"cut{i}.jpg").write_bytes(truncated_jpeg(label))
+    run_dir = tmp_path / "run"
+    code = run_main([*COMMON, "task=oxford_pets", f"task.data_dir={image_folder}", "task.max_bad_fraction=0.5",
+                     *protocol, *(["protocol.cache=false"] if "finetune" not in protocol[0] else []),
+                     f"run.dir={run_dir}"])
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(err) == 1 and stderr.rstrip().endswith(err[0]), err
+    assert "test/mean_per_class" in err[0] and "undecodable" in err[0], err[0]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "failed" and not any(k.startswith("test/") for k in results["metrics"])
+    assert results["counts"]["images_test_scored"] == 0
+    assert results["counts"]["undecodable_images"] == len(classes) * per_class["test"]
+    history = json.loads((run_dir / "history.json").read_text())["processes"]
+    assert history[-1]["status"] == "failed"

@@ -115,13 +115,23 @@ def eval_transform(backbone: Backbone, resolution: int, preprocess: str = "check
 
 def _damage_check(ctx: RunContext, splits: Splits):
     """``check(undecodable_names)``: the images that failed at load time plus those the scan skipped, against
-    ``task.max_bad_fraction`` of the images this run reads."""
+    ``task.max_bad_fraction`` of the images this run reads.
+
+    The scan's skipped images were reported when the data set was read: the check warns (or raises) only when
+    images that failed to decode add to them, once per new count, naming the skipped and the failed files.
+    """
     skipped = splits.counts.get("skipped_images", 0)
     total = skipped + len(splits.train) + len(splits.val) + len(splits.test)
+    reported = [skipped]
 
     def check_undecodable(names) -> None:
-        check_damage(bad=skipped + len(names), total=total, examples=sorted(names), what="unreadable or undecodable",
-                     max_bad_fraction=ctx.cfg.task.max_bad_fraction, origin=f"task {ctx.cfg.task.name}")
+        bad = skipped + len(names)
+        if bad == reported[0]:
+            return
+        reported[0] = bad
+        check_damage(bad=bad, total=total, examples=[*sorted(names), *splits.skipped_examples],
+                     what="unreadable or undecodable", max_bad_fraction=ctx.cfg.task.max_bad_fraction,
+                     origin=f"task {ctx.cfg.task.name}")
     return check_undecodable
 
 

@@ -6,9 +6,12 @@
 For each N, a fresh process writes N tiny PNG images (8 px, real on-disk format), extracts their features into
 safetensors shards through the Lightning engine (``tasks.classification.features.extract_split``), then runs,
 streamed from the shards (nothing held whole): the principal basis and one L-BFGS fit of the linear probe, and
-k-NN of 1,000 queries against the N-row bank. It prints images/s of the extraction, seconds of the probe and
-k-NN, the peak resident set size (``ru_maxrss``) and the size of the features on disk. Flat peak RSS while the
-features grow is the point; figures describe this machine at this moment, never pass/fail.
+k-NN of 1,000 queries (the first rows of every shard, in equal numbers) against the N-row bank. It prints
+images/s of the extraction, seconds of the probe and k-NN, the size of the features on disk, and peak resident
+set sizes (``ru_maxrss``): of the main process, and of the largest loader worker (``RUSAGE_CHILDREN``; the
+workers end with the extraction). Host memory at the peak is at most main + workers x largest worker; with
+``--workers 0`` the main process is everything. Flat peak RSS while the features grow is the point; figures
+describe this machine at this moment, never pass/fail.
 """
 from __future__ import annotations
 
@@ -66,8 +69,14 @@ def one_size(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         fit_logistic(rows, None, 10, 1.0, max_iter=args.probe_iterations)
         probe = time.perf_counter() - start
-        queries = Rows.from_tensors(rows.parts[0].read(0, min(1000, rows.parts[0].length)),
-                                    rows.labels[:1000], chunk_rows=args.chunk_rows)
+        per_part = -(-1000 // len(rows.parts))  # queries from every shard, not only the first
+        picked, offset = [], 0
+        for part in rows.parts:
+            picked.append((part, offset, min(per_part, part.length)))
+            offset += part.length
+        q = torch.cat([part.read(0, n) for part, _, n in picked])[:1000]
+        q_labels = torch.cat([rows.labels[o:o + n] for _, o, n in picked])[:1000]
+        queries = Rows.from_tensors(q, q_labels, chunk_rows=args.chunk_rows)
         start = time.perf_counter()
         knn_predict(rows, None, queries, 10, k=20, temperature=0.07)
         knn = time.perf_counter() - start
@@ -75,7 +84,8 @@ def one_size(args: argparse.Namespace) -> dict:
     return {"n": args.n, "images_per_s": args.n / extraction, "probe_s": probe, "knn_s": knn,
             "rss_import_mib": baseline / 1024, "rss_extraction_mib": rss_extraction / 1024,
             "rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "features_mib": disk / 2**20}
+            "rss_worker_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            "queries": len(q), "features_mib": disk / 2**20}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,16 +107,17 @@ def main(argv: list[str] | None = None) -> None:
           f"batch {args.batch}, {args.workers} loader workers, shards of {args.shard_images} images, chunks of "
           f"{args.chunk_rows} rows, float32")
     print(f"command: python bench/bench_features.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
-    print("| N | extraction images/s | probe fit s | k-NN s | features on disk MiB | peak RSS MiB "
-          "| RSS after import MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| N | extraction images/s | probe fit s | k-NN s (queries) | features on disk MiB | peak RSS main MiB "
+          "| peak RSS largest worker MiB | RSS after import MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     base = [a for a in (argv if argv is not None else sys.argv[1:])]
     for n in args.sizes:
         out = subprocess.run([sys.executable, __file__, *base, "--n", str(n)], capture_output=True, text=True,
                              env={"PYTHONPATH": str(REPO), **_env()}, check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        print(f"| {n} | {r['images_per_s']:.1f} | {r['probe_s']:.2f} | {r['knn_s']:.2f} | {r['features_mib']:.1f} | "
-              f"{r['rss_peak_mib']:.0f} | {r['rss_import_mib']:.0f} |", flush=True)
+        print(f"| {n} | {r['images_per_s']:.1f} | {r['probe_s']:.2f} | {r['knn_s']:.2f} ({r['queries']}) | "
+              f"{r['features_mib']:.1f} | {r['rss_peak_mib']:.0f} | {r['rss_worker_peak_mib']:.0f} | "
+              f"{r['rss_import_mib']:.0f} |", flush=True)
 
 
 def _env() -> dict:

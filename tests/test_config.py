@@ -150,3 +150,24 @@ def test_bad_value_through_the_command_line_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "trainer.strategy='nonsense'" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("protocol", ["linear", "knn"])
+@pytest.mark.parametrize("override, named, fine", [
+    ("protocol.resident_mb=nan", "protocol.resident_mb=nan (a finite number of MiB, 0 or more)", "shard_images"),
+    ("protocol.resident_mb=inf", "protocol.resident_mb=inf (a finite number of MiB, 0 or more)", "chunk_rows"),
+    ("protocol.resident_mb=-1", "protocol.resident_mb=-1.0 (a finite number of MiB, 0 or more)", "shard_images"),
+    ("protocol.shard_images=0", "protocol.shard_images=0 (an integer of at least 1)", "resident_mb"),
+    ("protocol.chunk_rows=-3", "protocol.chunk_rows=-3 (an integer of at least 1)", "shard_images"),
+])
+def test_memory_keys_refuse_bad_values_naming_only_the_bad_key(protocol, override, named, fine):
+    with pytest.raises(ConfigError) as err:
+        validate(compose([f"protocol={protocol}", override]))
+    assert named in str(err.value) and fine not in str(err.value), str(err.value)
+
+
+def test_valid_keys_of_a_type_error_are_the_schema_fields_only():
+    with pytest.raises(ConfigError) as err:
+        validate(compose(["protocol=linear", "protocol.l2_min=abc"]))
+    listed = str(err.value).split("valid keys: ")[1]
+    assert listed.startswith("name, l2_min,") and "PUBLISHED_KEYS" not in listed and "shard_images" in listed, listed

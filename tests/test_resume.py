@@ -142,7 +142,8 @@ def test_resume_picks_the_newest_run_with_a_usable_checkpoint_and_says_which(tmp
     plan = plan_run_dir(cfg)
     assert plan.path == runs["good"]
     assert str(runs["good"]) in plan.note
-    assert "truncated (no usable checkpoint)" in plan.note and "orphan (no usable checkpoint)" in plan.note
+    assert "truncated (no usable checkpoint or feature shard)" in plan.note
+    assert "orphan (no usable checkpoint or feature shard)" in plan.note
     assert "finished (finished: has results.json)" in plan.note
 
     shutil.rmtree(runs["good"])

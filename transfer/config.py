@@ -5,6 +5,7 @@ directory and handed down, each part getting only its own section.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,7 +270,6 @@ _ABSENT = object()
 
 def _nested_schemas(schema: type) -> dict[str, type]:
     """The fields of dataclass ``schema`` whose type is itself a dataclass (``logger.wandb``)."""
-    import dataclasses
     import typing
 
     try:
@@ -285,7 +285,7 @@ def unknown_keys(schema: type, node: Any, where: str) -> None:
     closest field (``trainer.max_epoch=3``: did you mean ``trainer.max_epochs=3``) and the valid ones."""
     if not isinstance(node, DictConfig):
         return
-    fields = list(schema.__dataclass_fields__)
+    fields = field_names(schema)
     nested = _nested_schemas(schema)
     for key in node.keys():
         key = str(key)
@@ -299,6 +299,11 @@ def unknown_keys(schema: type, node: Any, where: str) -> None:
             unknown_keys(nested[key], node[key], f"{where}.{key}")
 
 
+def field_names(schema: type) -> list[str]:
+    """The configurable keys of a dataclass schema: its fields, never its ``ClassVar`` constants."""
+    return [f.name for f in dataclasses.fields(schema)]
+
+
 def _typed(schema: type, node: Any, where: str) -> Any:
     unknown_keys(schema, node, where)
     try:
@@ -307,7 +312,7 @@ def _typed(schema: type, node: Any, where: str) -> Any:
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
         raise ConfigError(f"invalid {where} configuration: {msg} (valid keys: "
-                          f"{', '.join(schema.__dataclass_fields__)})") from None
+                          f"{', '.join(field_names(schema))})") from None
 
 
 def validate(raw: DictConfig) -> RunConfig:

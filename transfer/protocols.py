@@ -1,6 +1,7 @@
 """Transfer protocols and their typed settings, shared by every task that supports them."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -15,9 +16,13 @@ PROTOCOLS: Registry[type] = Registry("protocol")
 
 
 def _check_memory_keys(cfg) -> None:
-    if cfg.shard_images < 1 or cfg.chunk_rows < 1 or cfg.resident_mb < 0:
-        raise ConfigError(f"protocol.shard_images={cfg.shard_images} and protocol.chunk_rows={cfg.chunk_rows} must "
-                          f"be at least 1 and protocol.resident_mb={cfg.resident_mb} 0 or more.")
+    """Refuse sizes that cannot bound anything: naming each bad key with its valid range."""
+    bad = [f"protocol.{k}={getattr(cfg, k)} (an integer of at least 1)" for k in ("shard_images", "chunk_rows")
+           if getattr(cfg, k) < 1]
+    if not math.isfinite(cfg.resident_mb) or cfg.resident_mb < 0:
+        bad.append(f"protocol.resident_mb={cfg.resident_mb} (a finite number of MiB, 0 or more)")
+    if bad:
+        raise ConfigError(f"invalid {', '.join(bad)}.")
 
 
 @PROTOCOLS.register("linear")
@@ -49,7 +54,7 @@ class LinearProtocolConfig:
     max_iter: int = 200
     tolerance: float = 1e-6
     cache: bool = True
-    # Bounded memory (docs/classification.md, "Many GPUs and large data sets"): images per cache shard, feature
+    # Bounded memory (docs/classification.md, paragraph "Bounded memory"): images per cache shard, feature
     # rows per chunk of the fit / k-NN, and the size up to which a split's features are held on the device.
     shard_images: int = 8192
     chunk_rows: int = 65536
@@ -78,7 +83,7 @@ class KnnProtocolConfig:
     k: int = 20
     temperature: float = 0.07
     cache: bool = True
-    # Bounded memory (docs/classification.md, "Many GPUs and large data sets"): images per cache shard, feature
+    # Bounded memory (docs/classification.md, paragraph "Bounded memory"): images per cache shard, feature
     # rows per chunk of the fit / k-NN, and the size up to which a split's features are held on the device.
     shard_images: int = 8192
     chunk_rows: int = 65536

@@ -8,6 +8,8 @@ Layout of a run directory::
                        checkpoint it resumed from, the config keys it changed, its status
     history/           config.<i>.yaml for process i; results.<i>.json when a resumed run superseded it
     checkpoints/       last.ckpt (the latest epoch), the best epoch, final.safetensors
+    features/          frozen protocols with protocol.cache=false: finished feature shards
+                       (<split folder>/shard-<i>-of-<n>.safetensors)
     wandb/
     .run.lock          held by the live process that writes the run (two runs never share a directory)
 
@@ -46,6 +48,7 @@ HISTORY_DIR = "history"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 LOCK_FILE = ".run.lock"  # held by the process that writes the run (see claim_run_dir)
+FEATURE_DIR = "features"  # tasks/classification/features.py cache_path(run_dir, key) with protocol.cache=false
 
 # Keys that change how a run is watched, not what it computes: they may differ on resume.
 # (trainer.num_workers: the training epochs do not depend on it, see transfer/reproducible.py.)
@@ -111,6 +114,20 @@ def usable_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES and checkpoint_problem(p) is None)
+
+
+def feature_shards(run_dir: Path) -> list[Path]:
+    """Every finished feature shard a frozen protocol (linear probe, k-NN) wrote into ``run_dir`` under
+    ``protocol.cache=false``: ``features/<split folder>/shard-*.safetensors`` (a shard is written atomically,
+    so an unfinished one is only a temporary file). The protocol checks each one's key and sha256 on reuse."""
+    root = Path(run_dir) / FEATURE_DIR
+    return sorted(p for p in root.glob("*/shard-*.safetensors") if p.is_file()) if root.is_dir() else []
+
+
+def resumable_state(run_dir: Path) -> list[Path]:
+    """What ``resume=true`` continues from: complete training checkpoints (:func:`usable_checkpoints`) and
+    finished feature shards (:func:`feature_shards`)."""
+    return usable_checkpoints(run_dir) + feature_shards(run_dir)
 
 
 def _holds_a_run(path: Path) -> str | None:
@@ -194,15 +211,16 @@ def _pick_resumable(parent: Path) -> tuple[Path, str]:
             skipped.append(f"{run.name} (finished: has {RESULTS_FILE})")
         elif chosen is not None:  # older: not read through (every checkpoint's CRC), unless it has none at all
             skipped.append(f"{run.name} (no usable checkpoint)" if _holds_a_run(run) is None else f"{run.name} (older)")
-        elif not usable_checkpoints(run):
-            skipped.append(f"{run.name} (no usable checkpoint)")
+        elif not resumable_state(run):
+            skipped.append(f"{run.name} (no usable checkpoint or feature shard)")
         elif holder := lock_holder(run):
             skipped.append(f"{run.name} (in use by a live run: {holder})")
         else:
             chosen = run
     if chosen is not None:
         return chosen, f"; not taken: {', '.join(skipped)}" if skipped else ""
-    raise ConfigError(f"resume=true but no interrupted run with a usable checkpoint is under {str(parent)!r}"
+    raise ConfigError("resume=true but no interrupted run with a usable checkpoint or finished feature shards is "
+                      f"under {str(parent)!r}"
                       + (f" (found: {', '.join(skipped)})" if skipped else "")
                       + ". Pass the run's directory as run.dir=PATH, or start a new run without resume=true.")
 
@@ -230,17 +248,22 @@ def plan_run_dir(cfg, *, sweep_index: int | None = None) -> RunDirPlan:
     note = ""
     if cfg.run.dir:
         path = Path(cfg.run.dir).expanduser()
-        if cfg.resume and not usable_checkpoints(path):
+        if cfg.resume and not resumable_state(path):
             found = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())[:5] \
                 if path.is_dir() else []
             raise ConfigError(f"resume=true but run.dir={str(path)!r} holds no usable checkpoint under "
-                              f"{CHECKPOINT_DIR}/ (found: {found or 'nothing'}); the run stopped before its "
-                              "first checkpoint, or this is not its directory. Run without resume=true to start "
-                              "it afresh.")
+                              f"{CHECKPOINT_DIR}/ and no finished feature shard under {FEATURE_DIR}/ (found: "
+                              f"{found or 'nothing'}); the run stopped before its first checkpoint, or this is not "
+                              "its directory. Run without resume=true to start it afresh.")
     elif cfg.resume:
         path, skipped = _pick_resumable(parent)
-        newest = max(usable_checkpoints(path), key=lambda p: p.stat().st_mtime)
-        note = f"resume=true: continuing {path} (newest checkpoint {newest.relative_to(path)}){skipped}"
+        state = usable_checkpoints(path)
+        if state:
+            newest = max(state, key=lambda p: p.stat().st_mtime)
+            what = f"newest checkpoint {newest.relative_to(path)}"
+        else:
+            what = f"{len(feature_shards(path))} finished feature shard(s) under {FEATURE_DIR}/"
+        note = f"resume=true: continuing {path} ({what}){skipped}"
     else:
         name = launch_name(sweep_index)
         path = parent / name if name else _timestamped(parent, sweep_index)

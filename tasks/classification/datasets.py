@@ -47,6 +47,7 @@ class Splits:
     not_comparable: list[str] = field(default_factory=list)
     source_id: str = ""  # digest of the data read (sources.Source.identity): part of the feature cache key
     label_column: str = ""  # where the labels came from: part of the feature cache key
+    skipped_examples: list[str] = field(default_factory=list)  # names of a few images the scan skipped
 
 
 DATASETS: Registry[Callable[[ClassificationTaskConfig], Splits]] = Registry("dataset")
@@ -185,7 +186,8 @@ def build_from_spec(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Splits:
     cut = lambda ds: limit(ds, cfg.limit_per_split, cfg.split_seed)  # noqa: E731
     splits = Splits(train=cut(train), val=cut(val), test=cut(source.splits[test_name].dataset), num_classes=num_classes,
                     class_names=source.class_names, val_held_out=val_name is None, counts=counts,
-                    not_comparable=not_comparable, source_id=source.identity, label_column=source.label_column)
+                    not_comparable=not_comparable, source_id=source.identity, label_column=source.label_column,
+                    skipped_examples=[e for s in source.splits.values() for e in s.skipped_examples][:5])
     counts.update({f"images_{k}": len(getattr(splits, k)) for k in ("train", "val", "test")})
     return splits
 

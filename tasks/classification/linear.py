@@ -20,7 +20,9 @@ chunk (``tasks/classification/rows.py``). The mean and the (D, D) Gram matrix of
 chunks, and every L-BFGS evaluation sums the loss and its gradient over chunks (one backward per chunk, the
 gradients accumulate), so the fit holds one chunk's (n, D) features, (n, K) coordinates and (n, C) logits
 plus the (D, D) basis and the (C, D) weights at a time. The sums differ from the one-block sums only in their
-order of addition.
+order of addition, so a chunked fit gives the one-block predictions up to numerical ties at the fit's float32
+precision: L-BFGS stops at a tolerance, and a test image whose two best logits lie within that noise may be
+predicted the other way (:func:`near_ties` counts them; the task reports ``counts.test_near_ties``).
 """
 from __future__ import annotations
 
@@ -37,6 +39,18 @@ from tasks.classification.rows import Rows, as_rows
 
 # Relative eigenvalue below which a direction of the training features counts as empty.
 RANK_TOLERANCE = 1e-10
+# Top-2 logit margin (logit units) below which a prediction counts as a near tie: the float32 L-BFGS fit stops
+# at a relative tolerance, so a fit by chunks (or on another device) may break such a tie the other way.
+NEAR_TIE_MARGIN = 1e-3
+
+
+def near_ties(logits: torch.Tensor, margin: float = NEAR_TIE_MARGIN) -> int:
+    """How many rows of (N, C) ``logits`` have their two largest values closer than ``margin``: predictions
+    that numerical noise of the fit can flip (0 when C < 2)."""
+    if logits.shape[0] == 0 or logits.shape[1] < 2:
+        return 0
+    top = logits.topk(2, dim=1).values
+    return int((top[:, 0] - top[:, 1] < margin).sum())
 
 
 @dataclass

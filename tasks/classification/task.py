@@ -25,7 +25,7 @@ from tasks.classification.config import ClassificationTaskConfig
 from tasks.classification.datasets import DATASETS, SPECS, Splits, Transformed
 from tasks.classification.features import cache_key, cache_path, digest, extract_split
 from tasks.classification.finetune import ClassificationData, FinetuneModule
-from tasks.classification.linear import fit_logistic, l2_grid, search_l2
+from tasks.classification.linear import NEAR_TIE_MARGIN, fit_logistic, l2_grid, near_ties, search_l2
 from tasks.classification.metrics import SCORERS, classification_metrics
 from tasks.classification.rows import concat
 from tasks.classification.sources import check_damage, items_digest, labels_of
@@ -115,13 +115,23 @@ def eval_transform(backbone: Backbone, resolution: int, preprocess: str = "check
 
 def _damage_check(ctx: RunContext, splits: Splits):
     """``check(undecodable_names)``: the images that failed at load time plus those the scan skipped, against
-    ``task.max_bad_fraction`` of the images this run reads."""
+    ``task.max_bad_fraction`` of the images this run reads.
+
+    The scan's skipped images were reported when the data set was read: the check warns (or raises) only when
+    images that failed to decode add to them, once per new count, naming the skipped and the failed files.
+    """
     skipped = splits.counts.get("skipped_images", 0)
     total = skipped + len(splits.train) + len(splits.val) + len(splits.test)
+    reported = [skipped]
 
     def check_undecodable(names) -> None:
-        check_damage(bad=skipped + len(names), total=total, examples=sorted(names), what="unreadable or undecodable",
-                     max_bad_fraction=ctx.cfg.task.max_bad_fraction, origin=f"task {ctx.cfg.task.name}")
+        bad = skipped + len(names)
+        if bad == reported[0]:
+            return
+        reported[0] = bad
+        check_damage(bad=bad, total=total, examples=[*sorted(names), *splits.skipped_examples],
+                     what="unreadable or undecodable", max_bad_fraction=ctx.cfg.task.max_bad_fraction,
+                     origin=f"task {ctx.cfg.task.name}")
     return check_undecodable
 
 
@@ -274,11 +284,17 @@ def run_linear(ctx: RunContext) -> TaskOutput:
         log.warning("not comparable: %s", edge_reasons[-1])
     trainval = concat(feats["train"], feats["val"])
     model = fit_logistic(trainval, None, splits.num_classes, best, init=chosen, **fit)  # warm: the train-only fit
-    metrics = classification_metrics(model.logits(feats["test"]), feats["test"].labels, splits.num_classes, "test")
+    logits = model.logits(feats["test"])  # (N_test, C)
+    metrics = classification_metrics(logits, feats["test"].labels, splits.num_classes, "test")
+    ties = near_ties(logits)
+    if ties:
+        log.warning("linear: %d of %d test predictions are near ties (top-2 logit margin below %g): the fit's "
+                    "float32 precision, chunking or device may predict them the other way", ties, len(logits),
+                    NEAR_TIE_MARGIN)
     metrics["val/best"] = max(score for _, score in curve)
     ctx.logger.table("linear/l2_sweep", ["l2", f"val/{task.metric}"], [list(c) for c in curve])
     ctx.logger.summary({"linear/l2_at_grid_edge": search.edge or "none"})
-    return TaskOutput(metrics=metrics, counts={**splits.counts, **feats["counts"]},
+    return TaskOutput(metrics=metrics, counts={**splits.counts, **feats["counts"], "test_near_ties": ties},
                       weights=backbone.weights.as_dict(), primary_metric=f"test/{task.metric}",
                       extra={"best_l2": best, "l2_curve": curve, "l2_search": search.as_dict(),
                              "resolution": resolution, "preprocess": preprocess_of(ctx.cfg),

@@ -128,3 +128,26 @@ def test_limit_per_split_through_a_local_copy(image_folder):
         assert sum(some.values()) == min(4, sum(every.values()))
         assert len(some) == min(4, len(every)), (split, some, every)  # spread over the classes, not the first ones
     assert any("stratified sample of 4" in r for r in cut.not_comparable)
+
+
+def test_damage_check_warns_once_per_new_count_naming_the_files(image_folder, caplog):
+    # The scan skipped broken.jpg (reported when the data set was read): checking split after split with no
+    # decode failure repeats nothing; a failure at decode time warns once, naming it and the skipped file.
+    from types import SimpleNamespace
+
+    from tasks.classification.task import _damage_check
+
+    splits = DATASETS.get("cifar100")(config(image_folder))
+    assert splits.skipped_examples and splits.skipped_examples[0].endswith("broken.jpg")
+    ctx = SimpleNamespace(cfg=SimpleNamespace(task=config(image_folder)))
+    check = _damage_check(ctx, splits)
+    caplog.clear()  # the loader's own warning names broken.jpg
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            check(set())
+        assert not [r for r in caplog.records if "skipped" in r.getMessage()]
+        check({"train/a/late.png"})
+        check({"train/a/late.png"})
+    (warning,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "skipped 2 unreadable or undecodable image(s)" in warning
+    assert "late.png" in warning and "broken.jpg" in warning and "[]" not in warning

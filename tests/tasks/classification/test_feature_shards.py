@@ -163,3 +163,47 @@ def test_sigkilled_extraction_resumes_from_its_finished_shards(tmp_path, image_f
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     resumed, whole = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("b", "fresh"))
     assert resumed["metrics"] == whole["metrics"]
+
+
+@pytest.mark.e2e
+def test_killed_run_with_shards_in_its_folder_continues_with_resume_true(tmp_path, image_folder):
+    # protocol.cache=false: the shards live in the run's folder, so the same command would start a new folder;
+    # resume=true picks the killed run (it has finished shards, no checkpoint) and reuses them.
+    args = [*COMMON, "task=oxford_pets", f"task.data_dir={image_folder}", "protocol.cache=false",
+            f"run.root={tmp_path / 'runs'}"]
+    env = {"KILL_MARKER": str(tmp_path / "killed"), "KILL_AT_ITEM": "7"}
+    killed = cli(tmp_path, *args, env=env, script=KILLING_RUN)
+    assert killed.returncode == -9 and (tmp_path / "killed").exists()
+    (run,) = (tmp_path / "runs" / "oxford_pets" / "rs50-knn").iterdir()
+    (train_dir,) = [d for d in (run / "features").iterdir() if "-train-" in d.name]
+    finished = {p.name: p.stat().st_mtime_ns for p in train_dir.glob("shard-*.safetensors")}
+    assert len(finished) == 2
+    resumed = cli(tmp_path, *args, "resume=true", env=env, script=KILLING_RUN)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resume=true: continuing {run} (2 finished feature shard(s) under features/)" in resumed.stderr
+    assert [p.name for p in (tmp_path / "runs" / "oxford_pets" / "rs50-knn").iterdir()] == [run.name]
+    assert {p.name: p.stat().st_mtime_ns for p in train_dir.glob("shard-*.safetensors")
+            if p.name in finished} == finished  # reused, not rewritten
+    results = json.loads((run / "results.json").read_text())
+    assert results["counts"]["feature_shards_reused"] == 2
+    assert [p["resume"] for p in json.loads((run / "history.json").read_text())["processes"]] == [False, True]
+
+
+def test_resume_with_run_dir_accepts_a_folder_of_finished_feature_shards_only(tmp_path):
+    from transfer.config import compose, validate
+    from transfer.errors import ConfigError
+    from transfer.rundir import plan_run_dir
+
+    run = tmp_path / "run"
+    split = run / "features" / "rs50-oxford_pets-train-0123456789abcdef"
+    split.mkdir(parents=True)
+    (split / ".shard-00000-of-00002.safetensors.vm.99.ab.tmp").write_bytes(b"\0")  # a killed write: not a shard
+    cfg = validate(compose(["task=oxford_pets", "task.data_dir=/tmp", "protocol=knn", f"run.dir={run}",
+                            "resume=true"]))
+    with pytest.raises(ConfigError, match="no finished feature shard under features/"):
+        plan_run_dir(cfg)
+    key = cache_key(backbone="rs50", dataset="oxford_pets", split="train")
+    write_cache(shard_file(split, 0, 2), shard_key(key, 0, 0, 2),
+                SplitFeatures(torch.zeros(2, 4), torch.zeros(2, dtype=torch.int64), torch.arange(2)))
+    plan = plan_run_dir(cfg)
+    assert plan.path == run and plan.resume

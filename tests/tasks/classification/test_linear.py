@@ -8,7 +8,15 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from tasks.classification.linear import cross_entropy_sum, fit_logistic, l2_grid, principal_basis, sweep_l2
+from tasks.classification.linear import (
+    NEAR_TIE_MARGIN,
+    cross_entropy_sum,
+    fit_logistic,
+    l2_grid,
+    near_ties,
+    principal_basis,
+    sweep_l2,
+)
 from tasks.classification.metrics import top1
 
 
@@ -128,3 +136,13 @@ def test_agrees_with_sklearn_on_backbone_features_of_digits(digits_backbone_feat
     ours = fit_logistic(*train, 10, l2, max_iter=1000, tolerance=1e-6)
     theirs, _ = sklearn_accuracy(train, test, l2)
     assert abs(top1(ours.logits(test[0]), test[1]) - theirs) <= 0.5
+
+
+def test_near_ties_count_predictions_within_the_margin_of_the_runner_up():
+    logits = torch.tensor([[1.0, 1.0 + NEAR_TIE_MARGIN / 2, 0.0],  # tie between classes 0 and 1
+                           [2.0, 0.0, 0.0],  # clear
+                           [0.3, 0.3, 0.3],  # exact three-way tie
+                           [0.0, -5.0, 2.0 * NEAR_TIE_MARGIN]])  # margin 2x the tolerance: clear
+    assert near_ties(logits) == 2
+    assert near_ties(logits, margin=3 * NEAR_TIE_MARGIN) == 3
+    assert near_ties(torch.zeros(0, 3)) == 0 and near_ties(torch.zeros(4, 1)) == 0

@@ -40,6 +40,8 @@ def test_linear_probe_reuses_its_feature_cache(tmp_path, saved_to_disk):
     assert searched[0] == min(c[0] for c in first["extra"]["l2_curve"]) and searched[1] >= 1e5 * (1 - 1e-9)
     assert first["extra"]["preprocess"] == "paper"  # cifar100 is compared with the SimCLR/BYOL linear rows
     assert first["counts"]["undecodable_images"] == 0 and first["counts"]["images_test_scored"] == 9
+    assert 0 <= first["counts"]["test_near_ties"] <= 9 and second["counts"]["test_near_ties"] == \
+        first["counts"]["test_near_ties"]
     assert first["extra"]["best_l2"] in [c[0] for c in first["extra"]["l2_curve"]]
 
 

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from detection_copies import detection_data_overrides
 from suite_helpers import QUICK, REPO, fake_task, run_cli
 
 from transfer.backbones import BACKBONES
@@ -289,7 +290,10 @@ def test_every_adapter_still_composes_after_the_key_checks(tmp_path):
     load_adapters()
     for task in recipe_names("task"):
         protocol = TASKS.get(str(compose([f"task={task}"]).task.adapter)).protocols[0]
-        validate(compose([f"task={task}", f"protocol={protocol}", f"task.data_dir={tmp_path}"]))
+        adapter = str(compose([f"task={task}"]).task.adapter)
+        data = (detection_data_overrides(task, tmp_path / task) if adapter == "detection"
+                else [f"task.data_dir={tmp_path}"])
+        validate(compose([f"task={task}", f"protocol={protocol}", *data]))
     with pytest.raises(ConfigError):
         validate(compose(["task.no_such_key=1"]))
 

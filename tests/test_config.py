@@ -1,5 +1,6 @@
 """Every recipe composes into a valid typed config; bad input fails before any data or model work."""
 import pytest
+from detection_copies import detection_data_overrides
 
 from transfer.backbones import BACKBONES
 from transfer.config import RECIPES_DIR, RunConfig, compose, recipe_names, validate
@@ -23,7 +24,10 @@ def _first_protocol(task: str) -> str:
 def test_every_task_recipe_composes(task, tmp_path):
     overrides = [f"task={task}", f"protocol={_first_protocol(task)}"]
     if task != "digits":  # every other task reads a local copy; config checks only that one is named
-        overrides.append(f"task.data_dir={tmp_path}")
+        adapter = str(compose([f"task={task}"]).task.adapter)
+        # detection checks its copy's layout and classes before a run starts: give it a tiny real one
+        overrides += (detection_data_overrides(task, tmp_path) if adapter == "detection"
+                      else [f"task.data_dir={tmp_path}"])
     cfg = validate(compose(overrides))
     assert isinstance(cfg, RunConfig) and cfg.task.name == task
 

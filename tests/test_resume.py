@@ -325,4 +325,4 @@ def test_resume_orders_runs_by_their_recorded_progress_not_folder_times(tmp_path
     plan = plan_run_dir(cfg)
     assert plan.path == runs["newer"]
     assert "done (finished: has results.json)" in plan.note and "older (older)" in plan.note
-    assert "empty (no usable checkpoint)" in plan.note
+    assert "empty (no usable checkpoint or feature shard)" in plan.note

@@ -210,7 +210,8 @@ def _pick_resumable(parent: Path) -> tuple[Path, str]:
         if (run / RESULTS_FILE).exists():
             skipped.append(f"{run.name} (finished: has {RESULTS_FILE})")
         elif chosen is not None:  # older: not read through (every checkpoint's CRC), unless it has none at all
-            skipped.append(f"{run.name} (no usable checkpoint)" if _holds_a_run(run) is None else f"{run.name} (older)")
+            skipped.append(f"{run.name} (no usable checkpoint or feature shard)"
+                           if _holds_a_run(run) is None and not feature_shards(run) else f"{run.name} (older)")
         elif not resumable_state(run):
             skipped.append(f"{run.name} (no usable checkpoint or feature shard)")
         elif holder := lock_holder(run):

@@ -59,3 +59,15 @@ def test_online_without_a_key_in_a_terminal_logs_offline_instead_of_prompting(tm
     assert "MODE offline ISATTY True" in out
     assert "no usable API key" in out and "wandb sync" in out
     assert list((tmp_path / "wandb").glob("offline-run-*")), "the run is kept offline for a later upload"
+
+
+def test_an_empty_wandb_variable_counts_as_unset(tmp_path):
+    """`WANDB_MODE=` exported empty: wandb would stop with a validation traceback; the run logs offline."""
+    script = SCRIPT.replace('mode="online"', 'mode="offline"')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(PYTHONPATH=str(REPO), HOME=str(tmp_path), WANDB_MODE="", WANDB_DIR=str(tmp_path),
+               WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MODE offline" in done.stdout

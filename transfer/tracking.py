@@ -47,6 +47,10 @@ class RunLogger:
             return
         import wandb
 
+        # An exported-but-empty WANDB_* variable (`WANDB_MODE=`) means "not set" to a shell user, but wandb
+        # validates it as a value and stops with a pydantic traceback; the run's config says what to do.
+        for var in [k for k, v in os.environ.items() if k.startswith("WANDB_") and v == ""]:
+            del os.environ[var]
         mode = cfg.mode
         if mode == "online" and not has_credentials():
             # wandb.init would otherwise show its interactive login menu in a terminal and wait for ever.

@@ -29,7 +29,7 @@ def image(label: int, i: int, size: int = 12) -> Image.Image:
     return Image.fromarray(np.clip(base + rng.integers(0, 40, base.shape), 0, 255).astype(np.uint8))
 
 
-def _png(im: Image.Image) -> bytes:
+def png_bytes(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
@@ -43,7 +43,7 @@ def _hf_split(split: str, big: bool):
     for label in range(len(CLASSES)):
         for i in range(3):
             size = BIG if big and split == "train" and (label, i) == (0, 0) else 12
-            rows["img"].append({"bytes": _png(image(label, i, size)), "path": None})
+            rows["img"].append({"bytes": png_bytes(image(label, i, size)), "path": None})
             rows["fine_label"].append(label)
     return datasets.Dataset.from_dict(rows, features=features)
 

@@ -26,16 +26,14 @@ from typing import Any
 from transfer.errors import StorageError
 
 log = logging.getLogger(__name__)
-_UMASK = os.umask(0o022)  # reading the umask means setting it: put it straight back
+# 0o666 less the process umask: the mode ``open()`` gives a new file (0644 under the usual umask 022). Read once
+# (reading the umask means setting it, then putting it straight back): changing the umask is process-wide, not
+# safe while other threads create files.
+_UMASK = os.umask(0o022)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
-
-
-# 0o666 less the process umask: the mode ``open()`` gives a new file (0644 under the usual umask 022). Read once:
-# changing the umask is process-wide, not safe while other threads create files.
-_MODE = FILE_MODE
 
 
 def storage_error(path: str | os.PathLike, e: OSError) -> StorageError:
@@ -71,7 +69,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         # mkstemp makes 0600, and a writer may recreate the file (safetensors does): every file a run leaves gets
         # the mode of a plain open() under this umask, as results, caches and weights are meant to be shared.
-        os.chmod(tmp, _MODE)
+        os.chmod(tmp, FILE_MODE)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,29 +1,11 @@
 """Tiny classification data sets written in the real on-disk formats, each with one corrupt image."""
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
-from PIL import Image
+from local_copies import CLASSES, image, png_bytes  # the same images as the layout tests
 
-CLASSES = ["apple", "bear", "cloud"]
 PER_CLASS = {"train": 6, "test": 3}  # readable images per class and split
 CORRUPT = b"\x89PNG\r\n\x1a\n this is not an image"
-
-
-def image(label: int, i: int, size: int = 12) -> Image.Image:
-    """A small image whose colour depends on the class, so features separate the classes."""
-    rng = np.random.default_rng(100 * label + i)
-    base = np.zeros((size, size, 3), dtype=np.uint8)
-    base[..., label % 3] = 200
-    return Image.fromarray(np.clip(base + rng.integers(0, 40, base.shape), 0, 255).astype(np.uint8))
-
-
-def png_bytes(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def cifar100_like(split: str, corrupt: bool):

@@ -11,12 +11,12 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from local_copies import CLASSES, image, png_bytes
 
 from tasks.classification.config import ClassificationTaskConfig
 from tasks.classification.datasets import DATASETS
 from tasks.classification.task import NOT_IN_FEATURE_KEY, eval_transform, feature_key
 from tasks.classification.task import _weights_id as weights_id
-from tests.tasks.classification.conftest import CLASSES, image, png_bytes
 from tests.tasks.classification.test_features import COMMON, run
 from transfer.backbones import build_backbone
 from transfer.config import compose, validate

@@ -10,8 +10,15 @@ k-NN of 1,000 queries (the first rows of every shard, in equal numbers) against 
 images/s of the extraction, seconds of the probe and k-NN, the size of the features on disk, and peak resident
 set sizes (``ru_maxrss``): of the main process, and of the largest loader worker (``RUSAGE_CHILDREN``; the
 workers end with the extraction). Host memory at the peak is at most main + workers x largest worker; with
-``--workers 0`` the main process is everything. Flat peak RSS while the features grow is the point; figures
-describe this machine at this moment, never pass/fail.
+``--workers 0`` the main process is everything.
+
+``ru_maxrss`` counts file pages too: the shards are read through safetensors' memory map, and every page of a
+shard the probe or k-NN touched stays in the resident set (page cache the kernel can drop, not memory the process
+holds) until it is unmapped. So the main process is also sampled every 5 ms from ``/proc/self/status`` (Linux):
+the peak of ``RssAnon`` (anonymous memory: tensors, Python objects, allocator arenas; what the bound in
+docs/classification.md is about) and of ``RssFile`` (mapped file pages), each over the probe and k-NN phase
+(streamed from the shards) and over the whole run. Flat anonymous peak while the features grow is the point;
+figures describe this machine at this moment, never pass/fail.
 """
 from __future__ import annotations
 
@@ -22,10 +29,61 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+STATUS_FIELDS = ("RssAnon", "RssFile")
+
+
+def _status_kib() -> dict[str, int]:
+    """``RssAnon`` and ``RssFile`` of this process in KiB (Linux /proc/self/status); {} where there is none."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in STATUS_FIELDS:
+            out[key] = int(value.split()[0])
+    return out
+
+
+class PeakSampler:
+    """Peaks of ``RssAnon`` / ``RssFile`` (KiB) sampled every ``interval`` s on a thread; ``reset()`` starts a phase."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peaks: dict[str, int] = {}
+        self.phase: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for key, value in _status_kib().items():
+            self.peaks[key] = max(self.peaks.get(key, 0), value)
+            self.phase[key] = max(self.phase.get(key, 0), value)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(self.interval)
+
+    def start(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def reset(self) -> None:
+        """Start a new phase: ``phase`` peaks count from now (sampled once immediately)."""
+        self.phase = {}
+        self._sample()
+
+    def stop(self) -> None:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
 
 
 def one_size(args: argparse.Namespace) -> dict:
@@ -45,6 +103,7 @@ def one_size(args: argparse.Namespace) -> dict:
     from transfer.backbones import build_backbone
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sampler = PeakSampler().start()
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         paths, labels = [], []
@@ -66,6 +125,8 @@ def one_size(args: argparse.Namespace) -> dict:
         extraction = time.perf_counter() - start
         rss_extraction = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         rows = feats.rows(device=torch.device("cpu"), chunk_rows=args.chunk_rows)
+        extraction_peaks = dict(sampler.phase)
+        sampler.reset()
         start = time.perf_counter()
         fit_logistic(rows, None, 10, 1.0, max_iter=args.probe_iterations)
         probe = time.perf_counter() - start
@@ -81,11 +142,18 @@ def one_size(args: argparse.Namespace) -> dict:
         knn_predict(rows, None, queries, 10, k=20, temperature=0.07)
         knn = time.perf_counter() - start
         disk = sum(p.stat().st_size for p in feats.paths)
+        streamed_peaks = dict(sampler.phase)
+    sampler.stop()
+    mib = lambda peaks, key: peaks.get(key, float("nan")) / 1024  # noqa: E731
     return {"n": args.n, "images_per_s": args.n / extraction, "probe_s": probe, "knn_s": knn,
             "rss_import_mib": baseline / 1024, "rss_extraction_mib": rss_extraction / 1024,
             "rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_worker_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-            "queries": len(q), "features_mib": disk / 2**20}
+            "queries": len(q), "features_mib": disk / 2**20,
+            "anon_extraction_mib": mib(extraction_peaks, "RssAnon"),
+            "anon_streamed_mib": mib(streamed_peaks, "RssAnon"),
+            "file_streamed_mib": mib(streamed_peaks, "RssFile"), "anon_peak_mib": mib(sampler.peaks, "RssAnon"),
+            "file_peak_mib": mib(sampler.peaks, "RssFile")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,8 +176,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.chunk_rows} rows, float32")
     print(f"command: python bench/bench_features.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     print("| N | extraction images/s | probe fit s | k-NN s (queries) | features on disk MiB | peak RSS main MiB "
-          "| peak RSS largest worker MiB | RSS after import MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| peak RSS largest worker MiB | RSS after import MiB | peak RssAnon extraction MiB "
+          "| peak RssAnon probe+k-NN MiB | peak RssFile probe+k-NN MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     base = [a for a in (argv if argv is not None else sys.argv[1:])]
     for n in args.sizes:
         out = subprocess.run([sys.executable, __file__, *base, "--n", str(n)], capture_output=True, text=True,
@@ -117,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         r = json.loads(out.strip().splitlines()[-1])
         print(f"| {n} | {r['images_per_s']:.1f} | {r['probe_s']:.2f} | {r['knn_s']:.2f} ({r['queries']}) | "
               f"{r['features_mib']:.1f} | {r['rss_peak_mib']:.0f} | {r['rss_worker_peak_mib']:.0f} | "
-              f"{r['rss_import_mib']:.0f} |", flush=True)
+              f"{r['rss_import_mib']:.0f} | {r['anon_extraction_mib']:.0f} | {r['anon_streamed_mib']:.0f} | "
+              f"{r['file_streamed_mib']:.0f} |", flush=True)
 
 
 def _env() -> dict:

@@ -130,6 +130,7 @@ def digits_backbone_features():
     return (feats[train], labels[train]), (feats[test], labels[test])
 
 
+@pytest.mark.e2e  # rs50 over all 1,797 digits images, then scikit-learn on 2,048-dim features: the slowest of these
 @pytest.mark.parametrize("l2", [1.0, 1e2])
 def test_agrees_with_sklearn_on_backbone_features_of_digits(digits_backbone_features, l2):
     train, test = digits_backbone_features

@@ -1,7 +1,7 @@
 """Tiny detection data sets written in the real on-disk formats: COCO json + images, Pascal VOC XML trees.
 
 Each image shows one to three filled rectangles on a grey background; a red rectangle is class
-``red``, a blue one class ``blue``. Shared by the detection tests (tests/detection/conftest.py) and the config
+``red``, a blue one class ``blue``. Shared by the detection tests (tests/tasks/detection/conftest.py) and the config
 tests that compose every task recipe (a detection config is checked against its data before a run starts).
 """
 from __future__ import annotations

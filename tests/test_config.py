@@ -1,4 +1,6 @@
 """Every recipe composes into a valid typed config; bad input fails before any data or model work."""
+import functools
+
 import pytest
 from detection_copies import detection_data_overrides
 
@@ -11,6 +13,7 @@ from transfer.run import main
 from transfer.tasks import TASKS, load_adapters
 
 
+@functools.cache  # each call composes the task's recipe; the tests below ask for every task's list many times
 def _protocols(task: str) -> tuple[str, ...]:
     load_adapters()
     return TASKS.get(str(compose([f"task={task}"]).task.adapter)).protocols
@@ -146,6 +149,7 @@ def test_bad_value_exits_2_with_one_line_and_no_run_directory(overrides, fragmen
     assert not root.exists(), "nothing may be written before the whole configuration is checked"
 
 
+@pytest.mark.e2e  # a fresh python -m transfer.run process: seconds of imports for one line
 def test_bad_value_through_the_command_line_is_one_line(tmp_path):
     from suite_helpers import run_cli
 

@@ -32,7 +32,7 @@ def fresh_warnings(monkeypatch):
 
 
 def test_a_32_bit_integer_tiff_holding_8_bit_values_is_not_darkened(tmp_path, caplog):
-    # It used to be read as 16-bit data (value / 257): nearly black.
+    # Read as 16-bit data (value / 257) it would be nearly black.
     path = tmp_path / "i32.tif"
     Image.fromarray(GRAY.astype(np.int32)).save(path)
     with Image.open(path) as im:
@@ -53,7 +53,7 @@ def test_a_32_bit_integer_tiff_above_255_is_clipped_and_said_once(tmp_path, capl
 
 
 def test_a_float_image_on_the_0_255_scale_is_not_multiplied_when_its_values_are_small(tmp_path):
-    # A dark 0..255 float image (values 0 and 1) used to be taken for [0, 1] data and multiplied by 255.
+    # A dark 0..255 float image (values 0 and 1) is not [0, 1] data: it must not be multiplied by 255.
     path = tmp_path / "dark.tif"
     dark = (GRAY % 2).astype(np.uint8)
     Image.fromarray(dark.astype(np.float32)).save(path)
@@ -81,7 +81,7 @@ def test_a_16_bit_gray_png_colour_key_is_white_as_in_an_8_bit_one(tmp_path):
     with Image.open(sixteen) as im:
         assert im.mode == "I;16" and im.info["transparency"] == key * 257
     assert np.array_equal(decoded(eight), expected)
-    assert np.array_equal(decoded(sixteen), expected)  # the transparency used to be ignored here
+    assert np.array_equal(decoded(sixteen), expected)  # the transparency key holds at 16 bits too
 
 
 def _png_rgb48(rgb16: np.ndarray, trns: tuple[int, int, int]) -> bytes:
@@ -119,7 +119,7 @@ def test_a_png_with_megabytes_of_compressed_text_metadata_decodes(tmp_path):
 
 
 def test_an_image_above_twice_pillows_limit_names_one_limit(tmp_path):
-    # Pillow itself refuses above twice its limit; the message used to quote both its 178956970 and ours.
+    # Pillow itself refuses above twice its limit; the message quotes our limit, not also Pillow's 178956970.
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     path = tmp_path / "huge.png"  # a 20,000 x 10,000 gray PNG: its header, and a start of data never decoded

@@ -41,12 +41,6 @@ def test_safetensors_round_trip_is_bit_exact(tmp_path, rs50_state):
     assert all(torch.equal(reread[k], v) for k, v in backbone.model.state_dict().items())
 
 
-def test_pth_with_wrapper_key_and_ddp_prefix_loads(tmp_path, rs50_state):
-    path = tmp_path / "wrapped.pth"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in rs50_state.items()}, "epoch": 3}, path)
-    _assert_same(build_backbone("rs50", weights=str(path)), rs50_state)
-
-
 class _RunsCode:
     def __init__(self, marker: Path):
         self.marker = marker
@@ -114,27 +108,37 @@ def _wrapped_states(model: torch.nn.Module) -> dict[str, dict]:
             "lightning_of_compiled": Lit().state_dict()}
 
 
-@pytest.mark.parametrize("strict", [True, False])
-def test_compiled_and_ddp_wrapped_checkpoints_load_fully(tmp_path, rs50_state, strict, caplog):
-    import logging
+EXPECTED_PREFIX = {"compiled": "_orig_mod.", "ddp": "module.", "ddp_of_compiled": "module._orig_mod.",
+                   "lightning_of_compiled": "model._orig_mod."}
 
+
+@pytest.fixture(scope="module")
+def wrapped_checkpoints(tmp_path_factory, rs50_state) -> dict:
+    """One .pth per wrapper (written once for both strict settings), each in the layout the real wrapper writes."""
     import timm
 
     model = timm.create_model("resnetrs50")
     model.load_state_dict(rs50_state)
-    expected_prefix = {"compiled": "_orig_mod.", "ddp": "module.", "ddp_of_compiled": "module._orig_mod.",
-                       "lightning_of_compiled": "model._orig_mod."}
+    root = tmp_path_factory.mktemp("wrapped")
+    paths = {}
     for kind, state in _wrapped_states(model).items():
-        assert all(k.startswith(expected_prefix[kind]) for k in state), kind  # the real wrappers' layout
-        path = tmp_path / f"{kind}.pth"
-        torch.save({"state_dict": state, "epoch": 1}, path)
-        backbone = build_backbone("rs50", weights=str(path), strict=strict)
+        assert all(k.startswith(EXPECTED_PREFIX[kind]) for k in state), kind  # the real wrappers' layout
+        paths[kind] = root / f"{kind}.pth"
+        torch.save({"state_dict": state, "epoch": 1}, paths[kind])
+    return paths
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_compiled_and_ddp_wrapped_checkpoints_load_fully(wrapped_checkpoints, rs50_state, strict, caplog):
+    import logging
+
+    for kind, path in wrapped_checkpoints.items():
+        with caplog.at_level(logging.INFO, logger="transfer.backbones"):
+            backbone = build_backbone("rs50", weights=str(path), strict=strict)
         _assert_same(backbone, rs50_state)
         load = backbone.weights.load
         assert (load.loaded, load.missing, load.unexpected) == (load.expected, 0, 0), kind
-        assert load.prefix_removed == expected_prefix[kind]
-    with caplog.at_level(logging.INFO, logger="transfer.backbones"):
-        build_backbone("rs50", weights=str(path), strict=strict)
+        assert load.prefix_removed == EXPECTED_PREFIX[kind]
     assert f"loaded {load.expected} of {load.expected} backbone tensors (0 missing, 0 unexpected" in caplog.text
 
 

@@ -38,7 +38,7 @@ class SelfGating3d(nn.Module):
     its conv starts at zero, so at initialisation the gate is exactly 1 and the inflated network computes
     the 2D one. Model Garden's ``sigmoid`` with a truncated-normal (std 0.01) conv starts near 0.5, which
     halves the gated residual branches of a pretrained network (cosine 0.93 to the 2D output for rs50
-    in issue 12's measurement). Range (0, 2) instead of (0, 1); the gradients at the start are those of
+    with Model Garden's gate). Range (0, 2) instead of (0, 1); the gradients at the start are those of
     Model Garden's gate times 2.
     """
 

@@ -32,16 +32,27 @@ def test_recipe_gates_every_stage():
     assert recipe_inflation().self_gating == "last"  # the invariants below include the gate
 
 
+@pytest.fixture(scope="module")
+def recipe_video(backbone2d):
+    """``backbone2d`` inflated with the recipe's settings, built once per backbone for the tests that read it."""
+    return inflate_backbone(backbone2d, recipe_inflation()).eval()
+
+
+# Structure-only checks (where kernels, gates and errors go) run on one backbone: inflating a 50-layer network
+# costs seconds; the invariant tests above them cover both backbones' layouts.
+ONE_BACKBONE = pytest.mark.parametrize("backbone2d", ["rs50"], indirect=True)
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
 
 
 @torch.no_grad()
-def test_recipe_inflation_starts_at_the_2d_function(backbone2d):
+def test_recipe_inflation_starts_at_the_2d_function(backbone2d, recipe_video):
     """The recipe's own configuration (mean inflation, kernels, self-gating): on a static clip the centre frames
     of every level equal the 2D features for resnet50; for rs50 up to the first SE block, after which SE's
     squeeze over the whole clip lets the zero-padded border frames in (docs/video.md gives the measured size)."""
-    video = inflate_backbone(backbone2d, recipe_inflation()).eval()
+    video = recipe_video
     assert sum(isinstance(m, SelfGating3d) for m in video.modules()) == 4
     x = torch.randn(1, 3, 32, 32)
     feats2d, feats3d = backbone2d.forward_features(x), video.forward_features(static_clip(x))
@@ -89,6 +100,7 @@ def test_stochastic_depth_per_stage_as_model_garden():
     assert {m.momentum for m in video.modules() if isinstance(m, nn.BatchNorm3d)} == {1.0}
 
 
+@ONE_BACKBONE
 def test_weights_kept_and_kernels_placed(backbone2d):
     cfg = InflationConfig(mode="mean", stem_temporal_kernel=5, stage_temporal_kernels=(1, 1, 3, (3, 1)))
     model = inflate_model(backbone2d.model, cfg)
@@ -114,22 +126,31 @@ def test_center_conv_puts_kernel_in_middle():
     assert conv3d.weight[:, :, [0, 2]].abs().sum() == 0
 
 
-def test_self_gating_in_last_block_before_se(backbone2d):
-    model = inflate_model(backbone2d.model, InflationConfig(self_gating="last"))
+def test_self_gating_in_last_block_before_se(backbone2d, recipe_video):
+    model = recipe_video.model  # the recipe gates the last block of each stage
+    assert recipe_inflation().self_gating == "last"
     gated = [n for n, m in model.named_modules() if isinstance(m, SelfGating3d)]
     assert [n.split(".")[1] for n in gated] == [str(len(getattr(model, f"layer{i}")) - 1) for i in range(1, 5)]
+
+
+@ONE_BACKBONE
+def test_self_gating_in_every_block_runs(backbone2d):
     clip = torch.randn(1, 3, 4, 32, 32)
     head = VideoClassifier(inflate_backbone(backbone2d, InflationConfig(self_gating="all")), num_classes=3)
+    blocks = sum(len(getattr(backbone2d.model, f"layer{i}")) for i in range(1, 5))
+    assert sum(isinstance(m, SelfGating3d) for m in head.modules()) == blocks
     assert head(clip).shape == (1, 3)
 
 
 @pytest.mark.parametrize("kwargs", [dict(mode="sum"), dict(stem_temporal_kernel=4), dict(self_gating="first"),
                                     dict(stage_temporal_kernels=(1, 3))])
+@ONE_BACKBONE
 def test_bad_inflation_settings_raise(kwargs, backbone2d):
     with pytest.raises(ConfigError):
         inflate_model(backbone2d.model, InflationConfig(**kwargs))
 
 
+@ONE_BACKBONE
 def test_unknown_layer_type_is_an_error(backbone2d):
     model = backbone2d.model
     original = model.act1

@@ -116,6 +116,7 @@ def test_manifest_matching_no_video_is_an_error(tmp_path, capsys):
     assert "none exists under" in capsys.readouterr().err
 
 
+@pytest.mark.e2e  # a fresh python -m transfer.run process: seconds of imports for one line
 def test_impossible_jitter_fails_before_the_run_directory(tmp_path):
     """python -m transfer.run: exit 2 with one line naming the value, and no run directory."""
     result = run_cli("task=kinetics400", "backbone=resnet50", "backbone.weights=random", f"task.data_dir={tmp_path}",

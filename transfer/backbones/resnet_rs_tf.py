@@ -1,8 +1,8 @@
 """All eleven official ResNet-RS checkpoints as ``rs{depth}_i{res}`` entries.
 
 timm ports one checkpoint per depth (its file names say which: rs101_i192_ema, rs152_i256_ema, ...;
-paper-facts §4), so those seven entries download timm's port; the other four exist only as TF1
-tarballs. Every entry converts an official tarball, folder or ``.index`` file on first use
+``default_cfgs`` in timm/models/resnet.py), so those seven entries download timm's port; the other four exist
+only as TF1 tarballs. Every entry converts an official tarball, folder or ``.index`` file on first use
 (``backbone.weights=/path/resnet-rs-152-i192.tar.gz``). ``rs{depth}`` (transfer/backbones/resnets.py)
 stays the alias of the checkpoint timm ports.
 """

@@ -84,8 +84,8 @@ def _two_image_columns(split: str, n: int, offset: int):
 
 @pytest.mark.e2e
 def test_image_column_change_re_extracts_and_scores_right(tmp_path):
-    # Probing the copy's second image column after the first used to read the first column's cached features
-    # (HubRows names a row split[i], whatever column it reads).
+    # HubRows names a row split[i], whatever column it reads: probing the copy's second image column after the
+    # first must not read the first column's cached features.
     root = tmp_path / "pq"
     (root / "data").mkdir(parents=True)
     _two_image_columns("train", 6, 0).to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
@@ -101,7 +101,7 @@ def test_image_column_change_re_extracts_and_scores_right(tmp_path):
 @pytest.mark.e2e
 def test_a_cached_run_does_not_let_an_image_above_the_limit_in(tmp_path, image_folder, capsys):
     # A run that accepted a large image under a raised task.max_image_pixels; the next run, with the default
-    # (here: a lower) limit and no header scan, used to be served from that run's cache.
+    # (here: a lower) limit and no header scan, must not be served from that run's cache.
     from PIL import Image
 
     from transfer.run import main as run_main

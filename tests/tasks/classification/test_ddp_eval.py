@@ -47,7 +47,7 @@ def test_ddp_finetune_metrics_equal_single_process_metrics(tmp_path, image_folde
     proc = subprocess.run([sys.executable, "-m", "transfer.run", *args], cwd=tmp_path, capture_output=True, text=True,
                           timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # The eval loaders carry their own sampler over the padded set: Lightning no longer warns that it
+    # The eval loaders carry their own sampler over the padded set, so Lightning does not warn that it
     # "replicates some samples", which it does not.
     assert "replicates some samples" not in proc.stderr + proc.stdout
     results = json.loads((run_dir / "results.json").read_text())

@@ -113,7 +113,7 @@ def test_finetune_input_follows_task_preprocess():
 
 @pytest.mark.e2e
 def test_checkpoint_preprocessing_is_what_a_finetune_run_tests_at_and_records(tmp_path):
-    # task.preprocess=checkpoint used to be ignored: tested at 224 / 0.875 and recorded as "paper".
+    # task.preprocess=checkpoint reaches the fine-tune's test transform and the record (not 224 / 0.875, "paper").
     run_dir = tmp_path / "ft"
     code = run_main(["task=digits", "task.limit_per_split=4", "task.preprocess=checkpoint", "protocol=finetune",
                      "protocol.sweep=false", "protocol.steps=1", "protocol.batch_size=4", "task.resolution=32",

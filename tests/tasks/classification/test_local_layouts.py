@@ -54,7 +54,7 @@ def test_the_identity_covers_every_file_of_the_copy(layout, tmp_path):
 
 
 def test_an_edited_flowers_image_changes_the_feature_cache_identity(tmp_path):
-    """The breaker's case: Flowers-102 from its official files reused features after an image was replaced."""
+    """Flowers-102 from its official files: a replaced image must not reuse the cached features."""
     written = write_flowers(tmp_path)
     before = _load("flowers102", tmp_path).source_id
     path = tmp_path / "jpg" / f"image_{written['ids']['tstid'][0]:05d}.jpg"

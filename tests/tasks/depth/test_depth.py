@@ -116,7 +116,7 @@ def test_png_export_reads_millimetres_and_refuses_8_bit_depth(tmp_path, nyu):
 
 def test_8_bit_training_depth_is_caught_by_the_scan_and_named(tmp_path, nyu):
     # Only the test split is decoded in the scan; the depth format is checked in every split's header, so an
-    # 8-bit training export no longer passes the scan to be skipped frame by frame in training.
+    # 8-bit training export stops at the scan instead of being skipped frame by frame in training.
     root = nyu.write_png_export(tmp_path, train=4, test=2)
     depth0 = root / (root / "train.txt").read_text().splitlines()[0].split()[1]
     Image.fromarray(np.full((48, 64), 3, np.uint8)).save(depth0)

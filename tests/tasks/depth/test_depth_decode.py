@@ -18,7 +18,7 @@ def test_a_16_bit_gray_input_is_its_gray_and_depth_stays_raw(tmp_path, nyu):
     sixteen = rgb.replace(".jpg", "_16.png")
     Image.fromarray(gray.astype(np.uint16) * 257).save(sixteen)  # a 16-bit grayscale export of the same frame
     image, depth = reader.read((sixteen, depth_path))
-    assert image.shape == (*gray.shape, 3) and np.array_equal(image[..., 0], gray)  # used to be all white
+    assert image.shape == (*gray.shape, 3) and np.array_equal(image[..., 0], gray)  # not saturated to white
     with Image.open(depth_path) as im:
         assert np.allclose(depth, np.asarray(im, dtype=np.float32) / task.depth_scale)  # millimetres, unscaled
 

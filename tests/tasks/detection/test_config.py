@@ -18,7 +18,7 @@ from transfer.registry import UnknownNameError
 from transfer.run import main
 from transfer.tasks import TASKS
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 VOC_CLASSES = "task.class_names=[red,blue]"  # the classes of the conftest's VOC-layout copy
 DETECTION_RECIPES = tuple(t for t in recipe_names("task") if compose([f"task={t}"]).task.adapter == "detection")
 

@@ -1,103 +1,21 @@
-"""task=imagenet: the val/<wnid>/ layout, the Hugging Face copy, and an end-to-end run of the classifier."""
+"""task=imagenet: end-to-end runs of the classifier, and the errors a run stops with."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
+from imagenet_copies import truncated_jpeg, write_tree
 
-from tasks.imagenet.data import WNIDS, build_imagenet
+from tasks.imagenet.data import WNIDS
 from transfer.backbones import BACKBONES
-from transfer.errors import DataError
-from transfer.images import Undecodable
 from transfer.run import main as run_main
 from transfer.weights import write_safetensors
-
-
-def write_tree(root, images_per_wnid: dict[str, int], split: str = "val") -> None:
-    """An ImageNet-style tree: root/split/<wnid>/ILSVRC2012_val_*.JPEG (real JPEG files)."""
-    n = 0
-    for wnid, count in images_per_wnid.items():
-        folder = root / split / wnid
-        folder.mkdir(parents=True)
-        for _ in range(count):
-            n += 1
-            Image.new("RGB", (12, 10), (n % 256, 40, 90)).save(folder / f"ILSVRC2012_val_{n:08d}.JPEG")
-
-
-def test_full_tree_uses_the_imagenet_class_order(tmp_path):
-    write_tree(tmp_path, {w: 1 for w in WNIDS})
-    ds, counts = build_imagenet(tmp_path)
-    assert counts == {"images": 1000, "classes": 1000}
-    assert ds.class_to_idx == {w: i for i, w in enumerate(sorted(WNIDS))}
-    path, label = ds.samples[-1]
-    assert f"/{WNIDS[label]}/" in path and label == 999
-
-
-def test_partial_tree_keeps_imagenet_indices(tmp_path):
-    chosen = [WNIDS[7], WNIDS[500]]
-    write_tree(tmp_path, {w: 2 for w in chosen})
-    with pytest.raises(DataError, match="allow_partial=true"):
-        build_imagenet(tmp_path)
-    ds, counts = build_imagenet(tmp_path / "val", allow_partial=True)  # the split folder itself works too
-    assert counts == {"images": 4, "classes": 2}
-    assert sorted({label for _, label in ds.samples}) == [7, 500]
-
-
-@pytest.mark.parametrize("folder", ["cat", "n0144076"])
-def test_folders_that_are_not_wnids_show_the_expected_tree(tmp_path, folder):
-    write_tree(tmp_path, {WNIDS[0]: 1})
-    (tmp_path / "val" / folder).mkdir()
-    with pytest.raises(DataError) as err:
-        build_imagenet(tmp_path, allow_partial=True)
-    assert folder in str(err.value) and "val/" in str(err.value) and WNIDS[0] in str(err.value)
-
-
-def test_directory_without_imagenet_shows_the_expected_tree(tmp_path):
-    (tmp_path / "images").mkdir()
-    with pytest.raises(DataError, match="n01440764"):
-        build_imagenet(tmp_path)
-    with pytest.raises(DataError, match="not a directory"):
-        build_imagenet(tmp_path / "absent")
-
-
-def test_empty_wnid_folder_is_a_clear_error(tmp_path):
-    write_tree(tmp_path, {WNIDS[0]: 1})
-    (tmp_path / "val" / WNIDS[1]).mkdir()
-    with pytest.raises(DataError, match="at least one image"):
-        build_imagenet(tmp_path, allow_partial=True)
-
-
-def test_hugging_face_copy_saved_to_disk(tmp_path):
-    import datasets
-
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(WNIDS))})
-    images = [Image.new("RGB", (9, 9), (i * 60, 0, 0)) for i in range(3)]
-    ds = datasets.Dataset.from_dict({"image": images, "label": [0, 17, 999]}, features=features)
-    datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "hf"))
-    loaded, counts = build_imagenet(tmp_path / "hf")
-    assert counts == {"images": 3, "classes": 1000}
-    assert [loaded[i][1] for i in range(3)] == [0, 17, 999]
-    assert loaded[2][0].mode == "RGB"
-
-
-def test_hugging_face_copy_with_the_wrong_label_set_is_refused(tmp_path):
-    import datasets
-
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
-    ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4))], "label": [1]}, features=features)
-    ds.save_to_disk(str(tmp_path / "hf"))
-    with pytest.raises(DataError, match="1000 classes"):
-        build_imagenet(tmp_path / "hf")
-
 
 FAVOURED, RUNNER_UP = 3, 10  # classes the test classifier ranks first and second
 
@@ -157,27 +75,11 @@ def test_imagenet_without_data_dir_shows_the_layout(capsys):
     assert "task.data_dir" in err and "n01440764" in err
 
 
-def _truncated_jpeg(path) -> None:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3)).astype(np.uint8)).save(buf, "JPEG")
-    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # the header parses, the data stops
-
-
-def test_truncated_jpeg_becomes_an_undecodable_item(tmp_path):
-    write_tree(tmp_path, {WNIDS[1]: 1})
-    bad = tmp_path / "val" / WNIDS[1] / "ILSVRC2012_val_99999999.JPEG"
-    _truncated_jpeg(bad)
-    ds, _ = build_imagenet(tmp_path, allow_partial=True)
-    items = {path: ds[i][0] for i, (path, _) in enumerate(ds.samples)}
-    assert isinstance(items[str(bad)], Undecodable) and items[str(bad)].name == str(bad)
-    assert sum(isinstance(v, Undecodable) for v in items.values()) == 1
-
-
 @pytest.mark.e2e
 def test_imagenet_eval_skips_and_counts_a_truncated_jpeg(tmp_path, rs50_weights, capsys):
     write_tree(tmp_path / "data", {WNIDS[FAVOURED]: 3, WNIDS[0]: 1})
     bad = tmp_path / "data" / "val" / WNIDS[FAVOURED] / "ILSVRC2012_val_99999999.JPEG"
-    _truncated_jpeg(bad)
+    truncated_jpeg(bad)
     # Default task.max_bad_fraction (0.001): one damaged image of 5 stops the run, naming it.
     assert _run(tmp_path, rs50_weights / "rs50_head.safetensors") == 2
     assert str(bad) in capsys.readouterr().err
@@ -197,7 +99,7 @@ def test_imagenet_eval_with_two_processes_scores_each_image_once(tmp_path, rs50_
             "trainer.num_workers=0", "trainer.eval_batch_size=2", "trainer.devices=2", "trainer.accelerator=cpu",
             "trainer.progress_bar=false", "logger.wandb.mode=disabled", f"run.dir={tmp_path / 'run'}"]
     proc = subprocess.run([sys.executable, "-m", "transfer.run", *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+                          timeout=900, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["counts"]["images_scored"] == 5

@@ -26,7 +26,7 @@ from transfer.errors import ConfigError, DataError  # noqa: E402
 from transfer.report import build_comparison, find_results  # noqa: E402
 from transfer.run import main, run_one  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _train(tmp_path: Path, overrides: list[str]) -> tuple[list[float], dict[str, float]]:

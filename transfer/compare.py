@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transfer.baselines import KEY, PRETRAINING, PROTOCOLS, Baseline, baselines_for
+from transfer.protocols import is_frozen_protocol
 
 if TYPE_CHECKING:
     from transfer.tracking import RunLogger
@@ -38,8 +39,6 @@ log = logging.getLogger(__name__)
 # A suite protocol whose published counterpart carries another name in the baselines file:
 # `eval` scores the checkpoint's own ImageNet classifier, which the file calls `supervised`.
 BASELINE_PROTOCOL = {"eval": "supervised"}
-# Protocols that score the backbone's features as they are: random weights there measure nothing published.
-FROZEN_PROTOCOLS = ("linear", "knn", "eval", "frozen")
 # Registry families whose weights are self-supervised; every other family is ImageNet-1k supervised.
 FAMILY_PRETRAINING = {"ssl": "imagenet1k_self_supervised"}
 # A fact a results.json may lack: its value then. Runs written before the papers' preprocessing option
@@ -105,6 +104,22 @@ def run_facts(results: dict[str, Any]) -> dict[str, str]:
     return facts
 
 
+def protocol_schema_of(results: dict[str, Any]) -> type | None:
+    """The schema of the run's protocol: its task adapter's own (results.json ``adapter``, else the adapter its task
+    recipe names), or None when neither is known any more."""
+    from transfer.config import task_adapter
+    from transfer.errors import ConfigError
+    from transfer.registry import UnknownNameError
+    from transfer.tasks import TASKS, load_adapters
+
+    load_adapters()
+    try:
+        adapter = results.get("adapter") or task_adapter(results["task"])
+        return TASKS.get(adapter).protocols.get(results["protocol"])
+    except (UnknownNameError, ConfigError):
+        return None
+
+
 def checked_protocol_keys(schema: type) -> list[str]:
     """The fields of a protocol schema a run must leave at the published recipe's values: every field but
     ``name`` and the schema's ``UNCHECKED_KEYS`` (none when the protocol has no published recipe)."""
@@ -117,13 +132,9 @@ def checked_protocol_keys(schema: type) -> list[str]:
 def protocol_deviations(results: dict[str, Any]) -> list[str]:
     """``protocol.<key>`` values of the run's ``protocol_config`` that differ from the published recipe (the
     schema's defaults), for every key :func:`checked_protocol_keys` names."""
-    from transfer.protocols import PROTOCOLS as SCHEMAS
-    from transfer.registry import UnknownNameError
-
     used = results.get("protocol_config") or {}
-    try:
-        schema = SCHEMAS.get(results["protocol"])
-    except UnknownNameError:
+    schema = protocol_schema_of(results)
+    if schema is None:
         return []
     recipe = schema()
     out = []
@@ -152,7 +163,7 @@ def run_reasons(results: dict[str, Any]) -> list[str]:
     extra = results.get("extra") or {}
     reasons = [str(r) for r in extra.get("not_comparable") or []]
     pretraining = run_pretraining(results)
-    frozen = results["protocol"] in FROZEN_PROTOCOLS or (results.get("protocol_config") or {}).get("freeze_backbone")
+    frozen = is_frozen_protocol(protocol_schema_of(results), results.get("protocol_config"))
     if pretraining == "none" and frozen:
         reasons.append(f"backbone.weights=random with protocol={results['protocol']}: features of an untrained "
                        "network are no pretrained representation")

@@ -1,7 +1,6 @@
 """Typed settings of a monocular-depth recipe (``task=nyu_depth``) and the checks that need no data."""
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,12 +118,7 @@ def check(cfg: RunConfig) -> None:
     """Whole-config checks (``transfer.config.validate`` calls them before any run directory exists).
 
     Depth takes its training values from ``task.optim`` (BYOL's NYU recipe); ``protocol=finetune`` trains the
-    backbone with the decoder, ``protocol=frozen`` keeps it fixed. Changed fine-tune protocol keys are refused
-    rather than ignored (:func:`transfer.protocols.check_recipe_owned_protocol`).
+    backbone with the decoder, ``protocol=frozen`` (or ``protocol.freeze_backbone=true``) keeps it fixed. The
+    fine-tune protocol has no other key.
     """
-    from transfer.protocols import check_recipe_owned_protocol
-
     data_root(cfg.task)
-    check_recipe_owned_protocol(cfg.protocol, task="depth", settings="optim",
-                                example=f"protocol.lr -> task.optim.lr; keys: "
-                                        f"{', '.join(f.name for f in dataclasses.fields(DepthOptimConfig))}")

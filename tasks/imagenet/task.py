@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import lightning as L
 import torch
@@ -145,5 +146,15 @@ def _check_damage(undecodable: set[str], total: int, task: ImageNetTaskConfig) -
     log.warning("%s: skipped %d undecodable image(s) of %d, e.g. %s", task.data_dir, len(undecodable), total, examples)
 
 
-TASKS.add("imagenet", TaskAdapter(config_class=ImageNetTaskConfig, run=run, protocols=("eval",),
+@dataclass
+class PretrainedEvalConfig:
+    """Evaluate the checkpoint's own classifier as it is: nothing is trained. Its published counterpart is the
+    baselines file's ``supervised`` rows (the checkpoint's own ImageNet accuracy)."""
+
+    FROZEN: ClassVar[bool] = True  # random weights score nothing published
+
+    name: str = "eval"
+
+
+TASKS.add("imagenet", TaskAdapter(config_class=ImageNetTaskConfig, run=run, protocols={"eval": PretrainedEvalConfig},
                                   metrics=tuple(f"{s}/top{k}" for s in SPLITS for k in (1, 5))))

@@ -289,7 +289,7 @@ def test_every_adapter_still_composes_after_the_key_checks(tmp_path):
     """The unknown-key check must not refuse a key some task's schema has (every recipe composes)."""
     load_adapters()
     for task in recipe_names("task"):
-        protocol = TASKS.get(str(compose([f"task={task}"]).task.adapter)).protocols[0]
+        protocol = next(iter(TASKS.get(str(compose([f"task={task}"]).task.adapter)).protocols))
         adapter = str(compose([f"task={task}"]).task.adapter)
         data = (detection_data_overrides(task, tmp_path / task) if adapter == "detection"
                 else [f"task.data_dir={tmp_path}"])

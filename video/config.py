@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from transfer.errors import ConfigError
+from video.data import LAYOUTS
 from video.inflate import InflationConfig
 from video.transforms import TRAIN_CROPS
 
@@ -70,9 +71,12 @@ class VideoFinetuneProtocolConfig:
         if self.lr <= 0 or self.lr_reference_batch < 1 or self.weight_decay < 0:
             raise ConfigError(f"protocol.lr={self.lr} must be > 0, protocol.lr_reference_batch="
                               f"{self.lr_reference_batch} >= 1 and protocol.weight_decay={self.weight_decay} >= 0.")
-        if not 0 <= self.dropout < 1 or not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"protocol.dropout={self.dropout} and protocol.ema_decay={self.ema_decay} must each be "
-                              "in [0, 1).")
+        if not 0 <= self.dropout < 1 or not 0 <= self.ema_decay < 1 or not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"protocol.dropout={self.dropout}, protocol.ema_decay={self.ema_decay} and "
+                              f"protocol.label_smoothing={self.label_smoothing} must each be in [0, 1).")
+        if not 0 <= self.momentum < 1 or self.warmup_epochs < 0:
+            raise ConfigError(f"protocol.momentum={self.momentum} must be in [0, 1) and protocol.warmup_epochs="
+                              f"{self.warmup_epochs} >= 0.")
         if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
             raise ConfigError(f"protocol.bn_momentum={self.bn_momentum} must be in (0, 1] (PyTorch convention: "
                               "the weight of the current batch; TF's norm_momentum m is 1 - m here) or null.")
@@ -117,6 +121,10 @@ class VideoTaskConfig:
         if self.data_dir is None and self.manifest is None:
             raise ConfigError(f"task {self.name!r} needs task.data_dir=/path/to/kinetics (or task.manifest=DIR "
                               "written by python -m video.scan). See docs/video.md for the layouts read.")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"task.layout={self.layout!r}; valid: {', '.join(LAYOUTS)} (docs/video.md).")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"task.num_classes={self.num_classes} must be at least 1, or null (from the data).")
         if self.train_crop not in TRAIN_CROPS:
             raise ConfigError(f"task.train_crop={self.train_crop!r}; valid: {', '.join(TRAIN_CROPS)}.")
         for key in ("frames", "stride", "train_size", "eval_size", "test_clips", "test_crops", "decode_short_side"):
@@ -142,7 +150,18 @@ def _check_pair(key: str, pair, *, low: float, high: float | None = None) -> tup
 
 def check(cfg: RunConfig) -> None:
     """Refuse impossible video settings before any run directory or W&B run exists (``TaskAdapter.check``)."""
+    from transfer.backbones import BACKBONES
+    from transfer.config import check_directory
+
     task: VideoTaskConfig = cfg.task
+    check_directory("task.data_dir", task.data_dir, "a Kinetics copy (layouts: docs/video.md)")
+    check_directory("task.manifest", task.manifest, "the <split>.manifest.json files of python -m video.scan")
+    stages = len(BACKBONES.get(cfg.backbone.name).feature_strides) - 1  # the levels after the stem
+    kernels = task.inflation.stage_temporal_kernels
+    if len(kernels) != stages:
+        raise ConfigError(f"task.inflation.stage_temporal_kernels={list(kernels)} has {len(kernels)} entries; backbone "
+                          f"{cfg.backbone.name!r} has {stages} stages: give one kernel (or list) per stage, e.g. "
+                          "[1,1,3,3].")
     if task.train_crop == "jitter":
         lo, hi = _check_pair("scale_jitter", task.scale_jitter, low=0)
         if lo < task.train_size:

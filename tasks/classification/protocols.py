@@ -67,6 +67,9 @@ class LinearProtocolConfig:
         if not 0 < self.l2_min < self.l2_max or self.l2_steps < 1:
             raise ConfigError(f"protocol l2 grid [{self.l2_min}, {self.l2_max}] x {self.l2_steps} is empty; "
                               "need 0 < l2_min < l2_max and l2_steps >= 1.")
+        if self.max_iter < 1 or not self.tolerance > 0:
+            raise ConfigError(f"protocol.max_iter={self.max_iter} must be at least 1 and protocol.tolerance="
+                              f"{self.tolerance} > 0.")
         if self.extend_decades < 0 or self.refine_steps < 0:
             raise ConfigError(f"protocol.extend_decades={self.extend_decades} and protocol.refine_steps="
                               f"{self.refine_steps} must be 0 or more.")
@@ -100,6 +103,23 @@ class KnnProtocolConfig:
         if self.k < 1 or self.temperature <= 0:
             raise ConfigError(f"protocol.k={self.k} must be >= 1 and protocol.temperature={self.temperature} > 0.")
         _check_memory_keys(self)
+
+
+def check_randaugment(policy: str | None) -> None:
+    """``protocol.randaugment`` must be a policy timm's ``create_transform`` builds (``rand-m10-n2``, ``augmix-m5``,
+    ``original``, ``v0``, …) or null; timm itself is asked, so every policy it knows is accepted."""
+    if policy is None:
+        return
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    hparams = {"translate_const": 100, "img_mean": (124, 116, 104)}
+    build = (rand_augment_transform if policy.startswith("rand") else
+             augment_and_mix_transform if policy.startswith("augmix") else auto_augment_transform)
+    try:
+        build(policy, hparams)
+    except Exception as e:  # noqa: BLE001 - timm raises AssertionError, KeyError or ValueError on a bad policy
+        raise ConfigError(f"protocol.randaugment={policy!r} is no timm augmentation policy ({type(e).__name__}: "
+                          f"{e}); use e.g. rand-m10-n2 (RandAugment), augmix-m5, original, v0, or null.") from None
 
 
 # SimCLR (arXiv 2002.05709) App. B.8 and BYOL (arXiv 2006.07733) App. D.3: "a grid of seven logarithmically
@@ -172,6 +192,13 @@ class FinetuneProtocolConfig:
                               f"{self.weight_decay} >= 0.")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"protocol.ema_decay={self.ema_decay} must be in [0, 1); 0 turns EMA off.")
+        for key in ("dropout", "label_smoothing", "momentum"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"protocol.{key}={getattr(self, key)} must be in [0, 1).")
+        if self.color_jitter < 0 or self.warmup_epochs < 0:
+            raise ConfigError(f"protocol.color_jitter={self.color_jitter} and protocol.warmup_epochs="
+                              f"{self.warmup_epochs} must be 0 or more.")
+        check_randaugment(self.randaugment)
         if self.mixup < 0 or self.cutmix < 0:
             raise ConfigError(f"protocol.mixup={self.mixup} and protocol.cutmix={self.cutmix} are Beta-distribution "
                               "alphas: 0 (off) or more.")

@@ -28,6 +28,8 @@ class DepthOptimConfig:
     warmup_fraction: float = 0.05  # linear warmup over this fraction of the steps, then cosine decay to 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"task.optim.momentum={self.momentum} must be in [0, 1).")
         if self.lr <= 0 or self.weight_decay < 0 or self.lr_reference_batch < 1 or self.steps < 1:
             raise ConfigError(f"task.optim: lr={self.lr} must be > 0, weight_decay={self.weight_decay} >= 0, "
                               f"lr_reference_batch={self.lr_reference_batch} and steps={self.steps} >= 1.")
@@ -121,4 +123,7 @@ def check(cfg: RunConfig) -> None:
     backbone with the decoder, ``protocol=frozen`` (or ``protocol.freeze_backbone=true``) keeps it fixed. The
     fine-tune protocol has no other key.
     """
+    from transfer.config import check_directory
+
     data_root(cfg.task)
+    check_directory("task.data_dir", cfg.task.data_dir, "a NYU Depth v2 copy (layouts: docs/depth.md)")

@@ -55,6 +55,15 @@ def train_short_side(task: VideoTaskConfig) -> int | None:
     return task.scale_jitter[1] if task.train_crop == "jitter" else task.decode_short_side
 
 
+def build_classifier(cfg, num_classes: int) -> VideoClassifier:
+    """The run's network: backbone ``cfg.backbone`` (its weights, ``drop_path_rate`` spread per stage as Model
+    Garden does) inflated per ``task.inflation``, BN momentum and head dropout from the protocol."""
+    backbone = build_video_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
+                                    inflation=cfg.task.inflation.build(), drop_path_rate=cfg.backbone.drop_path_rate,
+                                    bn_momentum=cfg.protocol.bn_momentum)
+    return VideoClassifier(backbone, num_classes, dropout=cfg.protocol.dropout)
+
+
 def run(ctx: RunContext) -> TaskOutput:
     """Train and test. A run stopped by bad data (:class:`DataError`) once its splits are listed carries the counts
     made so far, which ``transfer.run`` writes to results.json with status ``failed``; an error before that (no
@@ -77,11 +86,8 @@ def _run(ctx: RunContext, seen: dict) -> TaskOutput:
     for split, listed in ((task.train_split, train), (task.eval_split, test)):
         check_bad_fraction(split, listed, task.max_bad_fraction)
     optim: VideoFinetuneProtocolConfig = cfg.protocol
-    backbone = build_video_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
-                                    inflation=task.inflation.build(), drop_path_rate=cfg.backbone.drop_path_rate,
-                                    bn_momentum=optim.bn_momentum)
-    seen["backbone"] = backbone
-    model = VideoClassifier(backbone, len(train.classes), dropout=optim.dropout)
+    model = build_classifier(cfg, len(train.classes))
+    backbone = seen["backbone"] = model.backbone
     spec = ClipSpec(task.frames, task.stride, task.fps)
     mean, std = backbone.spec.mean, backbone.spec.std  # normalisation of the weights being inflated
     train_tf = build_train_transform(size=task.train_size, mean=mean, std=std, crop=task.train_crop,

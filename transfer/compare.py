@@ -6,7 +6,8 @@ The matching rule (docs/comparison.md states it for users). A published row is *
    representation (random weights only under a task's declared from-scratch recipe), the published splits and
    all of them, and the protocol's published settings;
 2. the task and the metric key (``split/name``) are the same;
-3. the protocol is the same: ``linear``, ``knn``; ``eval`` is the file's ``supervised``; ``finetune`` is
+3. the protocol is the same: ``linear``, ``knn``; ``eval`` is the file's ``supervised`` (its schema's
+   ``BASELINE_PROTOCOL``); ``finetune`` is
    ``finetune``, or ``scratch`` when the run starts from random weights; a protocol with no published
    counterpart (``finetune_strong``) matches nothing;
 4. the pretraining kind is the same (:data:`transfer.baselines.PRETRAINING`);
@@ -36,9 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A suite protocol whose published counterpart carries another name in the baselines file:
-# `eval` scores the checkpoint's own ImageNet classifier, which the file calls `supervised`.
-BASELINE_PROTOCOL = {"eval": "supervised"}
 # Registry families whose weights are self-supervised; every other family is ImageNet-1k supervised.
 FAMILY_PRETRAINING = {"ssl": "imagenet1k_self_supervised"}
 # A fact a results.json may lack: its value then. Runs written before the papers' preprocessing option
@@ -50,12 +48,14 @@ TABLE_COLUMNS = ["method", "arch", "pretrain", "protocol", "setting", "metric", 
 THIS_RUN = "this run"
 
 
-def baseline_protocol(protocol: str, pretraining: str | None = None) -> str | None:
+def baseline_protocol(protocol: str, pretraining: str | None = None, schema: type | None = None) -> str | None:
     """The baselines-file protocol the suite's ``protocol`` is measured under, or None when none matches.
 
-    ``finetune`` from random weights (``pretraining="none"``) is training from scratch.
+    A protocol ``schema`` whose published counterpart carries another name in the baselines file says so in its
+    ``BASELINE_PROTOCOL`` (ImageNet's ``eval`` is the file's ``supervised``). ``finetune`` from random weights
+    (``pretraining="none"``) is training from scratch.
     """
-    mapped = BASELINE_PROTOCOL.get(protocol, protocol)
+    mapped = getattr(schema, "BASELINE_PROTOCOL", protocol)
     if mapped == "finetune" and pretraining == "none":
         return "scratch"
     return mapped if mapped in PROTOCOLS else None
@@ -239,7 +239,7 @@ def assess(results: dict[str, Any], *, path: str | Path | None = None) -> dict[s
     """
     reasons = run_reasons(results)
     pretraining = run_pretraining(results)
-    protocol = baseline_protocol(results["protocol"], pretraining)
+    protocol = baseline_protocol(results["protocol"], pretraining, protocol_schema_of(results))
     facts = run_facts(results)
     found = [b for b in baselines_for(results["task"], path=path) if b.metric in results["metrics"]] \
         if KEY.match(results["task"]) else []

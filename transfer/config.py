@@ -246,7 +246,12 @@ def recipe_names(group: str) -> list[str]:
     if group == "protocol":
         load_adapters()
         return sorted({p for a in TASKS.names() for p in TASKS.get(a).protocols})
-    stored = {"trainer": ["default"], "logger": ["wandb"]}.get(group, [])
+    from hydra.core.config_store import ConfigStore
+
+    register_recipes()
+    store = ConfigStore.instance()
+    stored = [n.removesuffix(".yaml") for n in store.list(group) if n.endswith(".yaml")] \
+        if group in store.repo else []
     return sorted({*stored, *(p.stem for p in (RECIPES_DIR / group).glob("*.yaml"))})
 
 

@@ -156,6 +156,7 @@ class PretrainedEvalConfig:
     baselines file's ``supervised`` rows (the checkpoint's own ImageNet accuracy)."""
 
     FROZEN: ClassVar[bool] = True  # random weights score nothing published
+    BASELINE_PROTOCOL: ClassVar[str] = "supervised"  # the baselines file's name for this measurement
 
     name: str = "eval"
 

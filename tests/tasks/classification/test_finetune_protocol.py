@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from tasks.classification import task as classification
+from tasks.classification.protocols import PAPER_LR_GRID, PAPER_WD_GRID, FinetuneProtocolConfig
 from transfer.config import compose, validate
-from transfer.protocols import PAPER_LR_GRID, PAPER_WD_GRID, FinetuneProtocolConfig
 from transfer.run import main as run_main
 
 

@@ -398,9 +398,10 @@ def unknown_keys(schema: type, node: Any, where: str) -> None:
         if key not in fields:
             value = OmegaConf.to_container(node, resolve=False).get(key)
             shown = "null" if value is None else str(value)
+            hint = getattr(schema, "UNKNOWN_KEY_HINT", "")
             raise ConfigError(f"unknown key '{where}.{key}' ({where}.{key}={shown})."
                               f"{did_you_mean(key, shown, fields, prefix=where + '.')} Valid keys of {where}: "
-                              f"{', '.join(fields)}.")
+                              f"{', '.join(fields)}.{' ' + hint if hint else ''}")
         if key in nested:
             unknown_keys(nested[key], node[key], f"{where}.{key}")
 

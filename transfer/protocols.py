@@ -12,7 +12,8 @@ A schema may declare, as ``ClassVar``:
   (:func:`transfer.compare.protocol_deviations` checks every other field against the defaults);
 - ``PUBLISHED = False``: no published counterpart, so nothing to deviate from;
 - ``FROZEN = True``: the backbone's features are scored as they are (random weights there measure nothing);
-- a method ``canonical()`` returning the protocol the run really is (``validate`` records that one).
+- a method ``canonical()`` returning the protocol the run really is (``validate`` records that one);
+- ``UNKNOWN_KEY_HINT``: a sentence added to the error for a key the schema does not have.
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ class RecipeFinetuneProtocolConfig:
     UNCHECKED_KEYS: ClassVar[dict[str, str]] = {
         "freeze_backbone": "true makes the run protocol=frozen, compared with the frozen rows",
     }
+    UNKNOWN_KEY_HINT: ClassVar[str] = ("The training values are the task recipe's (python -m transfer.run --help "
+                                       "task=NAME lists them): set task.<key> instead.")
 
     name: str = "finetune"
     freeze_backbone: bool = False  # true: train only the task's head (the same run as protocol=frozen)

@@ -290,7 +290,7 @@ def test_every_adapter_still_composes_after_the_key_checks(tmp_path):
     load_adapters()
     for task in recipe_names("task"):
         adapter = str(compose([f"task={task}"]).task.adapter)
-        protocol = TASKS.get(adapter).protocols[0]
+        protocol = next(iter(TASKS.get(adapter).protocols))
         data = (detection_data_overrides(task, tmp_path / task) if adapter == "detection"
                 else [f"task.data_dir={tmp_path}"])
         validate(compose([f"task={task}", f"protocol={protocol}", *data]))

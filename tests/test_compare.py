@@ -10,21 +10,34 @@ import pytest
 
 from transfer.baselines import baselines_for
 from transfer.compare import TABLE_COLUMNS, TABLE_KEY, assess, baseline_rows, log_comparison, run_facts
-from transfer.config import WandbConfig
-from transfer.protocols import PROTOCOLS
+from transfer.config import WandbConfig, recipe_names, task_adapter
+from transfer.tasks import TASKS, load_adapters
 from transfer.tracking import RunLogger
+
+load_adapters()
 
 HUB = {"source": "hub:timm/resnetrs50.tf_in1k"}
 
 
 def _results(task="cifar100", protocol="linear", metrics=None, backbone="rs50", weights=None, extra=None,
              protocol_config=None) -> dict:
-    """A results.json as transfer.run writes it; protocol_config defaults to the protocol's own recipe."""
-    if protocol_config is None and protocol in PROTOCOLS.names():
-        protocol_config = asdict(PROTOCOLS.get(protocol)())
-    return {"task": task, "protocol": protocol, "backbone": backbone, "weights": weights or HUB,
+    """A results.json as transfer.run writes it; protocol_config defaults to the protocol's own recipe (the schema
+    of the task's adapter)."""
+    adapter = task_adapter(task) if task in recipe_names("task") else None
+    if protocol_config is None and adapter and protocol in TASKS.get(adapter).protocols:
+        protocol_config = asdict(_schema(task, protocol)())
+    return {"task": task, "adapter": adapter, "protocol": protocol, "backbone": backbone, "weights": weights or HUB,
             "metrics": metrics if metrics is not None else {"test/top1": 75.0, "test/top5": 93.0},
             "extra": extra or {}, "protocol_config": protocol_config, "run_dir": "/tmp/run"}
+
+
+def _schema(task: str, protocol: str) -> type:
+    return TASKS.get(task_adapter(task)).protocols[protocol]
+
+
+# (a task of the adapter, protocol) for every protocol of every adapter
+ADAPTER_PROTOCOLS = [(next(t for t in recipe_names("task") if task_adapter(t) == a), p)
+                     for a in TASKS.names() for p in TASKS.get(a).protocols]
 
 
 def _split(verdict: dict) -> tuple[dict, dict]:
@@ -86,11 +99,11 @@ def test_a_non_standard_copy_is_not_comparable(extra, match):
 
 
 def test_a_protocol_setting_changed_from_the_published_recipe_is_not_comparable():
-    config = {**asdict(PROTOCOLS.get("linear")()), "l2_steps": 40}
+    config = {**asdict(_schema("cifar100", "linear")()), "l2_steps": 40}
     verdict = assess(_results(extra={"preprocess": "paper", "resolution": 224}, protocol_config=config))
     assert verdict["comparison"]["reasons"] == ["protocol.l2_steps=40 differs from the linear recipe's 45"]
     # Settings that do not change the protocol (the feature cache) leave it comparable.
-    config = {**asdict(PROTOCOLS.get("linear")()), "cache": False}
+    config = {**asdict(_schema("cifar100", "linear")()), "cache": False}
     assert assess(_results(extra={"preprocess": "paper", "resolution": 224}, protocol_config=config))["comparable"]
 
 
@@ -107,17 +120,18 @@ def _changed(value):
     return "changed" if value is None else None
 
 
-@pytest.mark.parametrize("protocol", PROTOCOLS.names())
-def test_every_protocol_key_changed_from_the_published_recipe_is_a_reason(protocol):
-    """Every field of every protocol schema is checked unless the schema declares it irrelevant, with a reason:
-    a key added later cannot be forgotten (linear max_iter=1 and tolerance were once comparable)."""
-    schema = PROTOCOLS.get(protocol)
+@pytest.mark.parametrize("task, protocol", ADAPTER_PROTOCOLS,
+                         ids=[f"{task_adapter(t)}/{p}" for t, p in ADAPTER_PROTOCOLS])
+def test_every_protocol_key_changed_from_the_published_recipe_is_a_reason(task, protocol):
+    """Every field of every adapter's protocol schema is checked unless the schema declares it irrelevant, with a
+    reason: a key added later cannot be forgotten (linear max_iter=1 and tolerance were once comparable)."""
+    schema = _schema(task, protocol)
     unchecked = getattr(schema, "UNCHECKED_KEYS", {})
     fields = [f.name for f in dataclasses.fields(schema) if f.name != "name"]
     assert set(unchecked) <= set(fields) and all(isinstance(why, str) and why for why in unchecked.values())
     recipe = asdict(schema())
     for key in fields:
-        verdict = assess(_results(protocol=protocol, extra={"preprocess": "paper", "resolution": 224},
+        verdict = assess(_results(task=task, protocol=protocol, extra={"preprocess": "paper", "resolution": 224},
                                   protocol_config={**recipe, key: _changed(recipe[key])}))
         named = [r for r in verdict["comparison"]["reasons"] if r.startswith(f"protocol.{key}=")]
         if key in unchecked or not getattr(schema, "PUBLISHED", True):
@@ -127,7 +141,7 @@ def test_every_protocol_key_changed_from_the_published_recipe_is_a_reason(protoc
 
 
 def test_a_linear_probe_with_max_iter_1_is_not_comparable():
-    config = {**asdict(PROTOCOLS.get("linear")()), "max_iter": 1, "tolerance": 0.1}
+    config = {**asdict(_schema("cifar100", "linear")()), "max_iter": 1, "tolerance": 0.1}
     verdict = assess(_results(extra={"preprocess": "paper", "resolution": 224}, protocol_config=config))
     assert not verdict["comparable"] and not any(r["comparable"] for r in verdict["baselines"])
     assert verdict["comparison"]["reasons"] == ["protocol.max_iter=1 differs from the linear recipe's 200",
@@ -205,7 +219,7 @@ def test_conditions_read_the_runs_extra_then_its_protocol_config():
                           ("supervised", "test/ap75", 58.8)}
     # A fact missing from extra is read from protocol_config.
     verdict = assess(_results(task, "finetune", metrics, extra={k: v for k, v in moco.items() if k != "freeze_at"},
-                              protocol_config={**asdict(PROTOCOLS.get("finetune")()), "freeze_at": 0}))
+                              protocol_config={**asdict(_schema(task, "finetune")()), "freeze_at": 0}))
     assert len([r for r in verdict["baselines"] if r["comparable"]]) == 3
     assert verdict["comparison"]["facts"]["max_iter"] == "24000"
 

@@ -1,26 +1,26 @@
 """Every recipe composes into a valid typed config; bad input fails before any data or model work."""
 import functools
+from pathlib import Path
 
 import pytest
 from detection_copies import detection_data_overrides
 
 from transfer.backbones import BACKBONES
-from transfer.config import RECIPES_DIR, RunConfig, compose, recipe_names, validate
+from transfer.config import RunConfig, compose, recipe_names, validate
 from transfer.errors import ConfigError
-from transfer.protocols import PROTOCOLS
 from transfer.registry import UnknownNameError
 from transfer.run import main
 from transfer.tasks import TASKS, load_adapters
 
 
 @functools.cache  # each call composes the task's recipe; the tests below ask for every task's list many times
-def _protocols(task: str) -> tuple[str, ...]:
+def _protocols(task: str) -> dict[str, type]:
     load_adapters()
-    return TASKS.get(str(compose([f"task={task}"]).task.adapter)).protocols
+    return dict(TASKS.get(str(compose([f"task={task}"]).task.adapter)).protocols)
 
 
 def _first_protocol(task: str) -> str:
-    return _protocols(task)[0]
+    return next(iter(_protocols(task)))
 
 
 @pytest.mark.parametrize("task", recipe_names("task"))
@@ -46,8 +46,45 @@ def test_every_protocol_recipe_composes_with_a_task_that_takes_it(protocol, tmp_
     tasks = [t for t in recipe_names("task") if protocol in _protocols(t)]
     assert tasks, f"no task recipe takes protocol {protocol!r}"
     cfg = validate(compose([f"protocol={protocol}", f"task={tasks[0]}", f"task.data_dir={tmp_path}"]))
-    assert cfg.protocol.name == protocol and protocol in PROTOCOLS
+    assert cfg.protocol.name == protocol and isinstance(cfg.protocol, _protocols(tasks[0])[protocol])
 
+
+def test_a_protocol_name_composes_the_schema_of_the_tasks_own_adapter(tmp_path):
+    """protocol=finetune is classification's recipe for an image task and the 3D recipe for a video task; a key of
+    the other adapter's schema is refused naming the valid ones."""
+    from dataclasses import asdict
+
+    from tasks.classification.protocols import FinetuneProtocolConfig
+    from video.config import VideoFinetuneProtocolConfig
+
+    image = validate(compose(["task=cifar100", "protocol=finetune", f"task.data_dir={tmp_path}"]))
+    video = validate(compose(["task=kinetics400", "protocol=finetune", f"task.data_dir={tmp_path}"]))
+    assert type(image.protocol) is FinetuneProtocolConfig and type(video.protocol) is VideoFinetuneProtocolConfig
+    # one source of truth: the composed sections are the schemas' defaults, the published recipes
+    assert asdict(image.protocol) == asdict(FinetuneProtocolConfig())
+    assert asdict(video.protocol) == asdict(VideoFinetuneProtocolConfig())
+    assert (video.protocol.lr, video.protocol.ema_decay, video.protocol.bn_momentum) == (0.8, 0.9999, 1.0)
+    with pytest.raises(ConfigError, match="unknown key 'protocol.randaugment'.*Valid keys of protocol: name, lr,"):
+        validate(compose(["task=kinetics400", "protocol.randaugment=rand-m9-n2", f"task.data_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="unknown key 'protocol.lr_reference_batch'"):
+        validate(compose(["task=cifar100", "protocol=finetune", "protocol.lr_reference_batch=256"]))
+
+
+def test_backbone_recipes_come_from_the_registry_and_an_unknown_name_lists_them(tmp_path):
+    assert recipe_names("backbone") == BACKBONES.names()
+    assert not (Path(__file__).parent.parent / "recipes" / "backbone").exists()
+    with pytest.raises(UnknownNameError) as err:
+        compose(["backbone=rs15"])
+    assert "Did you mean 'rs152'?" in str(err.value) and "rs420_i320" in str(err.value)
+    cfg = validate(compose(["backbone=rs152", "backbone.weights=random", "backbone.drop_path_rate=0.2"]))
+    assert (cfg.backbone.name, cfg.backbone.drop_path_rate) == ("rs152", 0.2)
+
+
+def test_a_schema_key_the_recipe_does_not_spell_out_is_set_with_one_compose(tmp_path):
+    """Recipes extend the registered schemas, so every schema key is in the composed section (no second compose)."""
+    raw = compose(["task=cifar100"])
+    assert "limit_per_split" in raw.task and raw.task.limit_per_split is None
+    assert validate(compose(["task=cifar100", "task.limit_per_split=5"])).task.limit_per_split == 5
 
 def test_overrides_reach_the_typed_config(tmp_path):
     cfg = validate(compose(["trainer.max_epochs=3", "trainer.devices=2", "trainer.accelerator=cpu",
@@ -92,61 +129,6 @@ def test_bad_value_fails_before_any_run_directory_exists(tmp_path, capsys):
     assert code == 2
     assert "trainer.precision='fp8'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
-
-
-@pytest.mark.parametrize("protocol", recipe_names("protocol"))
-def test_protocol_recipe_values_equal_the_schema_defaults(protocol):
-    """One source of truth: a recipe spells out its schema's defaults (video checks edits against them)."""
-    from dataclasses import asdict
-
-    from omegaconf import OmegaConf
-
-    load_adapters()
-    schema = PROTOCOLS.get(protocol)
-    recipe = OmegaConf.to_container(OmegaConf.load(RECIPES_DIR / "protocol" / f"{protocol}.yaml"))
-    assert recipe == {k: v for k, v in asdict(schema()).items() if k in recipe}
-
-
-# Each of these passed validation once and failed only after a run directory and a W&B run existed.
-BAD_VALUES = [
-    (["trainer.accelerator=tpu"], "trainer.accelerator='tpu'"),
-    (["trainer.strategy=nonsense"], "trainer.strategy='nonsense'"),
-    (["trainer.accelerator=gpu"], "no CUDA device is visible"),
-    (["trainer.accelerator=cuda", "trainer.devices=2"], "no CUDA device is visible"),
-    (["trainer.accelerator=cpu", "trainer.precision=16-mixed"], "trainer.precision='16-mixed' needs a CUDA device"),
-    (["trainer.accelerator=cpu", "trainer.strategy=fsdp"], "trainer.strategy='fsdp' needs CUDA"),
-    (["trainer.num_nodes=2"], "trainer.num_nodes=2 needs a launcher"),
-    (["trainer.max_steps=0"], "trainer.max_steps=0"),
-    (["trainer.max_steps=-5"], "trainer.max_steps=-5"),
-    (["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5"),
-    (["trainer.limit_eval_batches=0"], "trainer.limit_eval_batches=0"),
-    (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0"),
-    (["trainer.seed=-1"], "trainer.seed=-1"),
-    (["logger.wandb.init_timeout=0"], "logger.wandb.init_timeout=0"),
-    (["resume=maybe"], "resume='maybe' must be true or false"),
-    (["resume_allow_changes=perhaps"], "resume_allow_changes='perhaps'"),
-    (["resume=true"], "resume=true but no interrupted run"),
-    (["run.dir={tmp}/a-file"], "is not a folder"),
-]
-
-
-@pytest.mark.parametrize("overrides, fragment", BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
-def test_bad_value_exits_2_with_one_line_and_no_run_directory(overrides, fragment, tmp_path, capsys, monkeypatch):
-    import torch
-
-    from transfer.config import LAUNCHER_VARIABLES
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
-    for var in LAUNCHER_VARIABLES:
-        monkeypatch.delenv(var, raising=False)
-    (tmp_path / "a-file").write_text("not a folder")
-    root = tmp_path / "runs"
-    code = main(["protocol=finetune", *[o.format(tmp=tmp_path) for o in overrides], f"run.root={root}"])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert fragment in err
-    assert not root.exists(), "nothing may be written before the whole configuration is checked"
 
 
 @pytest.mark.e2e  # a fresh python -m transfer.run process: seconds of imports for one line

@@ -6,7 +6,8 @@ The matching rule (docs/comparison.md states it for users). A published row is *
    representation (random weights only under a task's declared from-scratch recipe), the published splits and
    all of them, and the protocol's published settings;
 2. the task and the metric key (``split/name``) are the same;
-3. the protocol is the same: ``linear``, ``knn``; ``eval`` is the file's ``supervised``; ``finetune`` is
+3. the protocol is the same: ``linear``, ``knn``; ``eval`` is the file's ``supervised`` (its schema's
+   ``BASELINE_PROTOCOL``); ``finetune`` is
    ``finetune``, or ``scratch`` when the run starts from random weights; a protocol with no published
    counterpart (``finetune_strong``) matches nothing;
 4. the pretraining kind is the same (:data:`transfer.baselines.PRETRAINING`);
@@ -29,17 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transfer.baselines import KEY, PRETRAINING, PROTOCOLS, Baseline, baselines_for
+from transfer.protocols import is_frozen_protocol
 
 if TYPE_CHECKING:
     from transfer.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
-# A suite protocol whose published counterpart carries another name in the baselines file:
-# `eval` scores the checkpoint's own ImageNet classifier, which the file calls `supervised`.
-BASELINE_PROTOCOL = {"eval": "supervised"}
-# Protocols that score the backbone's features as they are: random weights there measure nothing published.
-FROZEN_PROTOCOLS = ("linear", "knn", "eval", "frozen")
 # Registry families whose weights are self-supervised; every other family is ImageNet-1k supervised.
 FAMILY_PRETRAINING = {"ssl": "imagenet1k_self_supervised"}
 # A fact a results.json may lack: its value then. Runs written before the papers' preprocessing option
@@ -51,12 +48,14 @@ TABLE_COLUMNS = ["method", "arch", "pretrain", "protocol", "setting", "metric", 
 THIS_RUN = "this run"
 
 
-def baseline_protocol(protocol: str, pretraining: str | None = None) -> str | None:
+def baseline_protocol(protocol: str, pretraining: str | None = None, schema: type | None = None) -> str | None:
     """The baselines-file protocol the suite's ``protocol`` is measured under, or None when none matches.
 
-    ``finetune`` from random weights (``pretraining="none"``) is training from scratch.
+    A protocol ``schema`` whose published counterpart carries another name in the baselines file says so in its
+    ``BASELINE_PROTOCOL`` (ImageNet's ``eval`` is the file's ``supervised``). ``finetune`` from random weights
+    (``pretraining="none"``) is training from scratch.
     """
-    mapped = BASELINE_PROTOCOL.get(protocol, protocol)
+    mapped = getattr(schema, "BASELINE_PROTOCOL", protocol)
     if mapped == "finetune" and pretraining == "none":
         return "scratch"
     return mapped if mapped in PROTOCOLS else None
@@ -105,6 +104,22 @@ def run_facts(results: dict[str, Any]) -> dict[str, str]:
     return facts
 
 
+def protocol_schema_of(results: dict[str, Any]) -> type | None:
+    """The schema of the run's protocol: its task adapter's own (results.json ``adapter``, else the adapter its task
+    recipe names), or None when neither is known any more."""
+    from transfer.config import task_adapter
+    from transfer.errors import ConfigError
+    from transfer.registry import UnknownNameError
+    from transfer.tasks import TASKS, load_adapters
+
+    load_adapters()
+    try:
+        adapter = results.get("adapter") or task_adapter(results["task"])
+        return TASKS.get(adapter).protocols.get(results["protocol"])
+    except (UnknownNameError, ConfigError):
+        return None
+
+
 def checked_protocol_keys(schema: type) -> list[str]:
     """The fields of a protocol schema a run must leave at the published recipe's values: every field but
     ``name`` and the schema's ``UNCHECKED_KEYS`` (none when the protocol has no published recipe)."""
@@ -117,13 +132,9 @@ def checked_protocol_keys(schema: type) -> list[str]:
 def protocol_deviations(results: dict[str, Any]) -> list[str]:
     """``protocol.<key>`` values of the run's ``protocol_config`` that differ from the published recipe (the
     schema's defaults), for every key :func:`checked_protocol_keys` names."""
-    from transfer.protocols import PROTOCOLS as SCHEMAS
-    from transfer.registry import UnknownNameError
-
     used = results.get("protocol_config") or {}
-    try:
-        schema = SCHEMAS.get(results["protocol"])
-    except UnknownNameError:
+    schema = protocol_schema_of(results)
+    if schema is None:
         return []
     recipe = schema()
     out = []
@@ -152,7 +163,7 @@ def run_reasons(results: dict[str, Any]) -> list[str]:
     extra = results.get("extra") or {}
     reasons = [str(r) for r in extra.get("not_comparable") or []]
     pretraining = run_pretraining(results)
-    frozen = results["protocol"] in FROZEN_PROTOCOLS or (results.get("protocol_config") or {}).get("freeze_backbone")
+    frozen = is_frozen_protocol(protocol_schema_of(results), results.get("protocol_config"))
     if pretraining == "none" and frozen:
         reasons.append(f"backbone.weights=random with protocol={results['protocol']}: features of an untrained "
                        "network are no pretrained representation")
@@ -228,7 +239,7 @@ def assess(results: dict[str, Any], *, path: str | Path | None = None) -> dict[s
     """
     reasons = run_reasons(results)
     pretraining = run_pretraining(results)
-    protocol = baseline_protocol(results["protocol"], pretraining)
+    protocol = baseline_protocol(results["protocol"], pretraining, protocol_schema_of(results))
     facts = run_facts(results)
     found = [b for b in baselines_for(results["task"], path=path) if b.metric in results["metrics"]] \
         if KEY.match(results["task"]) else []

@@ -2,6 +2,14 @@
 
 Config flows one way: ``compose`` -> ``validate`` -> a :class:`RunConfig` that is written to the run
 directory and handed down, each part getting only its own section.
+
+One source of truth for every value (:func:`register_recipes`): the schemas below and the task adapters' are
+registered in Hydra's ConfigStore, with their defaults. ``backbone/<name>`` is generated for every registry entry,
+``protocol/<adapter>/<name>`` for every protocol of every adapter (its schema's defaults are the published recipe),
+``trainer/default`` and ``logger/wandb`` from :class:`TrainerConfig` and :class:`LoggerConfig`, and
+``schema/task/<adapter>`` and ``schema/trainer`` for the YAML recipes that extend them (``recipes/task/*.yaml``,
+``recipes/trainer/video.yaml``: ``defaults: [/schema/task/<adapter>@_here_, _self_]``). ``protocol=NAME`` is the
+task adapter's own schema: :func:`compose` turns it into ``protocol=<adapter>/NAME``.
 """
 from __future__ import annotations
 
@@ -98,12 +106,13 @@ class TrainerConfig:
 
 @dataclass
 class WandbConfig:
+    # Offline by default (no account needed; upload later with `wandb sync <run_dir>/wandb`).
     mode: str = "offline"  # online | offline | disabled
     project: str = "resnet-rs-transfer"
     entity: str | None = None
     group: str | None = None  # default: the task name, so W&B groups runs of one task
     tags: list[str] = field(default_factory=list)
-    init_timeout: float = 30.0
+    init_timeout: float = 30.0  # seconds; online mode falls back to offline after a failure
 
     def __post_init__(self) -> None:
         if self.mode not in WANDB_MODES:
@@ -182,6 +191,13 @@ def check_trainer(cfg: TrainerConfig) -> None:
                           "process would wait for the others forever.")
 
 
+def check_directory(key: str, value: str | None, what: str) -> None:
+    """``value`` of config key ``key``, when given, must be an existing folder (holding ``what``): checked by the
+    adapters' ``check`` so a mistyped path fails before a run directory exists. Raises :class:`ConfigError`."""
+    if value and not Path(os.path.expanduser(value)).is_dir():
+        raise ConfigError(f"{key}={value!r} is not a directory; pass the folder holding {what}.")
+
+
 def _flag(raw: DictConfig, key: str) -> bool:
     value = raw.get(key, False)
     if not isinstance(value, bool):
@@ -189,8 +205,79 @@ def _flag(raw: DictConfig, key: str) -> bool:
     return value
 
 
+def _schema_defaults(schema: type) -> dict:
+    """``schema``'s fields and defaults as plain data (a required field is ``???``): a ConfigStore node. Untyped on
+    purpose: :func:`validate` checks the composed config against the schema and names a bad key with the closest
+    valid one."""
+    return OmegaConf.to_container(OmegaConf.structured(schema), resolve=False)
+
+
+def register_recipes() -> None:
+    """Register the recipes that come from code in Hydra's ConfigStore (see the module docstring); idempotent."""
+    from hydra.core.config_store import ConfigStore
+
+    from transfer.backbones import BACKBONES
+    from transfer.tasks import TASKS, load_adapters
+
+    load_adapters()
+    store = ConfigStore.instance()
+    backbone = _schema_defaults(BackboneConfig)
+    for name in BACKBONES.names():
+        store.store(group="backbone", name=name, node={**backbone, "name": name})
+    for adapter_name in TASKS.names():
+        adapter = TASKS.get(adapter_name)
+        store.store(group="schema/task", name=adapter_name, node=_schema_defaults(adapter.config_class))
+        for protocol, schema in adapter.protocols.items():
+            store.store(group=f"protocol/{adapter_name}", name=protocol, node=_schema_defaults(schema))
+    store.store(group="schema", name="trainer", node=_schema_defaults(TrainerConfig))
+    store.store(group="trainer", name="default", node=_schema_defaults(TrainerConfig))
+    store.store(group="logger", name="wandb", node=_schema_defaults(LoggerConfig))
+
+
 def recipe_names(group: str) -> list[str]:
-    return sorted(p.stem for p in (RECIPES_DIR / group).glob("*.yaml"))
+    """The names ``group=NAME`` accepts: the backbone registry's entries, every adapter's protocol names, the YAML
+    recipes of ``recipes/<group>/`` and the ConfigStore nodes of the group."""
+    from transfer.tasks import TASKS, load_adapters
+
+    if group == "backbone":
+        from transfer.backbones import BACKBONES
+
+        return BACKBONES.names()
+    if group == "protocol":
+        load_adapters()
+        return sorted({p for a in TASKS.names() for p in TASKS.get(a).protocols})
+    from hydra.core.config_store import ConfigStore
+
+    register_recipes()
+    store = ConfigStore.instance()
+    stored = [n.removesuffix(".yaml") for n in store.list(group) if n.endswith(".yaml")] \
+        if group in store.repo else []
+    return sorted({*stored, *(p.stem for p in (RECIPES_DIR / group).glob("*.yaml"))})
+
+
+def task_adapter(task: str) -> str:
+    """The adapter named by task recipe ``task`` (its ``adapter:`` key); :class:`UnknownNameError` for no recipe."""
+    path = RECIPES_DIR / "task" / f"{task}.yaml"
+    if not path.is_file():
+        raise UnknownNameError("task", task, recipe_names("task"), hint=f"Recipes live in {RECIPES_DIR / 'task'}.")
+    adapter = OmegaConf.load(path).get("adapter")
+    if not adapter:
+        raise ConfigError(f"task recipe {str(path)!r} has no 'adapter' key.")
+    return str(adapter)
+
+
+def default_choice(group: str) -> str:
+    """The choice of ``group`` in recipes/config.yaml's defaults list (``protocol``: ``<adapter>/<name>``)."""
+    return next(str(d[group]) for d in OmegaConf.load(RECIPES_DIR / "config.yaml").defaults
+                if isinstance(d, DictConfig) and group in d)
+
+
+def adapter_protocols(task: str) -> dict[str, type]:
+    """Protocol name -> schema of the adapter that task recipe ``task`` names."""
+    from transfer.tasks import TASKS, load_adapters
+
+    load_adapters()
+    return dict(TASKS.get(task_adapter(task)).protocols)
 
 
 SUITE_KEY = "suite"  # suite=NAME / suite.<key>=...: read by transfer.suite, never part of a run's config
@@ -227,19 +314,46 @@ def check_top_level_keys(keys: list[str], valid: list[str] | None = None) -> Non
                               "ones).")
 
 
+GROUP_HINTS = {"backbone": "Backbones are the registry's entries (transfer/backbones; python -m transfer.run --help)."}
+
+
 def check_group_choices(overrides: list[str]) -> None:
-    """Fail on ``task=nope`` before composing, listing the valid names and the closest match."""
+    """Fail on ``task=nope`` before composing, listing the valid names and the closest match (``protocol=`` is
+    checked against the task's adapter by :func:`protocol_overrides`)."""
     for ov in overrides:
         key, sep, value = ov.partition("=")
         key = key.lstrip("+~")
-        if sep and key in GROUPS and "," not in value:
+        if sep and key in GROUPS and key != "protocol" and "," not in value:
             names = recipe_names(key)
             if value not in names:
-                raise UnknownNameError(key, value, names, hint=f"Recipes live in {RECIPES_DIR / key}.")
+                raise UnknownNameError(key, value, names, hint=GROUP_HINTS.get(key, f"Recipes live in "
+                                                                                   f"{RECIPES_DIR / key}."))
+
+
+def protocol_overrides(overrides: list[str]) -> list[str]:
+    """``protocol=NAME`` -> ``protocol=<adapter>/NAME``, the adapter being the chosen task's (``task=``, else the
+    default task); a name the adapter does not take is a :class:`ConfigError` listing the ones it does."""
+    from transfer.protocols import protocol_schema
+
+    tasks = [ov.partition("=")[2] for ov in overrides if ov.partition("=")[0].lstrip("+") == "task"]
+    task = tasks[-1] if tasks else default_choice("task")
+    out = []
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        if sep and key.lstrip("+") == "protocol":
+            protocol_schema(adapter_protocols(task), value, task=task)
+            ov = f"{key}={task_adapter(task)}/{value}"
+        out.append(ov)
+    return out
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """Compose ``recipes/config.yaml`` with ``key=value`` overrides."""
+    """Compose ``recipes/config.yaml`` with ``key=value`` overrides, once; interpolations resolved.
+
+    A dotted override is applied with Hydra's ``++`` (set, or add when absent): every key of a section's schema
+    is already in the composed section (the recipes extend the registered schemas), so an added key is one no
+    schema has, which :func:`validate` refuses naming the closest valid key.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -247,25 +361,17 @@ def compose(overrides: list[str]) -> DictConfig:
 
     check_top_level_keys(overrides)
     check_group_choices(overrides)
+    hydra_overrides = [f"++{o}" if "." in o.partition("=")[0] and o[0] not in "+~" and "=" in o else o
+                       for o in protocol_overrides(overrides)]
+    register_recipes()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-            # A key of a section's schema that its recipe does not spell out (task.limit_per_split) is
-            # added rather than refused; the typed check then rejects keys that no schema has.
-            base = hydra_compose(config_name="config", overrides=[o for o in overrides if "." not in o.split("=")[0]])
-            return hydra_compose(config_name="config", overrides=[_add_if_absent(base, o) for o in overrides])
+            cfg = hydra_compose(config_name="config", overrides=hydra_overrides)
+        OmegaConf.resolve(cfg)
+        return cfg
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"could not compose the configuration from {overrides}: {e}") from None
-
-
-def _add_if_absent(base: DictConfig, override: str) -> str:
-    key, sep, _ = override.partition("=")
-    if sep and "." in key and key[0] not in "+~" and OmegaConf.select(base, key, default=_ABSENT) is _ABSENT:
-        return "+" + override
-    return override
-
-
-_ABSENT = object()
 
 
 def _nested_schemas(schema: type) -> dict[str, type]:
@@ -292,9 +398,10 @@ def unknown_keys(schema: type, node: Any, where: str) -> None:
         if key not in fields:
             value = OmegaConf.to_container(node, resolve=False).get(key)
             shown = "null" if value is None else str(value)
+            hint = getattr(schema, "UNKNOWN_KEY_HINT", "")
             raise ConfigError(f"unknown key '{where}.{key}' ({where}.{key}={shown})."
                               f"{did_you_mean(key, shown, fields, prefix=where + '.')} Valid keys of {where}: "
-                              f"{', '.join(fields)}.")
+                              f"{', '.join(fields)}.{' ' + hint if hint else ''}")
         if key in nested:
             unknown_keys(nested[key], node[key], f"{where}.{key}")
 
@@ -316,8 +423,12 @@ def _typed(schema: type, node: Any, where: str) -> Any:
 
 
 def validate(raw: DictConfig) -> RunConfig:
-    """Check every section against its schema; the task and protocol schemas come from the task adapter."""
-    from transfer.protocols import PROTOCOLS
+    """Check every section against its schema; the task and protocol schemas come from the task adapter.
+
+    A protocol schema with a ``canonical()`` method names the protocol the run really is (a dense task's
+    ``finetune`` with ``freeze_backbone=true`` is ``frozen``): the :class:`RunConfig` holds that one.
+    """
+    from transfer.protocols import protocol_schema
     from transfer.tasks import TASKS, load_adapters
 
     load_adapters()
@@ -329,13 +440,14 @@ def validate(raw: DictConfig) -> RunConfig:
     if not adapter_name:
         raise ConfigError(f"task recipe {raw.task.name!r} has no 'adapter' key; valid adapters: {TASKS.names()}")
     adapter = TASKS.get(str(adapter_name))
-    protocol_name = str(raw.protocol.name)
-    if protocol_name not in adapter.protocols:
-        raise ConfigError(f"protocol={protocol_name!r} does not apply to task {raw.task.name!r}; "
-                          f"valid protocols for it: {', '.join(adapter.protocols)}.")
+    schema = protocol_schema(adapter.protocols, str(raw.protocol.name), task=str(raw.task.name))
+    protocol = _typed(schema, raw.protocol, "protocol")
+    if hasattr(protocol, "canonical"):
+        protocol = protocol.canonical()
+        protocol_schema(adapter.protocols, protocol.name, task=str(raw.task.name))
     cfg = RunConfig(
         task=_typed(adapter.config_class, raw.task, "task"),
-        protocol=_typed(PROTOCOLS.get(protocol_name), raw.protocol, "protocol"),
+        protocol=protocol,
         backbone=_typed(BackboneConfig, raw.backbone, "backbone"),
         trainer=_typed(TrainerConfig, raw.trainer, "trainer"),
         logger=_typed(LoggerConfig, raw.logger, "logger"),

@@ -1,257 +1,74 @@
-"""Transfer protocols and their typed settings, shared by every task that supports them."""
+"""Protocol schemas that several task adapters share, and how an adapter's protocols are looked up.
+
+Every other protocol schema belongs to its adapter (``TaskAdapter.protocols``: protocol name -> schema): the
+classification probes and fine-tuning in ``tasks/classification/protocols.py``, the 3D fine-tuning recipe in
+``video/config.py``, ``eval`` in ``tasks/imagenet/task.py``. A schema's defaults are its published recipe; it is
+registered in Hydra's ConfigStore as ``protocol/<adapter>/<name>`` (:func:`transfer.config.register_recipes`),
+so ``protocol=NAME`` composes the task adapter's own schema.
+
+A schema may declare, as ``ClassVar``:
+
+- ``UNCHECKED_KEYS``: fields a run may change and stay comparable, with the reason
+  (:func:`transfer.compare.protocol_deviations` checks every other field against the defaults);
+- ``PUBLISHED = False``: no published counterpart, so nothing to deviate from;
+- ``FROZEN = True``: the backbone's features are scored as they are (random weights there measure nothing);
+- a method ``canonical()`` returning the protocol the run really is (``validate`` records that one);
+- ``UNKNOWN_KEY_HINT``: a sentence added to the error for a key the schema does not have.
+"""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from transfer.errors import ConfigError
-from transfer.registry import Registry
-
-PROTOCOLS: Registry[type] = Registry("protocol")
-# Each protocol schema is its published recipe: every field's default is the value the papers used, and a run
-# that changes any field is not comparable with published numbers (transfer.compare.protocol_deviations), except
-# the fields a schema names in ``UNCHECKED_KEYS`` with the reason they cannot change a comparable score. A new
-# field is checked unless declared there. ``PUBLISHED = False`` marks a protocol with no published counterpart.
 
 
-def _check_memory_keys(cfg) -> None:
-    """Refuse sizes that cannot bound anything: naming each bad key with its valid range."""
-    bad = [f"protocol.{k}={getattr(cfg, k)} (an integer of at least 1)" for k in ("shard_images", "chunk_rows")
-           if getattr(cfg, k) < 1]
-    if not math.isfinite(cfg.resident_mb) or cfg.resident_mb < 0:
-        bad.append(f"protocol.resident_mb={cfg.resident_mb} (a finite number of MiB, 0 or more)")
-    if bad:
-        raise ConfigError(f"invalid {', '.join(bad)}.")
-
-
-@PROTOCOLS.register("linear")
-@dataclass
-class LinearProtocolConfig:
-    """L2-regularised multinomial logistic regression on frozen, cached penultimate features.
-
-    The grid follows SimCLR (arXiv 2002.05709, Appendix B.8) and BYOL (arXiv 2006.07733, Appendix D.2):
-    45 log-spaced values of the L2 penalty in [1e-6, 1e5], chosen on validation, then refit on train+val.
-    When the chosen value sits at an end of the grid, the grid is extended past that end by up to
-    ``extend_decades`` (the run is marked not comparable if the best is still at the end); ``refine_steps``
-    halves the spacing around the peak, as CLIP_benchmark's probe does (0: the papers' grid only).
-    """
-
-    # Every other key defines the published protocol: a run that changes one is not comparable
-    # (transfer.compare.protocol_deviations). These cannot change a comparable score, and why:
-    UNCHECKED_KEYS: ClassVar[dict[str, str]] = {
-        "cache": "cached features are reused only under a key that covers everything that determines them",
-        "extend_decades": "a run whose best l2 still sits at an end of its search is not comparable anyway, "
-                          "and an extension that closes the end finds the best the papers' grid would",
-    }
-
-    name: str = "linear"
-    l2_min: float = 1e-6
-    l2_max: float = 1e5
-    l2_steps: int = 45
-    extend_decades: float = 4.0
-    refine_steps: int = 0
-    max_iter: int = 200
-    tolerance: float = 1e-6
-    cache: bool = True
-    # Bounded memory (docs/classification.md, paragraph "Bounded memory"): images per cache shard, feature
-    # rows per chunk of the fit / k-NN, and the size up to which a split's features are held on the device.
-    shard_images: int = 8192
-    chunk_rows: int = 65536
-    resident_mb: float = 4096.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.l2_min < self.l2_max or self.l2_steps < 1:
-            raise ConfigError(f"protocol l2 grid [{self.l2_min}, {self.l2_max}] x {self.l2_steps} is empty; "
-                              "need 0 < l2_min < l2_max and l2_steps >= 1.")
-        if self.extend_decades < 0 or self.refine_steps < 0:
-            raise ConfigError(f"protocol.extend_decades={self.extend_decades} and protocol.refine_steps="
-                              f"{self.refine_steps} must be 0 or more.")
-        _check_memory_keys(self)
-
-
-@PROTOCOLS.register("knn")
-@dataclass
-class KnnProtocolConfig:
-    """k-NN on cached features: cosine similarity, temperature-weighted votes."""
-
-    UNCHECKED_KEYS: ClassVar[dict[str, str]] = {
-        "cache": "cached features are reused only under a key that covers everything that determines them",
-    }
-
-    name: str = "knn"
-    k: int = 20
-    temperature: float = 0.07
-    cache: bool = True
-    # Bounded memory (docs/classification.md, paragraph "Bounded memory"): images per cache shard, feature
-    # rows per chunk of the fit / k-NN, and the size up to which a split's features are held on the device.
-    shard_images: int = 8192
-    chunk_rows: int = 65536
-    resident_mb: float = 4096.0
-
-    def __post_init__(self) -> None:
-        if self.k < 1 or self.temperature <= 0:
-            raise ConfigError(f"protocol.k={self.k} must be >= 1 and protocol.temperature={self.temperature} > 0.")
-        _check_memory_keys(self)
-
-
-# SimCLR (arXiv 2002.05709) App. B.8 and BYOL (arXiv 2006.07733) App. D.3: "a grid of seven logarithmically
-# spaced learning rates between 0.0001 and 0.1, and 7 logarithmically-spaced values of weight decay between
-# 1e-6 and 1e-3, as well as no weight decay. These values of weight decay are divided by the learning rate."
-# Rounded to three significant digits (10^-3.5 = 3.16e-4).
-PAPER_LR_GRID = (1.0e-4, 3.16e-4, 1.0e-3, 3.16e-3, 1.0e-2, 3.16e-2, 0.1)
-PAPER_WD_GRID = (0.0, 1.0e-6, 3.16e-6, 1.0e-5, 3.16e-5, 1.0e-4, 3.16e-4, 1.0e-3)
-SELECT = ("last", "best_epoch")
-
-
-@PROTOCOLS.register("finetune")
-@dataclass
-class FinetuneProtocolConfig:
-    """Full fine-tuning as SimCLR (arXiv 2002.05709, App. B.8) and BYOL (arXiv 2006.07733, App. D.3) did it.
-
-    Every (lr, weight decay) of the grid trains ``steps`` SGD steps (Nesterov, momentum 0.9) at global batch
-    ``batch_size`` on train, with random-resized-crop + flip only, and is scored on val after its last
-    step; weight decay values are divided by the learning rate. The best pair is refit on train+val and that
-    model is tested (train crops ``image_size``; test: resize to ``image_size / test_crop_pct``, centre crop).
-    Batch-norm statistics use momentum ``min(10 / s, 0.1)`` for ``s`` steps per epoch (the papers' decay
-    ``max(1 - 10/s, 0.9)``). Values in recipes/protocol/finetune.yaml; ``finetune_strong`` is this suite's
-    stronger recipe (RandAugment, label smoothing, epochs), which has no published counterpart.
-    """
-
-    UNCHECKED_KEYS: ClassVar[dict[str, str]] = {
-        "freeze_backbone": "frozen and fine-tuned transfer are both published (detection); the rows say which "
-                           "with a freeze_backbone condition",
-        "lr": "used only with sweep=false, which is itself off the published recipe",
-        "weight_decay": "used only with sweep=false, which is itself off the published recipe",
-    }
-
-    name: str = "finetune"
-    lr: float = 0.01  # used when sweep=false
-    weight_decay: float = 0.0  # used when sweep=false
-    momentum: float = 0.9
-    nesterov: bool = True
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    # timm auto_augment string, e.g. "rand-m10-n2"; null turns it off.
-    randaugment: str | None = None
-    color_jitter: float = 0.0  # timm's colour-jitter strength in training (timm's own default is 0.4)
-    ema_decay: float = 0.0  # 0 disables the EMA of weights
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    dropout: float = 0.0
-    freeze_backbone: bool = False
-    sweep: bool = True  # grid over lr_grid x wd_grid, chosen on val, then refit on train+val
-    lr_grid: list[float] = field(default_factory=lambda: list(PAPER_LR_GRID))
-    wd_grid: list[float] = field(default_factory=lambda: list(PAPER_WD_GRID))
-    wd_over_lr: bool = True  # the optimiser's weight decay is wd / lr for each grid value
-    steps: int | None = 20_000  # optimiser steps per fit; null: trainer.max_epochs / trainer.max_steps
-    batch_size: int | None = 256  # global batch over all devices; null: trainer.batch_size per device
-    image_size: int | None = 224  # train/test size; null: the checkpoint's own (task.resolution wins)
-    test_crop_pct: float | None = 0.875  # 224 / 256; null: the checkpoint's own crop
-    bn_momentum_from_steps: bool = True
-    select: str = "last"  # last: score each fit after its last step; best_epoch: its best epoch on val
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ConfigError(f"protocol.lr={self.lr} must be > 0 and protocol.weight_decay="
-                              f"{self.weight_decay} >= 0.")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"protocol.ema_decay={self.ema_decay} must be in [0, 1); 0 turns EMA off.")
-        if self.mixup < 0 or self.cutmix < 0:
-            raise ConfigError(f"protocol.mixup={self.mixup} and protocol.cutmix={self.cutmix} are Beta-distribution "
-                              "alphas: 0 (off) or more.")
-        if self.sweep and not (self.lr_grid and self.wd_grid):
-            raise ConfigError("protocol.sweep=true needs protocol.lr_grid=[...] and protocol.wd_grid=[...].")
-        if any(lr <= 0 for lr in self.lr_grid) or any(wd < 0 for wd in self.wd_grid):
-            raise ConfigError(f"protocol.lr_grid={self.lr_grid} needs values > 0 and protocol.wd_grid="
-                              f"{self.wd_grid} values >= 0.")
-        for key in ("steps", "batch_size", "image_size"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"protocol.{key}={getattr(self, key)} must be at least 1, or null.")
-        if self.steps is not None and self.warmup_epochs > 0:
-            raise ConfigError(f"protocol.warmup_epochs={self.warmup_epochs} counts epochs, but protocol.steps="
-                              f"{self.steps} sets the length in steps; use warmup_epochs=0 or steps=null.")
-        if self.test_crop_pct is not None and not 0 < self.test_crop_pct <= 1:
-            raise ConfigError(f"protocol.test_crop_pct={self.test_crop_pct} must be in (0, 1], or null.")
-        if self.select not in SELECT:
-            raise ConfigError(f"protocol.select={self.select!r}; valid: {', '.join(SELECT)}.")
-
-
-@PROTOCOLS.register("finetune_strong")
-@dataclass
-class StrongFinetuneProtocolConfig(FinetuneProtocolConfig):
-    """This suite's stronger fine-tuning recipe (recipes/protocol/finetune_strong.yaml): no published counterpart.
-
-    Epochs from ``trainer.max_epochs``, one lr / weight decay (or a sweep over given grids), warmup then
-    cosine, label smoothing 0.1 and RandAugment as in the ResNet-RS recipe, the best val epoch tested.
-    """
-
-    PUBLISHED: ClassVar[bool] = False  # no published counterpart: nothing to deviate from
-
-    name: str = "finetune_strong"
-    lr: float = 0.01
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    # 2 layers at magnitude 10 is ResNet-RS's RandAugment for RS-50 at 160 px (tensorflow/tpu resnet_rs
-    # configs: randaug_num_layers 2, randaug_magnitude 10).
-    randaugment: str | None = "rand-m10-n2"
-    color_jitter: float = 0.4  # timm's default (disabled by timm while RandAugment is on)
-    sweep: bool = False
-    lr_grid: list[float] = field(default_factory=list)
-    wd_grid: list[float] = field(default_factory=list)
-    wd_over_lr: bool = False
-    steps: int | None = None
-    batch_size: int | None = None
-    image_size: int | None = None
-    test_crop_pct: float | None = None
-    bn_momentum_from_steps: bool = False
-    select: str = "best_epoch"
-
-
-@PROTOCOLS.register("frozen")
 @dataclass
 class FrozenProtocolConfig:
-    """Frozen-backbone transfer of a dense task: only the task's head trains on the backbone's features.
+    """Frozen-backbone transfer: only the task's head trains on the backbone's features.
 
-    Detection (the detector's FPN / RoI heads), semantic segmentation (FPN + segmentation head) and depth (the
-    decoder) take it; each task recipe holds its own training values. The backbone's weights and its batch-norm
-    statistics stay as loaded (detection: how many levels, ``task.frozen_freeze_at``, default every level). A
-    run of this protocol has its own run folder (``<backbone>-frozen``), ``protocol: frozen`` in results.json
-    and W&B, and is never compared with fine-tuned baselines.
+    The task recipe holds every training value; the backbone's weights and its batch-norm statistics stay as
+    loaded (how many levels: the task recipe's choice, every level by default). A run of this protocol has its
+    own run folder (``<backbone>-frozen``), ``protocol: frozen`` in results.json and W&B, and is never compared
+    with fine-tuned baselines.
     """
+
+    FROZEN: ClassVar[bool] = True
 
     name: str = "frozen"
 
 
-@PROTOCOLS.register("eval")
 @dataclass
-class PretrainedEvalConfig:
-    """Evaluate the checkpoint's own classifier as it is: nothing is trained (task=imagenet)."""
+class RecipeFinetuneProtocolConfig:
+    """Fine-tuning whose training values all live in the task recipe (its solver or optimiser section).
 
-    name: str = "eval"
-
-
-def check_recipe_owned_protocol(protocol, *, task: str, settings: str, example: str,
-                                instead: str | None = None) -> None:
-    """Refuse protocol keys a task would ignore: for tasks whose recipe holds every training value.
-
-    Segmentation and depth take their schedule from ``task.<settings>`` and accept ``protocol=finetune`` (the
-    backbone trains) or ``protocol=frozen`` (it does not). Under ``finetune``, ``protocol.freeze_backbone=true``
-    points to ``protocol=frozen`` (frozen transfer is its own protocol, with its own run folder and baselines)
-    and any other changed key is refused, since it would be silently ignored. ``instead`` says where the values
-    go (default ``task.<settings>.<key>``). Raises :class:`ConfigError`.
+    ``freeze_backbone=true`` is frozen transfer: :meth:`canonical` turns the run into ``protocol=frozen``, so it
+    lands in ``<backbone>-frozen``, is recorded as ``protocol: frozen`` and is compared with the frozen rows, the
+    same run as ``protocol=frozen``.
     """
-    import dataclasses
 
-    if not isinstance(protocol, FinetuneProtocolConfig):
-        return
-    if protocol.freeze_backbone:
-        raise ConfigError(f"protocol.freeze_backbone=true: {task} runs frozen transfer as its own protocol, so the "
-                          "two never share a run folder or a comparison. Use protocol=frozen.")
-    default = type(protocol)()
-    changed = [f.name for f in dataclasses.fields(protocol)
-               if f.name != "name" and getattr(protocol, f.name) != getattr(default, f.name)]
-    if changed:
-        raise ConfigError(f"{task} takes its training settings from task.{settings}; protocol keys {changed} would "
-                          f"be ignored. Set {instead or f'task.{settings}.<key>'} instead (e.g. {example}).")
+    UNCHECKED_KEYS: ClassVar[dict[str, str]] = {
+        "freeze_backbone": "true makes the run protocol=frozen, compared with the frozen rows",
+    }
+    UNKNOWN_KEY_HINT: ClassVar[str] = ("The training values are the task recipe's (python -m transfer.run --help "
+                                       "task=NAME lists them): set task.<key> instead.")
+
+    name: str = "finetune"
+    freeze_backbone: bool = False  # true: train only the task's head (the same run as protocol=frozen)
+
+    def canonical(self) -> RecipeFinetuneProtocolConfig | FrozenProtocolConfig:
+        return FrozenProtocolConfig() if self.freeze_backbone else self
+
+
+def protocol_schema(protocols: dict[str, type], name: str, *, task: str) -> type:
+    """The schema of protocol ``name`` in an adapter's ``protocols`` mapping; :class:`ConfigError` naming the valid
+    protocols of ``task`` otherwise."""
+    if name not in protocols:
+        raise ConfigError(f"protocol={name!r} does not apply to task {task!r}; valid protocols for it: "
+                          f"{', '.join(protocols)}.")
+    return protocols[name]
+
+
+def is_frozen_protocol(schema: type | None, protocol_config: dict | None = None) -> bool:
+    """Whether a run of ``schema`` (with its recorded ``protocol_config``) scores the backbone as it was loaded."""
+    return bool(getattr(schema, "FROZEN", False) or (protocol_config or {}).get("freeze_backbone"))

@@ -53,6 +53,7 @@ def build_results(cfg, output, wall_time_s: float, run_dir: Path, *, record=None
     return {
         "schema_version": SCHEMA_VERSION,
         "task": cfg.task.name,
+        "adapter": cfg.task.adapter,  # whose protocol schema protocol_config is (transfer.compare)
         "backbone": cfg.backbone.name,
         "protocol": cfg.protocol.name,
         "weights": output.weights,
@@ -97,11 +98,8 @@ def tidy_extra(value):
 
 
 def protocol_config(cfg) -> dict[str, Any]:
-    """The protocol section of results.json: the keys that apply to the task (``TaskAdapter.protocol_keys``)."""
-    from transfer.tasks import TASKS
-
-    values, keys = asdict(cfg.protocol), TASKS.get(cfg.task.adapter).protocol_keys
-    return values if keys is None else {k: v for k, v in values.items() if k == "name" or k in keys}
+    """The protocol section of results.json: every key of the task adapter's own schema for the protocol."""
+    return asdict(cfg.protocol)
 
 
 def unscored(task: str, output) -> str | None:

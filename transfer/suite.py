@@ -34,7 +34,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from transfer.config import RECIPES_DIR, SUITE_KEY, compose, recipe_names, validate
+from transfer.config import RECIPES_DIR, SUITE_KEY, compose, recipe_names, task_adapter, validate
 from transfer.errors import ConfigError, TransferError
 from transfer.registry import UnknownNameError
 
@@ -120,7 +120,7 @@ def check_suite(suite: SuiteConfig) -> None:
         seen.add(col.id)
         if col.task not in tasks:
             raise UnknownNameError("task", col.task, tasks, hint=f"(column {col.id!r} of {where})")
-        adapter = TASKS.get(str(OmegaConf.load(RECIPES_DIR / "task" / f"{col.task}.yaml").adapter))
+        adapter = TASKS.get(task_adapter(col.task))
         if col.protocol not in adapter.protocols:
             raise ConfigError(f"{where}, column {col.id!r}: protocol {col.protocol!r} does not apply to task "
                               f"{col.task!r}; valid: {', '.join(adapter.protocols)}.")

@@ -60,7 +60,12 @@ def shown_in(col: SuiteColumn, b: Baseline) -> bool:
     frozen_row = ("freeze_backbone", "true") in b.conditions
     if col.protocol == "frozen":
         return frozen_row
-    protocols = {p for pre in ("imagenet1k_supervised", "none") if (p := baseline_protocol(col.protocol, pre))}
+    from transfer.config import task_adapter
+    from transfer.tasks import TASKS, load_adapters
+
+    load_adapters()
+    schema = TASKS.get(task_adapter(col.task)).protocols.get(col.protocol)
+    protocols = {p for pre in ("imagenet1k_supervised", "none") if (p := baseline_protocol(col.protocol, pre, schema))}
     return b.protocol in protocols and not frozen_row
 
 

@@ -7,7 +7,7 @@ config, the run directory and the logger, and returns a :class:`TaskOutput`.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,11 +72,15 @@ class TaskAdapter:
     ``check(cfg)`` holds every check of the whole run config that does not need the adapter's optional
     dependency; ``validate`` calls it, so a bad value fails before a run directory or W&B run exists.
     It raises :class:`transfer.errors.ConfigError` naming the key, the valid values and the fix.
+
+    ``protocols`` maps each protocol name the task takes to the adapter's schema for it (a dataclass whose defaults
+    are the published recipe; :mod:`transfer.protocols` says what a schema may declare). ``protocol=NAME`` composes
+    the schema of the task's own adapter, so two adapters may each have a ``finetune`` of their own.
     """
 
     config_class: type
     run: Callable[[RunContext], TaskOutput]
-    protocols: tuple[str, ...]
+    protocols: Mapping[str, type]
     check: Callable[[RunConfig], None] | None = None
     # Every metric key the adapter can put in TaskOutput.metrics (``split/name``, lower-case): baselines are
     # matched on these keys, so a test checks that each baseline row's metric is one of them.
@@ -88,10 +92,6 @@ class TaskAdapter:
     # (task, backbone, weights, protocol): a resume that changes one is another run, refused before anything
     # is written even with resume_allow_changes=true (transfer.rundir.config_changes).
     model_keys: tuple[str, ...] = ()
-    # The protocol keys that apply to this task: results.json ``protocol_config`` holds only these (and the name).
-    # None: every key of the protocol. An adapter that takes its training settings elsewhere (video: task.optim)
-    # lists the few it honours, so no value it never used is recorded beside its scores.
-    protocol_keys: tuple[str, ...] | None = None
 
 
 TASKS: Registry[TaskAdapter] = Registry("task adapter")

@@ -3,8 +3,9 @@
 
 Everything listed is read from where it is defined, so the help cannot drift from the code: task recipes from
 ``recipes/task/`` and the adapters they name (:data:`transfer.tasks.TASKS`), backbones from
-:data:`transfer.backbones.BACKBONES`, protocols from :data:`transfer.protocols.PROTOCOLS`, keys and defaults from
-the config schemas and the composed recipes, descriptions from the recipes' and schemas' own comments.
+:data:`transfer.backbones.BACKBONES`, protocols from each adapter's ``protocols`` (``--help protocol=NAME`` shows the
+schema of the chosen task's adapter, default task when none is given), keys and defaults from the config schemas
+and the composed recipes, descriptions from the recipes' and schemas' own comments.
 """
 from __future__ import annotations
 
@@ -17,7 +18,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from transfer.config import GROUPS, RECIPES_DIR, RunConfig, compose, recipe_names, top_level_keys
+from transfer.config import (
+    GROUPS,
+    RECIPES_DIR,
+    RunConfig,
+    adapter_protocols,
+    compose,
+    default_choice,
+    recipe_names,
+    task_adapter,
+    top_level_keys,
+)
 from transfer.registry import UnknownNameError
 
 DOCS_DIR = RECIPES_DIR.parent / "docs"
@@ -64,8 +75,11 @@ def schema_comments(schema: type) -> dict[str, str]:
 
 
 def recipe_text(group: str, name: str) -> tuple[str, dict[str, str]]:
-    """(the recipe's header comment, its per-key comments)."""
-    lines = (RECIPES_DIR / group / f"{name}.yaml").read_text().splitlines()
+    """(the recipe's header comment, its per-key comments); empty for a recipe with no YAML file."""
+    path = RECIPES_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        return "", {}
+    lines = path.read_text().splitlines()
     header = []
     for line in lines:
         if not line.startswith("#"):
@@ -162,14 +176,14 @@ def common_keys() -> list[tuple[str, str, str]]:
 
 def tasks_by_adapter() -> dict[str, list[tuple[str, str]]]:
     """adapter name -> (task recipe, its default protocol) of every task recipe that names it."""
-    default = next(str(d["protocol"]) for d in OmegaConf.load(RECIPES_DIR / "config.yaml").defaults
-                   if isinstance(d, DictConfig) and "protocol" in d)
+    default = default_choice("protocol")
     out: dict[str, list[tuple[str, str]]] = {}
     for name in recipe_names("task"):
         recipe = OmegaConf.load(RECIPES_DIR / "task" / f"{name}.yaml")
         own = [str(v) for d in recipe.get("defaults", []) if isinstance(d, DictConfig)
                for k, v in d.items() if str(k).startswith("override /protocol")]
-        out.setdefault(str(recipe.get("adapter", "?")), []).append((name, own[0] if own else default))
+        # protocol/<adapter>/<name>: the name is what the user types
+        out.setdefault(str(recipe.get("adapter", "?")), []).append((name, (own[0] if own else default).split("/")[-1]))
     return out
 
 
@@ -184,7 +198,6 @@ def docs_pages() -> list[tuple[str, str]]:
 
 def general_help(summary: str) -> str:
     from transfer.backbones import BACKBONES
-    from transfer.protocols import PROTOCOLS
     from transfer.tasks import TASKS, load_adapters
 
     load_adapters()
@@ -201,7 +214,8 @@ def general_help(summary: str) -> str:
                   _wrap_names([name for name, _ in tasks])]
     parts += ["", f"Backbones (backbone=NAME; {len(BACKBONES)} registered, docs/backbone_sheet.md):",
               _wrap_names(BACKBONES.names()), "",
-              f"Protocols (protocol=NAME): {', '.join(PROTOCOLS.names())}", "",
+              f"Protocols (protocol=NAME; each adapter has its own schema for a name): "
+              f"{', '.join(recipe_names('protocol'))}", "",
               "Common keys (key=default; any schema key may be set, an unknown one is refused):",
               _table(common_keys()), "",
               "Results: each run writes runs/<task>/<backbone>-<protocol>/<timestamp>/ (run.root, run.dir):",
@@ -216,24 +230,30 @@ def general_help(summary: str) -> str:
     return "\n".join(parts) + "\n"
 
 
-def recipe_help(group: str, name: str) -> str:
-    """The keys of recipe ``group=name``: value in the recipe (else the schema default) and description."""
-    from transfer.protocols import PROTOCOLS
+def recipe_help(group: str, name: str, task: str | None = None) -> str:
+    """The keys of recipe ``group=name``: value in the recipe (else the schema default) and description. A protocol
+    is the schema of ``task``'s adapter (the default task when None)."""
+    from transfer.protocols import protocol_schema
     from transfer.tasks import TASKS, load_adapters
 
     load_adapters()
-    names = recipe_names(group)
-    if name not in names:
-        raise UnknownNameError(group, name, names, hint=f"Recipes live in {RECIPES_DIR / group}.")
-    raw = compose([f"{group}={name}"])
-    section = raw[group]
-    header, comments = recipe_text(group, name)
-    if group == "task":
+    if group == "protocol":
+        task = task or default_choice("task")
+        schema = protocol_schema(adapter_protocols(task), name, task=task)
+        raw = compose([f"task={task}", f"protocol={name}"])
+        section, title = raw.protocol, f"protocol={name} (adapter {task_adapter(task)}, task={task})"
+        doc = inspect.getdoc(schema) or ""
+        header, comments = " ".join(doc.split("\n\n")[0].split()), {}
+    else:
+        names = recipe_names(group)
+        if name not in names:
+            raise UnknownNameError(group, name, names, hint=f"Recipes live in {RECIPES_DIR / group}.")
+        raw = compose([f"{group}={name}"])
+        section = raw[group]
+        header, comments = recipe_text(group, name)
         adapter = TASKS.get(str(section.adapter))
         schema, title = adapter.config_class, (f"task={name} (adapter {section.adapter}; "
                                                f"protocol={'|'.join(adapter.protocols)})")
-    else:
-        schema, title = PROTOCOLS.get(name), f"protocol={name}"
     rows = [(k, v, comments.get(k.split(".", 1)[1].split(".")[0], "") or c)
             for k, v, c in schema_keys(schema, section, f"{group}.")]
     out = [title, textwrap.fill(header, WIDTH) if header else "", "",
@@ -243,9 +263,10 @@ def recipe_help(group: str, name: str) -> str:
 
 def help_text(summary: str, overrides: list[str]) -> str:
     """``--help``: :func:`general_help`; with ``task=NAME`` or ``protocol=NAME``: that recipe's keys."""
-    chosen = [o.split("=", 1) for o in overrides if "=" in o and o.split("=", 1)[0].lstrip("+") in GROUPS]
-    for group, name in chosen:
-        group = group.lstrip("+")
-        if group in ("task", "protocol"):
-            return recipe_help(group, name)
+    chosen = {o.split("=", 1)[0].lstrip("+"): o.split("=", 1)[1] for o in overrides
+              if "=" in o and o.split("=", 1)[0].lstrip("+") in GROUPS}
+    if "protocol" in chosen:
+        return recipe_help("protocol", chosen["protocol"], task=chosen.get("task"))
+    if "task" in chosen:
+        return recipe_help("task", chosen["task"])
     return general_help(summary)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from transfer.optim import sgd_warmup_cosine
-from video.config import VideoOptimSettings
+from video.config import VideoFinetuneProtocolConfig
 from video.data import collate_skipping
 from video.model import VideoClassifier
 from video.multiview import MultiViewClips, ViewScores, collate_views
@@ -47,7 +47,7 @@ class VideoModule(L.LightningModule):
     they are too many. After testing, :attr:`scores` holds the reduced per-video scores and failures.
     """
 
-    def __init__(self, model: VideoClassifier, optim: VideoOptimSettings, *, eval_labels: list[int],
+    def __init__(self, model: VideoClassifier, optim: VideoFinetuneProtocolConfig, *, eval_labels: list[int],
                  train_videos: int, global_batch: int, check_train: Callable[[list[int]], None]):
         super().__init__()
         self.model = model
@@ -62,6 +62,16 @@ class VideoModule(L.LightningModule):
         self._failed_so_far: list[int] = []
         self.scores: ViewScores | None = None
         self.lr: float | None = None
+        if optim.freeze_backbone:  # only the classifier trains; see train() for the BN statistics
+            model.backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> VideoModule:
+        """With ``protocol.freeze_backbone`` the backbone stays in eval mode (Lightning calls ``train()`` every
+        epoch): its batch norms keep the loaded statistics and its stochastic depth is off."""
+        super().train(mode)
+        if self.optim.freeze_backbone:
+            self.model.backbone.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)  # (B, 3, T, H, W) -> (B, num_classes)

@@ -11,7 +11,7 @@ from transfer.config import RECIPES_DIR
 from transfer.engine import build_trainer, resume_path, seed_everything
 from transfer.errors import DataError
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput, attach_output
-from video.config import VideoTaskConfig, check
+from video.config import VideoFinetuneProtocolConfig, VideoTaskConfig, check
 from video.data import ClipSpec, TrainClips, VideoList, check_bad_fraction, load_split
 from video.model import VideoClassifier, build_video_backbone
 from video.module import VideoData, VideoModule, WarmupEMA
@@ -55,6 +55,15 @@ def train_short_side(task: VideoTaskConfig) -> int | None:
     return task.scale_jitter[1] if task.train_crop == "jitter" else task.decode_short_side
 
 
+def build_classifier(cfg, num_classes: int) -> VideoClassifier:
+    """The run's network: backbone ``cfg.backbone`` (its weights, ``drop_path_rate`` spread per stage as Model
+    Garden does) inflated per ``task.inflation``, BN momentum and head dropout from the protocol."""
+    backbone = build_video_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
+                                    inflation=cfg.task.inflation.build(), drop_path_rate=cfg.backbone.drop_path_rate,
+                                    bn_momentum=cfg.protocol.bn_momentum)
+    return VideoClassifier(backbone, num_classes, dropout=cfg.protocol.dropout)
+
+
 def run(ctx: RunContext) -> TaskOutput:
     """Train and test. A run stopped by bad data (:class:`DataError`) once its splits are listed carries the counts
     made so far, which ``transfer.run`` writes to results.json with status ``failed``; an error before that (no
@@ -76,11 +85,9 @@ def _run(ctx: RunContext, seen: dict) -> TaskOutput:
     seen.update(train=train, test=test)
     for split, listed in ((task.train_split, train), (task.eval_split, test)):
         check_bad_fraction(split, listed, task.max_bad_fraction)
-    backbone = build_video_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
-                                    inflation=task.inflation.build(), drop_path_rate=task.optim.drop_path_rate,
-                                    bn_momentum=task.optim.bn_momentum)
-    seen["backbone"] = backbone
-    model = VideoClassifier(backbone, len(train.classes), dropout=task.optim.dropout)
+    optim: VideoFinetuneProtocolConfig = cfg.protocol
+    model = build_classifier(cfg, len(train.classes))
+    backbone = seen["backbone"] = model.backbone
     spec = ClipSpec(task.frames, task.stride, task.fps)
     mean, std = backbone.spec.mean, backbone.spec.std  # normalisation of the weights being inflated
     train_tf = build_train_transform(size=task.train_size, mean=mean, std=std, crop=task.train_crop,
@@ -95,13 +102,13 @@ def _run(ctx: RunContext, seen: dict) -> TaskOutput:
     data = VideoData(TrainClips(train.videos, spec, train_tf, short_side=train_short_side(task)), views,
                      batch_size=cfg.trainer.batch_size, eval_batch_size=eval_items,
                      num_workers=cfg.trainer.num_workers)
-    callbacks = [WarmupEMA(task.optim.ema_decay, task.optim.ema_warmup)] if task.optim.ema_decay else []
+    callbacks = [WarmupEMA(optim.ema_decay, optim.ema_warmup)] if optim.ema_decay else []
     trainer = build_trainer(ctx, callbacks=callbacks)  # channels_last becomes channels_last_3d for 3D weights
 
     def check_train(failed: list[int]) -> None:
         check_bad_fraction(task.train_split, train, task.max_bad_fraction, [train.videos[i][0] for i in failed])
 
-    module = VideoModule(model, task.optim, eval_labels=[label for _, label in test.videos],
+    module = VideoModule(model, optim, eval_labels=[label for _, label in test.videos],
                          train_videos=len(train.videos), global_batch=cfg.trainer.batch_size * trainer.world_size,
                          check_train=check_train)
     seen["module"] = module
@@ -121,7 +128,7 @@ def _run(ctx: RunContext, seen: dict) -> TaskOutput:
                         "Run python -m video.scan on the data for the reasons.")
     never_scored = int(((scores.views == 0) & (scores.failed == 0)).sum())
     return TaskOutput(metrics=metrics, counts=counts, weights=backbone.weights.as_dict(), primary_metric="test/top1",
-                      recipe=recipe_used(task, module, backbone.training_layers, trainer.world_size),
+                      recipe=recipe_used(task, optim, module, backbone.training_layers, trainer.world_size),
                       extra={"classes": len(train.classes), "global_step": trainer.global_step,
                              "clip": [task.frames, task.stride], "views": [task.test_clips, task.test_crops],
                              **({"scratch_recipe": task.scratch_recipe} if task.scratch_recipe else {}),
@@ -131,7 +138,7 @@ def _run(ctx: RunContext, seen: dict) -> TaskOutput:
 
 # Task keys that place the data or guard it, not part of the training and test recipe.
 NOT_RECIPE_KEYS = ("name", "adapter", "data_dir", "layout", "manifest", "max_bad_fraction", "num_classes",
-                   "scratch_recipe", "published_epochs")
+                   "scratch_recipe", "published_epochs", "published_drop_path_rate")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -163,8 +170,10 @@ def recipe_deviations(task: VideoTaskConfig, recipe: dict) -> list[str]:
 def not_comparable(cfg, *, classes: int, test_videos: int, never_scored: int) -> dict[str, list[str]]:
     """``extra.not_comparable`` (read by :mod:`transfer.compare`): why the run's scores cannot stand next to published
     ones. A subset of the classes, part of the test videos never scored (``trainer.limit_eval_batches``), a schedule
-    other than the published one (``task.published_epochs``; ``trainer.max_steps``, ``limit_train_batches``), and any
-    training or test value changed from the task recipe (:func:`recipe_deviations`). Empty when none applies."""
+    other than the published one (``task.published_epochs``; ``trainer.max_steps``, ``limit_train_batches``), a
+    ``backbone.drop_path_rate`` other than ``task.published_drop_path_rate``, and any training or test value changed
+    from the task recipe (:func:`recipe_deviations`; changed protocol values are :mod:`transfer.compare`'s). Empty
+    when none applies."""
     task, trainer, reasons = cfg.task, cfg.trainer, []
     recipe_file = Path(RECIPES_DIR) / "task" / f"{task.name}.yaml"
     recipe = OmegaConf.to_container(OmegaConf.load(recipe_file), resolve=True) if recipe_file.is_file() else None
@@ -179,6 +188,10 @@ def not_comparable(cfg, *, classes: int, test_videos: int, never_scored: int) ->
     if task.published_epochs is not None and trainer.max_epochs != task.published_epochs:
         reasons.append(f"trainer.max_epochs={trainer.max_epochs}; the published schedule trains "
                        f"{task.published_epochs} epochs")
+    published_rate = task.published_drop_path_rate
+    if published_rate is not None and cfg.backbone.drop_path_rate != published_rate:
+        reasons.append(f"backbone.drop_path_rate={cfg.backbone.drop_path_rate:g} differs from the {task.name} "
+                       f"recipe's {published_rate:g}")
     if trainer.max_steps != -1:
         reasons.append(f"trainer.max_steps={trainer.max_steps} stops training before the schedule's end")
     if trainer.limit_train_batches != 1.0:
@@ -188,10 +201,11 @@ def not_comparable(cfg, *, classes: int, test_videos: int, never_scored: int) ->
     return {"not_comparable": reasons} if reasons else {}
 
 
-def recipe_used(task: VideoTaskConfig, module: VideoModule, layers: dict, world_size: int) -> dict:
+def recipe_used(task: VideoTaskConfig, o: VideoFinetuneProtocolConfig, module: VideoModule, layers: dict,
+                world_size: int) -> dict:
     """The training and test values this run used (results.json ``recipe``)."""
-    o = task.optim
     return {
+        "freeze_backbone": o.freeze_backbone,
         "optimizer": "sgd", "nesterov": o.nesterov, "momentum": o.momentum, "schedule": "warmup + cosine",
         "lr": module.lr, "lr_recipe": o.lr, "lr_reference_batch": o.lr_reference_batch,
         "global_batch": module.global_batch, "world_size": world_size, "weight_decay": o.weight_decay,
@@ -209,7 +223,7 @@ def recipe_used(task: VideoTaskConfig, module: VideoModule, layers: dict, world_
     }
 
 
-# The protocol only says the backbone is trained end to end; every training value is task.optim's (recorded as
-# results.json recipe), so protocol_config keeps just that (video.config._check_protocol refuses the rest).
-TASKS.add("video", TaskAdapter(config_class=VideoTaskConfig, run=run, protocols=("finetune",), check=check,
-                               metrics=("test/top1", "test/top5"), protocol_keys=("freeze_backbone",)))
+# protocol=finetune is the 3D training recipe (video.config.VideoFinetuneProtocolConfig); the name is the image
+# tasks' so runs land in <backbone>-finetune and match the published fine-tune / from-scratch rows.
+TASKS.add("video", TaskAdapter(config_class=VideoTaskConfig, run=run, check=check, metrics=("test/top1", "test/top5"),
+                               protocols={"finetune": VideoFinetuneProtocolConfig}))

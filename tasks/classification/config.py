@@ -47,6 +47,8 @@ class ClassificationTaskConfig:
             raise ConfigError(f"task.val_fraction={self.val_fraction} must be in (0, 1).")
         if self.resolution is not None and self.resolution < 16:
             raise ConfigError(f"task.resolution={self.resolution} is too small; use 16 or more.")
+        if not 0 <= self.split_seed < 2**32:  # numpy's seed range
+            raise ConfigError(f"task.split_seed={self.split_seed} must be in [0, 2**32).")
         if self.limit_per_split is not None and self.limit_per_split < 1:
             raise ConfigError(f"task.limit_per_split={self.limit_per_split} must be at least 1, or null (all).")
         if not 0 <= self.max_bad_fraction < 1:

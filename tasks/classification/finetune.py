@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from tasks.classification.metrics import classification_metrics
+from tasks.classification.protocols import FinetuneProtocolConfig
 from transfer.backbones import Backbone
 from transfer.images import PaddedToRanks, collate_images, gather_names, unpack
 from transfer.optim import sgd_warmup_cosine
-from transfer.protocols import FinetuneProtocolConfig
 
 
 class FinetuneModule(L.LightningModule):
@@ -47,6 +47,14 @@ class FinetuneModule(L.LightningModule):
         self.check_damage = check_damage
         if protocol.freeze_backbone:
             backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FinetuneModule:
+        """With ``protocol.freeze_backbone`` the backbone stays in eval mode: Lightning calls ``train()`` every
+        epoch, and batch norms in training mode would replace the loaded statistics."""
+        super().train(mode)
+        if self.protocol.freeze_backbone:
+            self.backbone.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))  # (B, 3, H, W) -> (B, num_classes)

@@ -27,6 +27,7 @@ from tasks.classification.features import cache_key, cache_path, digest, extract
 from tasks.classification.finetune import ClassificationData, FinetuneModule
 from tasks.classification.linear import NEAR_TIE_MARGIN, fit_logistic, l2_grid, near_ties, search_l2
 from tasks.classification.metrics import SCORERS, classification_metrics
+from tasks.classification.protocols import PROTOCOLS, FinetuneProtocolConfig
 from tasks.classification.rows import concat
 from tasks.classification.sources import check_damage, items_digest, labels_of
 from transfer.backbones import Backbone, build_backbone
@@ -39,7 +40,6 @@ from transfer.engine import (
     seed_everything,
 )
 from transfer.errors import ConfigError
-from transfer.protocols import FinetuneProtocolConfig
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
 
 log = logging.getLogger(__name__)
@@ -444,5 +444,5 @@ def run(ctx: RunContext) -> TaskOutput:
 
 
 TASKS.add("classification", TaskAdapter(config_class=ClassificationTaskConfig, run=run, check=check,
-                                        protocols=tuple(PROTOCOL_RUNNERS),
+                                        protocols=PROTOCOLS,
                                         metrics=("test/top1", "test/top5", "test/mean_per_class")))

@@ -1,7 +1,6 @@
 """Typed settings of a monocular-depth recipe (``task=nyu_depth``) and the checks that need no data."""
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,8 @@ class DepthOptimConfig:
     warmup_fraction: float = 0.05  # linear warmup over this fraction of the steps, then cosine decay to 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"task.optim.momentum={self.momentum} must be in [0, 1).")
         if self.lr <= 0 or self.weight_decay < 0 or self.lr_reference_batch < 1 or self.steps < 1:
             raise ConfigError(f"task.optim: lr={self.lr} must be > 0, weight_decay={self.weight_decay} >= 0, "
                               f"lr_reference_batch={self.lr_reference_batch} and steps={self.steps} >= 1.")
@@ -119,12 +120,10 @@ def check(cfg: RunConfig) -> None:
     """Whole-config checks (``transfer.config.validate`` calls them before any run directory exists).
 
     Depth takes its training values from ``task.optim`` (BYOL's NYU recipe); ``protocol=finetune`` trains the
-    backbone with the decoder, ``protocol=frozen`` keeps it fixed. Changed fine-tune protocol keys are refused
-    rather than ignored (:func:`transfer.protocols.check_recipe_owned_protocol`).
+    backbone with the decoder, ``protocol=frozen`` (or ``protocol.freeze_backbone=true``) keeps it fixed. The
+    fine-tune protocol has no other key.
     """
-    from transfer.protocols import check_recipe_owned_protocol
+    from transfer.config import check_directory
 
     data_root(cfg.task)
-    check_recipe_owned_protocol(cfg.protocol, task="depth", settings="optim",
-                                example=f"protocol.lr -> task.optim.lr; keys: "
-                                        f"{', '.join(f.name for f in dataclasses.fields(DepthOptimConfig))}")
+    check_directory("task.data_dir", cfg.task.data_dir, "a NYU Depth v2 copy (layouts: docs/depth.md)")

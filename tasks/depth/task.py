@@ -11,6 +11,7 @@ from tasks.depth.module import DepthData, DepthModule
 from transfer.backbones import build_backbone
 from transfer.engine import build_trainer, progress_of, resume_path, seed_everything
 from transfer.errors import DataError, TransferError
+from transfer.protocols import FrozenProtocolConfig, RecipeFinetuneProtocolConfig
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput, attach_output
 
 METRICS = tuple(f"test/{m}" for m in METRIC_NAMES)
@@ -129,7 +130,7 @@ def _run(ctx: RunContext, seen: dict) -> TaskOutput:
                              "scan_examples": (train.examples + test.examples)[:20], **progress_of(trainer)})
 
 
-TASKS.add("depth", TaskAdapter(config_class=DepthTaskConfig, run=run, protocols=("finetune", "frozen"), check=check,
-                               metrics=METRICS, lower_is_better=tuple(f"test/{m}" for m in LOWER_IS_BETTER),
-                               # the rest of the protocol is refused (check): task.optim holds the training values
-                               protocol_keys=("freeze_backbone",)))
+# task.optim holds the training values: the fine-tune protocol only says whether the backbone trains.
+TASKS.add("depth", TaskAdapter(config_class=DepthTaskConfig, run=run, check=check,
+                               protocols={"finetune": RecipeFinetuneProtocolConfig, "frozen": FrozenProtocolConfig},
+                               metrics=METRICS, lower_is_better=tuple(f"test/{m}" for m in LOWER_IS_BETTER)))

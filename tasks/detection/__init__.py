@@ -6,6 +6,7 @@ translation), so the rest of the suite works where it is not installed.
 """
 from tasks.detection.requirement import require_detectron2
 from tasks.detection.schema import METRICS, DetectionTaskConfig, check
+from transfer.protocols import FrozenProtocolConfig, RecipeFinetuneProtocolConfig
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
 
 
@@ -20,7 +21,8 @@ def run(ctx: RunContext) -> TaskOutput:
 # What the detector is: changing one of these on resume would load the optimizer of another model.
 MODEL_KEYS = ("task.base_config", "task.class_names", "task.freeze_at", "task.frozen_freeze_at", "task.backbone_norm",
               "task.head_norm", "task.res5_extra_norm", "task.opts")
-TASKS.add("detection", TaskAdapter(config_class=DetectionTaskConfig, run=run, protocols=("finetune", "frozen"),
-                                   check=check, metrics=METRICS, model_keys=MODEL_KEYS,
-                                   # the rest of the protocol is refused (check): the solver is detectron2's config
-                                   protocol_keys=("freeze_backbone",)))
+# The solver is detectron2's config (task.solver, task.opts): the fine-tune protocol only says whether the backbone
+# trains, and protocol.freeze_backbone=true is the frozen protocol (RecipeFinetuneProtocolConfig.canonical).
+TASKS.add("detection", TaskAdapter(config_class=DetectionTaskConfig, run=run,
+                                   protocols={"finetune": RecipeFinetuneProtocolConfig, "frozen": FrozenProtocolConfig},
+                                   check=check, metrics=METRICS, model_keys=MODEL_KEYS))

@@ -1,6 +1,7 @@
 """Typed settings of a detection task recipe and the checks that need no detectron2.
 
-The ``frozen`` protocol is :class:`transfer.protocols.FrozenProtocolConfig`, shared with segmentation and depth.
+The protocols are :class:`transfer.protocols.FrozenProtocolConfig` and ``RecipeFinetuneProtocolConfig`` (the
+solver is the task recipe's; ``protocol=finetune protocol.freeze_backbone=true`` is the frozen protocol).
 :func:`check` runs inside :func:`transfer.config.validate`, so every value it refuses fails before a run
 directory or W&B run exists. The translation of these settings into a detectron2 config lives in
 :mod:`tasks.detection.translate`, which is imported only where detectron2 is installed.
@@ -160,15 +161,6 @@ def check(cfg: RunConfig) -> None:
     from transfer.backbones import BACKBONES
 
     task = cfg.task
-    if getattr(cfg.protocol, "freeze_backbone", False):
-        raise ConfigError("protocol.freeze_backbone=true: detection runs frozen transfer as its own protocol, so the "
-                          "two never share a run folder or a comparison. Use protocol=frozen (and "
-                          "task.frozen_freeze_at=N to leave the last levels trainable).")
-    from transfer.protocols import check_recipe_owned_protocol
-
-    check_recipe_owned_protocol(cfg.protocol, task="detection", settings="base_config + task.opts",
-                                instead="the detectron2 key in task.opts",
-                                example="protocol.lr -> task.opts=[SOLVER.BASE_LR,0.02]")
     spec = BACKBONES.get(cfg.backbone.name)
     levels = len(spec.feature_strides)
     for key in ("freeze_at", "frozen_freeze_at"):

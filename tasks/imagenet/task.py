@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import lightning as L
 import torch
@@ -46,6 +47,10 @@ class ImageNetTaskConfig:
     def __post_init__(self) -> None:
         if not self.data_dir:
             raise ConfigError(f"task=imagenet needs task.data_dir=PATH, a local copy of ImageNet-1k:\n{EXPECTED_TREE}")
+        from transfer.config import check_directory
+
+        check_directory("task.data_dir", self.data_dir, "a copy of ImageNet-1k (val/<wnid>/*.JPEG folders, or a "
+                        "Hugging Face copy of ILSVRC/imagenet-1k)")
         if self.split not in SPLITS:
             raise ConfigError(f"task.split={self.split!r}; valid: {', '.join(SPLITS)}.")
         if self.resolution is not None and self.resolution < 32:
@@ -145,5 +150,16 @@ def _check_damage(undecodable: set[str], total: int, task: ImageNetTaskConfig) -
     log.warning("%s: skipped %d undecodable image(s) of %d, e.g. %s", task.data_dir, len(undecodable), total, examples)
 
 
-TASKS.add("imagenet", TaskAdapter(config_class=ImageNetTaskConfig, run=run, protocols=("eval",),
+@dataclass
+class PretrainedEvalConfig:
+    """Evaluate the checkpoint's own classifier as it is: nothing is trained. Its published counterpart is the
+    baselines file's ``supervised`` rows (the checkpoint's own ImageNet accuracy)."""
+
+    FROZEN: ClassVar[bool] = True  # random weights score nothing published
+    BASELINE_PROTOCOL: ClassVar[str] = "supervised"  # the baselines file's name for this measurement
+
+    name: str = "eval"
+
+
+TASKS.add("imagenet", TaskAdapter(config_class=ImageNetTaskConfig, run=run, protocols={"eval": PretrainedEvalConfig},
                                   metrics=tuple(f"{s}/top{k}" for s in SPLITS for k in (1, 5))))

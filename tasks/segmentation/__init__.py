@@ -5,6 +5,7 @@ when a segmentation run starts, so the rest of the suite works where it is not i
 """
 from tasks.detection.requirement import require_detectron2
 from tasks.segmentation.config import SegmentationTaskConfig, check
+from transfer.protocols import FrozenProtocolConfig, RecipeFinetuneProtocolConfig
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
 
 # Percent. mIoU and mean class accuracy average over the classes present in the evaluation split;
@@ -20,8 +21,8 @@ def run(ctx: RunContext) -> TaskOutput:
     return train_and_evaluate(ctx)
 
 
-TASKS.add("segmentation", TaskAdapter(config_class=SegmentationTaskConfig, run=run, protocols=("finetune", "frozen"),
-                                      check=check, metrics=METRICS,
-                                      # the rest of the protocol is refused (check): task.solver holds the training
-                                      # values, so results.json's protocol_config records only these
-                                      protocol_keys=("freeze_backbone",)))
+# task.solver holds the training values: the fine-tune protocol only says whether the backbone trains.
+TASKS.add("segmentation", TaskAdapter(config_class=SegmentationTaskConfig, run=run,
+                                      protocols={"finetune": RecipeFinetuneProtocolConfig,
+                                                 "frozen": FrozenProtocolConfig},
+                                      check=check, metrics=METRICS))

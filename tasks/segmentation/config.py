@@ -136,15 +136,11 @@ def check(cfg: RunConfig) -> None:
     """Checks of the whole run config that need no detectron2 (called by ``transfer.config.validate``).
 
     Segmentation takes its training values from ``task.solver`` and ``task.input``; ``protocol=finetune``
-    trains the backbone from ``task.freeze_at`` on, ``protocol=frozen`` keeps every level fixed. Changed
-    fine-tune protocol keys are refused, not ignored (:func:`transfer.protocols.check_recipe_owned_protocol`).
+    trains the backbone from ``task.freeze_at`` on, ``protocol=frozen`` (or ``protocol.freeze_backbone=true``)
+    keeps every level fixed. The fine-tune protocol has no other key.
     """
-    from transfer.protocols import check_recipe_owned_protocol
-
     task = cfg.task
     data_root(task)
-    check_recipe_owned_protocol(cfg.protocol, task="segmentation", settings="solver",
-                                example="protocol.lr -> task.solver.base_lr")
     from transfer.backbones import BACKBONES
 
     levels = len(BACKBONES.get(cfg.backbone.name).feature_strides)

@@ -187,11 +187,11 @@ def test_view_scores_average_probabilities():
 
 
 def test_decode_failure_counts_survive_a_checkpoint():
-    from video.config import VideoOptimSettings
+    from video.config import VideoFinetuneProtocolConfig
     from video.module import VideoModule, ema_decay_at
 
     def module():
-        return VideoModule(torch.nn.Linear(2, 2), VideoOptimSettings(), eval_labels=[0], train_videos=5,
+        return VideoModule(torch.nn.Linear(2, 2), VideoFinetuneProtocolConfig(), eval_labels=[0], train_videos=5,
                            global_batch=2, check_train=lambda failed: None)
 
     before = module()

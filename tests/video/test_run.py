@@ -1,12 +1,14 @@
 """End to end through ``python -m transfer.run``: synthetic Kinetics in every layout, 2 training steps,
 multi-view evaluation, skipped counts in results.json; runs on unusable data stop with a clear error."""
 import json
+from dataclasses import asdict
 
 import pytest
 from PIL import Image
 from suite_helpers import run_cli
 
 from transfer.run import main
+from video.config import VideoFinetuneProtocolConfig
 from video.synthetic import LAYOUT_WRITERS, write_dataset
 
 TINY = ["protocol=finetune", "backbone.weights=random", "task.num_classes=3", "task.frames=8", "task.stride=2",
@@ -41,7 +43,7 @@ def test_kinetics_run_counts_bad_videos(layout, tmp_path):
     assert recipe["lr"] == pytest.approx(0.8 * 7 / 1024) and recipe["global_batch"] == 7
     assert recipe["randaugment"] is None and recipe["drop_path_per_stage"] == pytest.approx([0.04, 0.06, 0.08, 0.1])
     assert recipe["bn_momentum"] == 1.0 and recipe["ema_decay"] == 0.9999 and recipe["views"] == [2, 3]
-    assert results["protocol_config"] == {"name": "finetune", "freeze_backbone": False}
+    assert results["protocol_config"] == asdict(VideoFinetuneProtocolConfig())  # the video adapter's own recipe
 
 
 @pytest.mark.e2e
@@ -128,8 +130,9 @@ def test_impossible_jitter_fails_before_the_run_directory(tmp_path):
 
 
 @pytest.mark.parametrize("override, names", [
-    (["protocol.lr=0.1"], "protocol keys ['lr']"),
-    (["task.optim.ema_decay=0"], "task.optim.bn_momentum=1.0"),
+    (["protocol.randaugment=rand-m9-n2"], "Valid keys of protocol: name, lr, lr_reference_batch,"),
+    (["task.optim.lr=0.1"], "unknown key 'task.optim'"),  # the training values are the protocol's now
+    (["protocol.ema_decay=0"], "protocol.bn_momentum=1.0"),
     (["task.crop_area=[0.5,0.2]"], "task.crop_area=[0.5, 0.2]"),
 ])
 def test_impossible_values_fail_before_the_run_directory(override, names, tmp_path, capsys):
@@ -166,13 +169,13 @@ def test_a_run_off_the_published_recipe_says_why_it_is_not_comparable(tmp_path):
 
     on_recipe = _cfg(tmp_path, "trainer.max_epochs=350")
     assert not_comparable(on_recipe, classes=400, test_videos=10, never_scored=0) == {}
-    reasons = not_comparable(_cfg(tmp_path, "trainer.max_epochs=350", "task.optim.lr=0.4", "task.frames=16",
+    reasons = not_comparable(_cfg(tmp_path, "trainer.max_epochs=350", "backbone.drop_path_rate=0.2", "task.frames=16",
                                   "task.inflation.self_gating=none", "trainer.limit_eval_batches=0.5"),
                              classes=400, test_videos=10, never_scored=5)["not_comparable"]
     assert reasons == ["5 of 10 test videos were never scored (trainer.limit_eval_batches=0.5): a partial evaluation",
+                       "backbone.drop_path_rate=0.2 differs from the kinetics400 recipe's 0.1",
                        "task.frames=16 differs from the kinetics400 recipe's 32",
-                       "task.inflation.self_gating='none' differs from the kinetics400 recipe's 'last'",
-                       "task.optim.lr=0.4 differs from the kinetics400 recipe's 0.8"]
+                       "task.inflation.self_gating='none' differs from the kinetics400 recipe's 'last'"]
     toy = not_comparable(_cfg(tmp_path, "trainer.max_steps=2"), classes=3, test_videos=6, never_scored=0)
     assert toy["not_comparable"] == ["3 classes, not the 400 of kinetics400: a subset of the data",
                                      "trainer.max_epochs=10; the published schedule trains 350 epochs",
@@ -182,12 +185,13 @@ def test_a_run_off_the_published_recipe_says_why_it_is_not_comparable(tmp_path):
                           test_videos=10, never_scored=0) == {}
 
 
-def test_protocol_config_holds_only_the_protocol_values_video_uses(tmp_path):
-    """Video trains with task.optim (results.json recipe); the image fine-tune values of protocol=finetune (lr,
-    RandAugment, grids) never apply, so protocol_config does not record them. Other tasks keep the whole section."""
-    from transfer.config import compose, validate
-    from transfer.results import protocol_config
+def test_a_changed_training_value_is_a_protocol_deviation(tmp_path):
+    """The 3D recipe is the video protocol's schema: a changed value takes the run off the published recipe."""
+    from dataclasses import asdict
 
-    assert protocol_config(_cfg(tmp_path)) == {"name": "finetune", "freeze_backbone": False}
-    image = validate(compose(["task=digits", "backbone=resnet50", "protocol=finetune"]))
-    assert {"lr", "randaugment", "lr_grid"} <= set(protocol_config(image))
+    from transfer.compare import protocol_deviations
+
+    cfg = _cfg(tmp_path, "protocol.lr=0.4", "protocol.freeze_backbone=true")
+    results = {"task": "kinetics400", "adapter": "video", "protocol": "finetune",
+               "protocol_config": asdict(cfg.protocol)}
+    assert protocol_deviations(results) == ["protocol.lr=0.4 differs from the finetune recipe's 0.8"]

@@ -19,9 +19,9 @@ from tasks.classification.config import ClassificationTaskConfig
 from tasks.classification.datasets import DATASETS, Transformed
 from tasks.classification.finetune import FinetuneModule
 from tasks.classification.metrics import classification_metrics
+from tasks.classification.protocols import FinetuneProtocolConfig
 from tasks.classification.task import eval_transform
 from transfer.backbones import build_backbone
-from transfer.protocols import FinetuneProtocolConfig
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from tasks.classification import task as classification
+from tasks.classification.protocols import PAPER_LR_GRID, PAPER_WD_GRID, FinetuneProtocolConfig
 from transfer.config import compose, validate
-from transfer.protocols import PAPER_LR_GRID, PAPER_WD_GRID, FinetuneProtocolConfig
 from transfer.run import main as run_main
 
 
@@ -124,3 +124,19 @@ def test_checkpoint_preprocessing_is_what_a_finetune_run_tests_at_and_records(tm
     extra = json.loads((run_dir / "results.json").read_text())["extra"]
     # resnet50_rsb_a3's own test crop is 0.95 (timm's pretrained config); the protocol's is 0.875.
     assert (extra["resolution"], extra["test_crop_pct"], extra["preprocess"]) == (32, 0.95, "checkpoint")
+
+
+def test_freeze_backbone_keeps_the_backbones_weights_and_batch_norm_statistics():
+    """protocol.freeze_backbone=true trains only the head: Lightning calls train() every epoch, and the backbone's
+    batch norms must not update their running statistics in it."""
+    from tasks.classification.finetune import FinetuneModule
+
+    body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    body.num_features = 4
+    module = FinetuneModule(body, 3, dataclasses.replace(FinetuneProtocolConfig(), freeze_backbone=True))
+    module.train()
+    before = {k: v.clone() for k, v in body.state_dict().items()}
+    module(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert all(torch.equal(before[k], v) for k, v in body.state_dict().items())
+    assert not body.training and module.head.training
+    assert not any(p.requires_grad for p in body.parameters())

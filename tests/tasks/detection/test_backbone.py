@@ -142,6 +142,15 @@ def test_frozen_protocol_freezes_every_level(voc_root, tmp_path):
     assert finetune.MODEL.BACKBONE.FREEZE_AT == 2
 
 
+def test_freeze_backbone_on_finetune_freezes_every_level(voc_root, tmp_path):
+    d2cfg = _d2cfg(tmp_path, "task=voc_detection", f"task.data_dir={voc_root}", "task.class_names=[red,blue]",
+                   "protocol=finetune", "protocol.freeze_backbone=true")
+    assert d2cfg.MODEL.BACKBONE.FREEZE_AT == len(BACKBONES.get("rs50").feature_strides)
+    model = build_model(d2cfg)
+    assert not any(p.requires_grad for p in model.backbone.bottom_up.parameters())
+    assert any(p.requires_grad for p in model.backbone.parameters())  # the FPN trains
+
+
 def test_ssl_transfer_frozen_protocol_trains_res5(voc_root, tmp_path):
     # linusericsson/ssl-transfer detectron2-configs/frozen/*.yaml: MODEL.BACKBONE.FREEZE_AT 4.
     d2cfg = _d2cfg(tmp_path, "task=voc_detection_ssl_transfer", f"task.data_dir={voc_root}",

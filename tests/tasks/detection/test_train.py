@@ -170,6 +170,16 @@ def test_frozen_and_finetuned_runs_land_in_different_folders(kept_apart):
     assert finetune["extra"]["train_splits"] == "2007_trainval+2012_trainval"
 
 
+def test_finetune_with_a_frozen_backbone_is_a_frozen_run(voc_root, fast_overrides, tmp_path):
+    results = run_one(["task=voc_detection", "backbone=rs50", f"task.data_dir={voc_root}",
+                       "task.class_names=[red,blue]", f"run.root={tmp_path}", "protocol=finetune",
+                       "protocol.freeze_backbone=true", "trainer.max_steps=1", *fast_overrides])
+    assert Path(results["run_dir"]).parent.name == "rs50-frozen"
+    on_disk = json.loads((Path(results["run_dir"]) / "results.json").read_text())
+    assert on_disk["protocol"] == "frozen" and on_disk["protocol_config"] == {"name": "frozen"}
+    assert on_disk["recipe"]["freeze_at"] == 5 and on_disk["extra"]["freeze_backbone"] is True
+
+
 def test_both_protocols_appear_in_the_report(kept_apart):
     found = find_results(kept_apart["runs"])
     (voc,) = [t for t in build_comparison(found) if t.task == "voc_detection"]

@@ -160,10 +160,11 @@ def test_bad_values_fail_in_validate(override, match, tmp_path):
 
 
 def test_protocol_values_that_segmentation_would_ignore_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"task.solver.*\['lr'\]"):
+    with pytest.raises(ConfigError, match=r"unknown key 'protocol.lr'.*name, freeze_backbone.*task recipe's"):
         validate(compose(["task=voc_semseg", f"task.data_dir={tmp_path}", "protocol.lr=0.5"]))
-    with pytest.raises(ConfigError, match="Use protocol=frozen"):  # frozen transfer is its own protocol
-        validate(compose(["task=voc_semseg", f"task.data_dir={tmp_path}", "protocol.freeze_backbone=true"]))
+    # frozen transfer is its own protocol: finetune with a frozen backbone is that run (its folder, its rows)
+    frozen = validate(compose(["task=voc_semseg", f"task.data_dir={tmp_path}", "protocol.freeze_backbone=true"]))
+    assert frozen.protocol.name == "frozen"
 
 
 @pytest.mark.parametrize("task", ["voc_semseg", "ade20k"])

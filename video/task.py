@@ -76,9 +76,8 @@ def _run(ctx: RunContext, seen: dict) -> TaskOutput:
     seen.update(train=train, test=test)
     for split, listed in ((task.train_split, train), (task.eval_split, test)):
         check_bad_fraction(split, listed, task.max_bad_fraction)
-    backbone = build_video_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
-                                    inflation=task.inflation.build(), drop_path_rate=task.optim.drop_path_rate,
-                                    bn_momentum=task.optim.bn_momentum)
+    backbone = build_video_backbone(cfg.backbone, inflation=task.inflation.build(),
+                                    drop_path_rate=task.optim.drop_path_rate, bn_momentum=task.optim.bn_momentum)
     seen["backbone"] = backbone
     model = VideoClassifier(backbone, len(train.classes), dropout=task.optim.dropout)
     spec = ClipSpec(task.frames, task.stride, task.fps)

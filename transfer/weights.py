@@ -143,9 +143,10 @@ def unwrap_state_dict(obj: object, *, origin: str) -> dict[str, torch.Tensor]:
             if inner is None:
                 break
             obj = inner
-    if not isinstance(obj, Mapping) or not obj:
+    if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = f"its keys: {list(obj)[:8]}" if isinstance(obj, Mapping) else f"it holds a {type(obj).__name__}"
         raise WeightsError(f"{origin!r} holds no state dict (expected a mapping of names to tensors, "
-                           f"optionally under one of the keys {WRAPPER_KEYS}).")
+                           f"optionally under one of the keys {WRAPPER_KEYS}; {found}).")
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if len(sd) != len(obj):
         bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)][:5]

@@ -1,7 +1,8 @@
 """Finding, reading, checking and writing backbone weights.
 
-Finding (:func:`resolve_state_dict`): ``backbone.weights`` is ``pretrained`` (downloaded from the entry's Hub
-repository or URL into the usual caches), or a file; an official release format is converted on first use.
+Finding (:func:`resolve_weights_file`, :func:`read_or_convert`): ``backbone.weights`` is ``pretrained``
+(downloaded from the entry's Hub repository or URL into the usual caches), or a file; an official release format
+is converted on first use.
 Every file is read by one reader (:func:`read_state_dict`), without running pickled code: safetensors first,
 other files through ``torch.load(..., weights_only=True)`` (:func:`read_torch_file`). One diff
 (:func:`diff_state_dict`) computes and words the missing, unexpected and mis-shaped keys, for the loader and
@@ -90,15 +91,15 @@ def is_state_dict_file(path: str | os.PathLike) -> bool:
     return str(path).endswith(STATE_DICT_SUFFIXES)
 
 
-def read_torch_file(path: str | os.PathLike, *, what: str = "weights file") -> object:
+def read_torch_file(path: str | os.PathLike) -> object:
     """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers, never code.
 
-    Raises :class:`WeightsError` naming the file (``what``: how the message calls it) when it is missing,
-    holds pickled objects other than tensors and containers, or is not a readable PyTorch file.
+    Raises :class:`WeightsError` naming the file when it is missing, holds pickled objects other than tensors and
+    containers, or is not a readable PyTorch file.
     """
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"{what} {str(path)!r} does not exist.")
+        raise WeightsError(f"weights file {str(path)!r} does not exist.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -108,7 +109,7 @@ def read_torch_file(path: str | os.PathLike, *, what: str = "weights file") -> o
             "state dict (torch.save(model.state_dict(), ...)) or convert it to .safetensors."
         ) from None
     except (RuntimeError, OSError, EOFError) as e:
-        raise WeightsError(f"{what} {str(path)!r} could not be read as a PyTorch file: {e}") from None
+        raise WeightsError(f"weights file {str(path)!r} could not be read as a PyTorch file: {e}") from None
 
 
 def read_state_dict(path: str | os.PathLike, *, missing_fix: str = "") -> dict[str, torch.Tensor]:

@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tasks.detection.backbone import add_transfer_backbone_config
 from tasks.detection.translate import use_registry_backbone
+from transfer.config import BackboneConfig
 
 D2_R50 = "detectron2 R-50"
 # torchvision's ImageNet statistics in 0-255 pixels, in detectron2's default BGR order.
@@ -58,7 +59,8 @@ def detector(args, registry_backbone: str | None) -> nn.Module:
     cfg.MODEL.BACKBONE.FREEZE_AT = args.freeze_at
     cfg.MODEL.RESNETS.NORM = args.norm
     if registry_backbone:
-        use_registry_backbone(cfg, registry_backbone, weights="random", norm=args.norm, freeze_at=args.freeze_at)
+        use_registry_backbone(cfg, BackboneConfig(name=registry_backbone, weights="random"), norm=args.norm,
+                              freeze_at=args.freeze_at)
     else:
         cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
         cfg.INPUT.FORMAT, cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = "BGR", BGR_MEAN, BGR_STD

@@ -27,6 +27,7 @@ from detectron2.utils.events import EventStorage
 
 from tasks.detection.backbone import add_transfer_backbone_config
 from tasks.detection.translate import use_registry_backbone
+from transfer.config import BackboneConfig
 
 CONFIG = "Misc/semantic_R_50_FPN_1x.yaml"
 
@@ -42,7 +43,8 @@ def segmentor(args, registry_backbone: str | None) -> torch.nn.Module:
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = args.classes
     cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = 255
     if registry_backbone:
-        use_registry_backbone(cfg, registry_backbone, weights="random", norm=args.norm, freeze_at=args.freeze_at)
+        use_registry_backbone(cfg, BackboneConfig(name=registry_backbone, weights="random"), norm=args.norm,
+                              freeze_at=args.freeze_at)
     model = build_model(cfg)
     model.train()
     return model

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from transfer.config import BackboneConfig
 from transfer.engine import cpu_supports_bf16
 from video.data import ClipSpec, TrainClips, collate_skipping, official_filename
 from video.inflate import InflationConfig
@@ -164,7 +165,8 @@ def speed_table(tmp: Path, args) -> None:
                       tf, short_side=args.decode_short_side)
     loader = DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.workers,
                         collate_fn=collate_skipping, persistent_workers=args.workers > 0)
-    backbone = build_video_backbone(args.backbone, weights="random", inflation=InflationConfig(self_gating="last"))
+    backbone = build_video_backbone(BackboneConfig(name=args.backbone, weights="random"),
+                                    inflation=InflationConfig(self_gating="last"))
     model = VideoClassifier(backbone, num_classes=400, dropout=0.5).train().to(memory_format=torch.channels_last_3d)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)

@@ -1,32 +1,87 @@
-"""Contract tests over every registered backbone: a new entry is tested the moment it is registered."""
+"""Contract tests over every registered backbone: a new entry is tested the moment it is registered.
+
+Entries that share a network (same timm architecture and arguments: rs152 and rs152_i256, the SSL
+ResNet-50s, ...) differ only in their declared facts, so each distinct network is built and run once per
+session (:func:`observed`, random weights) and every entry's own facts are checked against the network of
+its group.
+"""
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from dataclasses import dataclass
+
 import pytest
 import timm
 import torch
 
-from transfer.backbones import BACKBONES, Backbone, build_backbone
+from transfer.backbones import BACKBONES, Backbone, BackboneSpec, build_backbone
 from transfer.config import recipe_names
+from transfer.weights import STATE_DICT_SUFFIXES
 
 SIZE = 64  # small input: every level keeps a spatial size of at least 2
+BATCH = 2
+
+
+def network_key(spec: BackboneSpec) -> tuple[str, str]:
+    """Entries with equal keys build the same network."""
+    return spec.arch, repr(sorted(spec.arch_kwargs.items()))
+
+
+GROUPS: dict[tuple[str, str], list[str]] = defaultdict(list)
+for _name in BACKBONES.names():
+    GROUPS[network_key(BACKBONES.get(_name))].append(_name)
+
+
+@dataclass(frozen=True)
+class Network:
+    """What a built network showed: its contract's answers and its outputs on a (BATCH, 3, SIZE, SIZE) input."""
+
+    is_backbone: bool
+    weights_source: str
+    feature_info: tuple[tuple[int, int], ...]  # (channels, stride) per level
+    map_shapes: tuple[tuple[int, ...], ...]
+    embedding_shape: tuple[int, ...]
+    num_features: int
+    finite: bool
+    full_keys: tuple[str, ...]  # state-dict keys of the architecture with its classifier
+
+
+@functools.cache  # one build per distinct network per session; only the facts are kept, not the model
+def observed(key: tuple[str, str]) -> Network:
+    backbone = build_backbone(GROUPS[key][0], weights="random").eval()
+    x = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        maps = backbone.forward_features(x)
+        emb = backbone(x)
+    spec = backbone.spec
+    with torch.device("meta"):  # names only: no memory, no initialisation work
+        full = timm.create_model(spec.arch, pretrained=False, **spec.arch_kwargs)
+    return Network(isinstance(backbone, Backbone), backbone.weights.source,
+                   tuple((f.channels, f.stride) for f in backbone.feature_info), tuple(tuple(m.shape) for m in maps),
+                   tuple(emb.shape), backbone.num_features, bool(torch.isfinite(emb).all()),
+                   tuple(full.state_dict()))
+
+
+def test_entries_share_few_networks():
+    # The point of grouping: many entries, few distinct networks (12 when this was written, for 32 entries).
+    assert len(GROUPS) < len(BACKBONES.names())
+    assert sum(len(names) for names in GROUPS.values()) == len(BACKBONES.names())
 
 
 @pytest.mark.parametrize("name", BACKBONES.names())
 def test_contract_random_weights(name):
     spec = BACKBONES.get(name)
-    backbone = build_backbone(name, weights="random")
-    assert isinstance(backbone, Backbone)
-    assert backbone.weights.source == "random"
-    assert [f.channels for f in backbone.feature_info] == list(spec.feature_channels)
-    assert [f.stride for f in backbone.feature_info] == list(spec.feature_strides)
-    backbone.eval()
-    x = torch.randn(2, 3, SIZE, SIZE)
-    with torch.no_grad():
-        maps = backbone.forward_features(x)
-        emb = backbone(x)
-    assert len(maps) == len(spec.feature_channels)
-    for fmap, channels, stride in zip(maps, spec.feature_channels, spec.feature_strides):
-        assert fmap.shape == (2, channels, SIZE // stride, SIZE // stride)
-    assert emb.shape == (2, backbone.num_features) and backbone.num_features == spec.feature_channels[-1]
-    assert torch.isfinite(emb).all()
+    net = observed(network_key(spec))
+    assert net.is_backbone and net.weights_source == "random"
+    assert [c for c, _ in net.feature_info] == list(spec.feature_channels)
+    assert [s for _, s in net.feature_info] == list(spec.feature_strides)
+    assert net.map_shapes == tuple((BATCH, c, SIZE // s, SIZE // s)
+                                   for c, s in zip(spec.feature_channels, spec.feature_strides))
+    assert net.embedding_shape == (BATCH, net.num_features) and net.num_features == spec.feature_channels[-1]
+    assert net.finite
+    assert any(k.startswith(spec.classifier_prefix) for k in net.full_keys), \
+        f"{name}: the architecture has no classifier under {spec.classifier_prefix!r}"
 
 
 @pytest.mark.parametrize("name", BACKBONES.names())
@@ -34,10 +89,25 @@ def test_declared_facts_are_consistent(name):
     spec = BACKBONES.get(name)
     assert spec.arch in timm.list_models(), f"{name}: timm has no architecture {spec.arch!r}"
     assert 64 <= spec.train_res <= 640 and 64 <= spec.test_res <= 640
+    assert spec.data_config(train=True)["input_size"] == (3, spec.train_res, spec.train_res)
+    assert spec.data_config()["input_size"] == (3, spec.test_res, spec.test_res)
     assert 0.5 < spec.crop_pct <= 1.0
     assert len(spec.mean) == len(spec.std) == 3
-    assert spec.hub_id or spec.url or spec.download_hint, f"{name}: no weight source and no hint where to get one"
     assert spec.source, f"{name}: entry facts need a source"
+    # The weight source: a Hub repository of weights for this very architecture, a URL of a file the loader or
+    # the entry's converter reads, or a hint where to get the weights by hand.
+    assert spec.hub_id or spec.url or spec.download_hint, f"{name}: no weight source and no hint where to get one"
+    if spec.hub_id:
+        tag = spec.hub_id.removeprefix("timm/")
+        pretrained = timm.models.get_pretrained_cfg(tag)
+        assert tag.split(".")[0] == spec.arch and pretrained is not None and pretrained.hf_hub_id == spec.hub_id
+        # normalisation comes with the weights (resolutions and crops may follow the paper instead of timm)
+        assert (spec.mean, spec.std, spec.interpolation) == (tuple(pretrained.mean), tuple(pretrained.std),
+                                                             pretrained.interpolation)
+    if spec.url and spec.convert is None:
+        assert spec.url.endswith(STATE_DICT_SUFFIXES), f"{name}: {spec.url} is not a state-dict file"
+    if spec.convert is None:
+        assert spec.hub_id or spec.url, f"{name}: a hand-fetched release needs a converter"
 
 
 def test_every_backbone_has_a_recipe_and_every_recipe_an_entry():

@@ -274,7 +274,7 @@ def test_results_caches_and_converted_weights_are_written_with_the_shared_mode(t
 
 
 def test_an_unreachable_host_fails_at_once(monkeypatch):
-    from transfer.backbones import _check_reachable
+    from transfer.weights import check_reachable
 
     for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
@@ -282,7 +282,7 @@ def test_an_unreachable_host_fails_at_once(monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(ConnectionError, match=f"cannot reach 127.0.0.1:{port}"):
-        _check_reachable(f"http://127.0.0.1:{port}/model.safetensors", timeout=2)
+        check_reachable(f"http://127.0.0.1:{port}/model.safetensors", timeout=2)
 
 
 def test_every_adapter_still_composes_after_the_key_checks(tmp_path):

@@ -5,13 +5,16 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from transfer.backbones import Backbone, BackboneSpec, FeatureLevel, build_backbone
+from transfer.backbones import Backbone, BackboneSpec, FeatureLevel, RegistryNetwork, build_backbone_from_config
+from transfer.config import BackboneConfig
 from transfer.weights import WeightsInfo
 from video.inflate import InflationConfig, inflate_model, stage_modules
 
 
-class VideoBackbone(nn.Module):
-    """A registry backbone inflated to 3D; the video counterpart of :class:`transfer.backbones.Backbone`.
+class VideoBackbone(RegistryNetwork):
+    """A registry backbone inflated to 3D; the video counterpart of :class:`transfer.backbones.Backbone`, with the
+    same contract (``forward``: (B, 3, T, H, W) -> (B, num_features); ``forward_features``: -> one
+    (B, C_i, T/t, H/s_i, W/s_i) map per level) plus what inflation adds.
 
     ``feature_info`` strides are spatial; every level after the stem has temporal stride
     ``temporal_stride`` (stages keep the clip length, as in 3D ResNet-RS).
@@ -19,23 +22,10 @@ class VideoBackbone(nn.Module):
 
     def __init__(self, spec: BackboneSpec, model: nn.Module, weights: WeightsInfo, inflation: InflationConfig,
                  feature_info: list[FeatureLevel]):
-        super().__init__()
-        self.spec = spec
-        self.model = model
-        self.weights = weights
+        super().__init__(spec, model, weights, feature_info)
         self.inflation = inflation
-        self.num_features: int = model.num_features
-        self.feature_info = feature_info
         self.temporal_stride = inflation.stem_temporal_stride
         self.training_layers: dict = {}  # drop path per stage and BN momentum set by build_video_backbone
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled embedding: (B, 3, T, H, W) -> (B, num_features)."""
-        return self.model(x)
-
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Feature maps of every level: (B, 3, T, H, W) -> [(B, C_i, T/t, H/s_i, W/s_i)]."""
-        return self.model.forward_intermediates(x, intermediates_only=True)
 
 
 def inflate_backbone(backbone: Backbone, inflation: InflationConfig) -> VideoBackbone:
@@ -67,13 +57,13 @@ def set_training_layers(model: nn.Module, *, drop_path_rate: float = 0.0, bn_mom
     return {"drop_path_per_stage": rates, "bn_momentum": bn_momentum}
 
 
-def build_video_backbone(name: str, *, weights: str = "pretrained", inflation: InflationConfig | None = None,
-                         strict: bool = True, drop_path_rate: float = 0.0,
-                         bn_momentum: float | None = None) -> VideoBackbone:
-    """Build registry backbone ``name`` with ``weights`` (see ``build_backbone``) and inflate it to 3D, with
-    per-stage stochastic depth ``drop_path_rate`` (:func:`stage_drop_path_rates`) and ``bn_momentum``."""
-    backbone = build_backbone(name, weights=weights, strict=strict)
-    video = inflate_backbone(backbone, inflation or InflationConfig())
+def build_video_backbone(backbone: BackboneConfig, *, inflation: InflationConfig | None = None,
+                         drop_path_rate: float = 0.0, bn_momentum: float | None = None) -> VideoBackbone:
+    """Build the 2D registry backbone of the ``backbone`` config section as every task does
+    (:func:`transfer.backbones.build_backbone_from_config`: weights, strict, min_loaded_fraction) and inflate it
+    to 3D, with per-stage stochastic depth ``drop_path_rate`` (:func:`stage_drop_path_rates`, which replaces
+    timm's per-block rule in every block) and ``bn_momentum``."""
+    video = inflate_backbone(build_backbone_from_config(backbone), inflation or InflationConfig())
     video.training_layers = set_training_layers(video.model, drop_path_rate=drop_path_rate, bn_momentum=bn_momentum)
     return video
 

@@ -58,9 +58,8 @@ def train_short_side(task: VideoTaskConfig) -> int | None:
 def build_classifier(cfg, num_classes: int) -> VideoClassifier:
     """The run's network: backbone ``cfg.backbone`` (its weights, ``drop_path_rate`` spread per stage as Model
     Garden does) inflated per ``task.inflation``, BN momentum and head dropout from the protocol."""
-    backbone = build_video_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
-                                    inflation=cfg.task.inflation.build(), drop_path_rate=cfg.backbone.drop_path_rate,
-                                    bn_momentum=cfg.protocol.bn_momentum)
+    backbone = build_video_backbone(cfg.backbone, inflation=cfg.task.inflation.build(),
+                                    drop_path_rate=cfg.backbone.drop_path_rate, bn_momentum=cfg.protocol.bn_momentum)
     return VideoClassifier(backbone, num_classes, dropout=cfg.protocol.dropout)
 
 

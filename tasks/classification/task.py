@@ -30,7 +30,7 @@ from tasks.classification.metrics import SCORERS, classification_metrics
 from tasks.classification.protocols import PROTOCOLS, FinetuneProtocolConfig
 from tasks.classification.rows import concat
 from tasks.classification.sources import check_damage, items_digest, labels_of
-from transfer.backbones import Backbone, build_backbone
+from transfer.backbones import Backbone, build_backbone_from_config
 from transfer.engine import (
     autocast_dtype,
     build_trainer,
@@ -321,9 +321,7 @@ def run_knn(ctx: RunContext) -> TaskOutput:
 
 
 def _backbone(ctx: RunContext) -> Backbone:
-    b = ctx.cfg.backbone
-    return build_backbone(b.name, weights=b.weights, strict=b.strict, drop_path_rate=b.drop_path_rate,
-                          min_loaded_fraction=b.min_loaded_fraction)
+    return build_backbone_from_config(ctx.cfg.backbone)
 
 
 def _finetune_transforms(backbone: Backbone, resolution: int, protocol: FinetuneProtocolConfig, crop_pct: float):

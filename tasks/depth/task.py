@@ -8,7 +8,7 @@ from tasks.depth.data import DepthFrames, frame_error, load_splits
 from tasks.depth.metrics import EIGEN_CROP, LOWER_IS_BETTER, METRIC_NAMES
 from tasks.depth.model import DepthModel
 from tasks.depth.module import DepthData, DepthModule
-from transfer.backbones import build_backbone
+from transfer.backbones import build_backbone_from_config
 from transfer.engine import build_trainer, progress_of, resume_path, seed_everything
 from transfer.errors import DataError, TransferError
 from transfer.protocols import FrozenProtocolConfig, RecipeFinetuneProtocolConfig
@@ -77,8 +77,7 @@ def _run(ctx: RunContext, seen: dict) -> TaskOutput:
     seed_everything(cfg.trainer)
     reader, train, test = load_splits(task, data_root(task))  # data first: a missing copy fails before model work
     seen.update(train=train, test=test)
-    backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
-                              drop_path_rate=cfg.backbone.drop_path_rate)
+    backbone = build_backbone_from_config(cfg.backbone)
     seen["backbone"] = backbone
     frozen = cfg.protocol.name == "frozen"
     model = DepthModel(backbone, list(task.decoder_channels), skip_connections=task.skip_connections,

@@ -10,7 +10,7 @@ detectron2 models find their backbone and RoI heads by name in ``BACKBONE_REGIST
   detectron2's ``Base-RCNN-C4.yaml``) and ``TransferRes5ROIHeads`` (``Res5ROIHeads`` whose per-region
   res5 is the registry backbone's own last stage, with its weights).
 
-All wrap :func:`transfer.backbones.build_backbone`; the settings come from ``cfg.MODEL.TRANSFER_BACKBONE``
+All wrap :func:`transfer.backbones.build_backbone_from_config`; the settings come from ``cfg.MODEL.TRANSFER_BACKBONE``
 (see :func:`add_transfer_backbone_config`) and the number of frozen levels from detectron2's own
 ``cfg.MODEL.BACKBONE.FREEZE_AT``.
 """
@@ -29,7 +29,8 @@ from torch import nn
 
 from tasks.detection.schema import BACKBONE_NORMS
 from transfer.backbones import Backbone as RegistryBackbone
-from transfer.backbones import build_backbone
+from transfer.backbones import build_backbone_from_config
+from transfer.config import BackboneConfig
 from transfer.errors import ConfigError
 
 
@@ -39,6 +40,7 @@ def add_transfer_backbone_config(cfg: CfgNode) -> None:
     cfg.MODEL.TRANSFER_BACKBONE.NAME = "rs50"  # a transfer.backbones registry key
     cfg.MODEL.TRANSFER_BACKBONE.WEIGHTS = "pretrained"  # pretrained | random | /path/to/file
     cfg.MODEL.TRANSFER_BACKBONE.STRICT = True
+    cfg.MODEL.TRANSFER_BACKBONE.MIN_LOADED_FRACTION = BackboneConfig.min_loaded_fraction
     cfg.MODEL.TRANSFER_BACKBONE.DROP_PATH_RATE = 0.0
     cfg.MODEL.TRANSFER_BACKBONE.NORM = "FrozenBN"
     # C4: a norm after the res5 RoI head, as MoCo's Res5ROIHeadsExtraNorm (moco detection/train_net.py).
@@ -166,9 +168,16 @@ def freeze_module(module: nn.Module) -> nn.Module:
     return FrozenBatchNorm2d.convert_frozen_batchnorm(module)
 
 
-def build_registry_body(cfg: CfgNode) -> RegistryBackbone:
+def backbone_section(cfg: CfgNode) -> BackboneConfig:
+    """The run's ``backbone`` config section, as ``use_registry_backbone`` stored it in ``MODEL.TRANSFER_BACKBONE``."""
     tb = cfg.MODEL.TRANSFER_BACKBONE
-    return build_backbone(tb.NAME, weights=tb.WEIGHTS, strict=tb.STRICT, drop_path_rate=tb.DROP_PATH_RATE)
+    return BackboneConfig(name=tb.NAME, weights=tb.WEIGHTS, strict=tb.STRICT,
+                          min_loaded_fraction=tb.MIN_LOADED_FRACTION, drop_path_rate=tb.DROP_PATH_RATE)
+
+
+def build_registry_body(cfg: CfgNode) -> RegistryBackbone:
+    """The registry backbone of ``cfg``, built as every task builds its backbone section."""
+    return build_backbone_from_config(backbone_section(cfg))
 
 
 def build_transfer_backbone(cfg: CfgNode, out_features: Sequence[str]) -> TransferBackbone:

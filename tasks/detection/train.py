@@ -30,7 +30,7 @@ from tasks.detection.evaluation import COUNT_TASK, build_evaluator
 from tasks.detection.mapper import UNREADABLE_LOG, CheckedDatasetMapper, read_unreadable_log
 from tasks.detection.schema import DetectionTaskConfig, comparison_facts, detection_devices
 from tasks.detection.translate import build_detectron2_config, solver_record
-from transfer.backbones import build_backbone
+from transfer.backbones import build_backbone_from_config
 from transfer.engine import CHECKPOINT_DIR
 from transfer.errors import ConfigError, DataError, TransferError
 from transfer.tasks import RunContext, TaskOutput
@@ -201,7 +201,7 @@ def run(ctx: RunContext) -> TaskOutput:
     cfg, task = ctx.cfg, ctx.cfg.task
     output_dir = ctx.run_dir / CHECKPOINT_DIR
     # Resolve (and download) the weights once here, so a bad source fails with one message, not per process.
-    weights = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict).weights
+    weights = build_backbone_from_config(cfg.backbone).weights
     data = prepare_data(task, cache_dir=ctx.cache_dir, workers=max(1, cfg.trainer.num_workers))
     d2cfg = build_detectron2_config(cfg, output_dir, data.splits)
     if cfg.resume:

@@ -27,7 +27,7 @@ from transfer.backbones import BACKBONES
 from transfer.errors import ConfigError
 
 if TYPE_CHECKING:
-    from transfer.config import RunConfig
+    from transfer.config import BackboneConfig, RunConfig
 
 # detectron2's backbone builders and the builders of tasks/detection/backbone.py that replace them.
 FPN_BUILDERS = {"build_resnet_fpn_backbone": "build_transfer_fpn_backbone",
@@ -53,10 +53,8 @@ def build_detectron2_config(cfg: RunConfig, output_dir: Path | None = None,
         raise ConfigError(f"task.base_config={task.base_config!r} is not a detectron2 model-zoo config. Use a path "
                           "under detectron2's configs/ folder, e.g. COCO-InstanceSegmentation/"
                           "mask_rcnn_R_50_FPN_1x.yaml.") from None
-    use_registry_backbone(d2, cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
-                          drop_path_rate=cfg.backbone.drop_path_rate, norm=task.backbone_norm,
-                          freeze_at=frozen_levels(cfg), res5_extra_norm=task.res5_extra_norm,
-                          base_config=task.base_config)
+    use_registry_backbone(d2, cfg.backbone, norm=task.backbone_norm, freeze_at=frozen_levels(cfg),
+                          res5_extra_norm=task.res5_extra_norm, base_config=task.base_config)
     if task.head_norm:
         _set_head_norm(d2, task.head_norm)
     if data is not None:
@@ -88,17 +86,19 @@ def build_detectron2_config(cfg: RunConfig, output_dir: Path | None = None,
     return d2
 
 
-def use_registry_backbone(d2: CfgNode, name: str, *, weights: str = "pretrained", strict: bool = True,
-                          drop_path_rate: float = 0.0, norm: str = "FrozenBN", freeze_at: int = 2,
+def use_registry_backbone(d2: CfgNode, backbone: BackboneConfig, *, norm: str = "FrozenBN", freeze_at: int = 2,
                           res5_extra_norm: bool = False, base_config: str = "the base config") -> str:
     """Swap the backbone builder of a detectron2 config for its registry-backbone twin; returns the architecture.
+
+    The run's ``backbone`` section goes into ``MODEL.TRANSFER_BACKBONE`` whole, so the builders build it as every
+    task does (:func:`tasks.detection.backbone.backbone_section`).
 
     FPN configs get the registry FPN builders; C4 configs (``build_resnet_backbone`` with ``Res5ROIHeads``)
     get a res2-res4 trunk and RoI heads that run the registry backbone's own last stage. Input
     normalisation becomes the backbone's (RGB, its mean and std in 0-255 pixels). Raises ConfigError for
     other architectures (dilated C5, ViT, RegNet builders).
     """
-    spec = BACKBONES.get(name)
+    spec = BACKBONES.get(backbone.name)
     builder = d2.MODEL.BACKBONE.NAME
     if builder in FPN_BUILDERS:
         d2.MODEL.BACKBONE.NAME = FPN_BUILDERS[builder]
@@ -117,7 +117,8 @@ def use_registry_backbone(d2: CfgNode, name: str, *, weights: str = "pretrained"
                           f"task.base_config={base_config!r} is {architecture}.")
     d2.MODEL.WEIGHTS = ""  # the builder loads the registry weights; nothing else is loaded over them
     tb = d2.MODEL.TRANSFER_BACKBONE
-    tb.NAME, tb.WEIGHTS, tb.STRICT, tb.DROP_PATH_RATE, tb.NORM = name, weights, strict, drop_path_rate, norm
+    tb.NAME, tb.WEIGHTS, tb.STRICT, tb.NORM = backbone.name, backbone.weights, backbone.strict, norm
+    tb.MIN_LOADED_FRACTION, tb.DROP_PATH_RATE = backbone.min_loaded_fraction, backbone.drop_path_rate
     tb.RES5_EXTRA_NORM = res5_extra_norm
     d2.MODEL.BACKBONE.FREEZE_AT = freeze_at
     # detectron2 normalises raw 0-255 pixels, in the channel order of INPUT.FORMAT.

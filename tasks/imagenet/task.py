@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from tasks.imagenet.data import EXPECTED_TREE, WNIDS, build_imagenet
-from transfer.backbones import BACKBONES, build_backbone
+from transfer.backbones import BACKBONES, build_backbone_from_config
 from transfer.engine import build_trainer, seed_everything
 from transfer.errors import ConfigError, DataError, WeightsError
 from transfer.images import PaddedToRanks, collate_images, gather_names, unpack
@@ -106,8 +106,7 @@ def run(ctx: RunContext) -> TaskOutput:
     dataset, counts = build_imagenet(task.data_dir, split=task.split, allow_partial=task.allow_partial,
                                      max_pixels=task.max_image_pixels)
     try:
-        backbone = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
-                                  keep_classifier=True, min_loaded_fraction=cfg.backbone.min_loaded_fraction)
+        backbone = build_backbone_from_config(cfg.backbone, keep_classifier=True)
     except WeightsError as e:
         raise WeightsError(f"{e} task=imagenet evaluates the weights' own 1000-class ImageNet classifier "
                            f"({BACKBONES.get(cfg.backbone.name).classifier_prefix}*), so the file must include "

@@ -199,8 +199,7 @@ def build_segmentation_config(cfg: RunConfig, output_dir: Path, train: str, test
     from transfer.backbones import BACKBONES
 
     levels = len(BACKBONES.get(cfg.backbone.name).feature_strides)
-    use_registry_backbone(d2, cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict,
-                          drop_path_rate=cfg.backbone.drop_path_rate, norm=task.backbone_norm,
+    use_registry_backbone(d2, cfg.backbone, norm=task.backbone_norm,
                           freeze_at=levels if is_frozen(cfg) else task.freeze_at)
     head = d2.MODEL.SEM_SEG_HEAD
     head.NUM_CLASSES = len(layout_classes(LAYOUTS.get(task.dataset)))

@@ -28,7 +28,7 @@ from tasks.detection.schema import detection_devices
 from tasks.detection.train import DetectionTrainer, launch_settings, log_training, read_metrics_log
 from tasks.segmentation.config import SegmentationInputConfig, build_segmentation_config, data_root, is_frozen
 from tasks.segmentation.data import IGNORE, LAYOUTS, SplitList, layout_classes, read_targets, register_split, scan_split
-from transfer.backbones import build_backbone
+from transfer.backbones import build_backbone_from_config
 from transfer.engine import CHECKPOINT_DIR
 from transfer.errors import DataError, TransferError
 from transfer.images import ImageDecodeError, decode_image
@@ -240,7 +240,7 @@ def run(ctx: RunContext) -> TaskOutput:
     output_dir = ctx.run_dir / CHECKPOINT_DIR
     d2cfg = build_segmentation_config(cfg, output_dir, *names)
     # Resolve (and download) the weights once here, so a bad source fails with one message, not per process.
-    weights = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, strict=cfg.backbone.strict).weights
+    weights = build_backbone_from_config(cfg.backbone).weights
     machine_rank, dist_url = launch_settings(cfg.trainer.num_nodes)
     launch(train_worker, detection_devices(cfg), num_machines=cfg.trainer.num_nodes, machine_rank=machine_rank,
            dist_url=dist_url, args=(d2cfg, task.dataset, str(data_root(task)), [train, test], classes, cfg.resume))

@@ -7,6 +7,7 @@ import timm
 import torch
 
 from transfer.errors import WeightsError
+from transfer.weights import diff_state_dict
 
 
 @functools.lru_cache(maxsize=4)
@@ -34,16 +35,12 @@ def add_bn_counters(sd: dict[str, torch.Tensor], layout: dict[str, torch.Size]) 
 
 def check_layout(sd: dict[str, torch.Tensor], layout: dict[str, torch.Size], *, origin: str,
                  optional_prefixes: tuple[str, ...] = ("fc.",)) -> dict[str, torch.Tensor]:
-    """Return ``sd`` if it fills ``layout`` exactly (classifier optional); otherwise a WeightsError listing the gaps."""
-    missing = [k for k in layout if k not in sd and not k.startswith(optional_prefixes)]
-    unexpected = [k for k in sd if k not in layout]
-    shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(layout[k])}"
-              for k in sd if k in layout and sd[k].shape != layout[k]]
-    if missing or unexpected or shapes:
-        parts = [f"{label} ({len(keys)}): {', '.join(keys[:6])}{' …' if len(keys) > 6 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-                 if keys]
-        raise WeightsError(f"converting {origin!r} did not give a complete ResNet state dict: " + "; ".join(parts)
-                           + ". Check that the file is the official release this converter is for "
-                             "(see docs/ssl_backbones.md) and that it is a ResNet-50 1x checkpoint.")
+    """Return ``sd`` if it fills ``layout`` exactly (classifier optional); otherwise a WeightsError listing the gaps
+    (:func:`transfer.weights.diff_state_dict`, the diff the loader uses too)."""
+    diff = diff_state_dict(sd, layout, optional_prefixes=optional_prefixes)
+    if diff:
+        raise WeightsError(f"converting {origin!r} did not give a complete ResNet state dict: "
+                           f"{diff.describe(found='converted', expected='timm', n=6)}. Check that the file is the "
+                           "official release this converter is for (see docs/ssl_backbones.md) and that it is a "
+                           "ResNet-50 1x checkpoint.")
     return sd

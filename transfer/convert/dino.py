@@ -13,19 +13,14 @@ import torch
 
 from transfer.convert import CONVERTERS, ConverterSpec
 from transfer.convert._layout import check_layout, timm_layout
-from transfer.convert.moco import load_torch_checkpoint
-from transfer.errors import WeightsError
+from transfer.convert.moco import RELEASE_FIX
+from transfer.weights import read_state_dict
 
 
 def convert_dino(path: Path, *, arch: str = "resnet50") -> dict[str, torch.Tensor]:
     """DINO ``dino_resnet50_pretrain.pth`` -> timm ResNet-50 state dict (no classifier)."""
-    sd = load_torch_checkpoint(path)
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if len(tensors) != len(sd):
-        others = [k for k in sd if k not in tensors][:5]
-        raise WeightsError(f"{str(path)!r} is not the DINO ResNet-50 backbone file: it has non-tensor entries "
-                           f"{others}. Download dino_resnet50_pretrain.pth (see docs/ssl_backbones.md).")
-    backbone = {k: v for k, v in tensors.items() if not k.startswith("fc.")}
+    sd = read_state_dict(path, missing_fix=RELEASE_FIX)  # refuses entries that are not tensors
+    backbone = {k: v for k, v in sd.items() if not k.startswith("fc.")}
     return check_layout(backbone, timm_layout(arch), origin=str(path))
 
 

@@ -8,7 +8,6 @@ holds the projection MLP. Both encoders are torchvision ResNet-50s, whose keys t
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -16,33 +15,17 @@ import torch
 from transfer.convert import CONVERTERS, ConverterSpec
 from transfer.convert._layout import check_layout, timm_layout
 from transfer.errors import WeightsError
+from transfer.weights import read_state_dict
 
 MOCO_V2_PREFIX = "module.encoder_q."
 MOCO_V3_PREFIX = "module.base_encoder."
 HEAD_PREFIX = "fc."  # the projection MLP in both releases, not an ImageNet classifier
-
-
-def load_torch_checkpoint(path: Path) -> dict:
-    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never code."""
-    if not Path(path).is_file():
-        raise WeightsError(f"checkpoint {str(path)!r} does not exist. Download the official file first "
-                           "(see docs/ssl_backbones.md for the URL).")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise WeightsError(f"refused to load {str(path)!r}: it holds pickled objects other than tensors and "
-                           f"plain containers ({str(e).splitlines()[0]}).") from None
-    except (RuntimeError, OSError, EOFError) as e:
-        raise WeightsError(f"checkpoint {str(path)!r} could not be read as a PyTorch file: {e}") from None
-    if not isinstance(obj, dict):
-        raise WeightsError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a dict.")
-    return obj
+RELEASE_FIX = "Download the official file first (see docs/ssl_backbones.md for the URL)."
 
 
 def encoder_state_dict(path: Path, prefix: str, *, arch: str = "resnet50") -> dict[str, torch.Tensor]:
     """Keys under ``prefix`` in the checkpoint's ``state_dict``, prefix removed and projection head dropped."""
-    ckpt = load_torch_checkpoint(path)
-    sd = ckpt.get("state_dict", ckpt)
+    sd = read_state_dict(path, missing_fix=RELEASE_FIX)  # the release's {"state_dict": ...} unwrapped
     found = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if not found:
         sample = ", ".join(list(sd)[:4])

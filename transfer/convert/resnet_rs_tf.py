@@ -30,7 +30,7 @@ from transfer.convert import CONVERTERS, ConverterSpec
 from transfer.convert.tf_checkpoint import TFCheckpoint, extract_checkpoint_tarball, find_checkpoint_prefix
 from transfer.errors import WeightsError
 from transfer.io import sha256_file
-from transfer.weights import read_state_dict, write_safetensors
+from transfer.weights import diff_state_dict, read_state_dict, write_safetensors
 
 # Blocks per stage (tensorflow/tpu models/official/resnet/resnet_model.py, ``resnet`` model_params;
 # the same in timm's resnetrs* definitions).
@@ -207,18 +207,24 @@ def convert_checkpoint(ckpt: TFCheckpoint, layers: tuple[int, ...], *, widths: t
     wanted_names = {v.tf_name for v in wanted}
     if ema is None:
         ema = bool(with_ema & wanted_names)
-    problems = []
-    for var in wanted:
-        stored = var.tf_name + EMA_SUFFIX if ema else var.tf_name
-        expected = tuple(to_tf(torch.empty(shapes[var.timm_key], device="meta"), var.layout).shape)
-        if var.tf_name not in present:
-            problems.append(f"{var.tf_name}: missing (expected shape {expected})")
-        elif stored not in ckpt.entries:
-            problems.append(f"{stored}: missing ({'EMA copy' if ema else 'raw variable'} of {var.tf_name})")
-        elif ckpt.shape(stored) != expected:
-            problems.append(f"{stored}: shape {ckpt.shape(stored)} in the checkpoint, expected {expected}")
-    problems += [f"{n}: not part of {target} (shape {ckpt.shape(n if n in ckpt.entries else n + EMA_SUFFIX)})"
-                 for n in sorted(present - wanted_names, key=_sort_key)]
+
+    def stored(name: str) -> str:  # the copy read: the EMA one or the raw variable
+        return name + EMA_SUFFIX if ema else name
+
+    expected = {v.tf_name: tuple(to_tf(torch.empty(shapes[v.timm_key], device="meta"), v.layout).shape)
+                for v in wanted}
+    # A variable whose chosen copy (EMA or raw) is absent counts as missing, with its own reason.
+    no_copy = {n for n in present & wanted_names if stored(n) not in ckpt.entries}
+    found = {n: ckpt.shape(stored(n) if n in wanted_names else (n if n in ckpt.entries else n + EMA_SUFFIX))
+             for n in present - no_copy}
+    diff = diff_state_dict(found, expected)
+    order = {v.tf_name: i for i, v in enumerate(wanted)}  # report in creation order: the first mismatch first
+    problems = [text for _, text in sorted(
+        [(order[n], f"{stored(n)}: missing ({'EMA copy' if ema else 'raw variable'} of {n})" if n in no_copy
+          else f"{n}: missing (expected shape {expected[n]})") for n in diff.missing]
+        + [(order[n], f"{stored(n)}: shape {got} in the checkpoint, expected {want}")
+           for n, got, want in diff.mismatched])]
+    problems += [f"{n}: not part of {target} (shape {found[n]})" for n in sorted(diff.unexpected, key=_sort_key)]
     if problems:
         more = f" … and {len(problems) - 8} more" if len(problems) > 8 else ""
         raise WeightsError(
@@ -229,9 +235,8 @@ def convert_checkpoint(ckpt: TFCheckpoint, layers: tuple[int, ...], *, widths: t
     sd: dict[str, torch.Tensor] = {}
     consumed = []
     for var in wanted:
-        stored = var.tf_name + EMA_SUFFIX if ema else var.tf_name
-        sd[var.timm_key] = to_timm(ckpt.read(stored), var.layout)
-        consumed.append(stored)
+        sd[var.timm_key] = to_timm(ckpt.read(stored(var.tf_name)), var.layout)
+        consumed.append(stored(var.tf_name))
     for key in shapes:  # BN batch counters: a PyTorch-only buffer, unused in eval
         if key.endswith("num_batches_tracked"):
             sd[key] = torch.tensor(0, dtype=torch.long)

@@ -13,12 +13,12 @@ from detectron2.modeling import build_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
-from tasks.detection.backbone import TransferBackbone, level_name  # noqa: E402
+from tasks.detection.backbone import TransferBackbone, backbone_section, build_registry_body, level_name  # noqa: E402
 from tasks.detection.data import register_data  # noqa: E402
 from tasks.detection.train import launch_settings  # noqa: E402
 from tasks.detection.translate import build_detectron2_config  # noqa: E402
 from transfer.backbones import BACKBONES, build_backbone  # noqa: E402
-from transfer.config import compose, validate  # noqa: E402
+from transfer.config import BackboneConfig, compose, validate  # noqa: E402
 from transfer.errors import ConfigError  # noqa: E402
 
 RESNET_RS = [name for name in BACKBONES.names() if BACKBONES.get(name).family == "resnet_rs"]
@@ -132,6 +132,16 @@ def test_config_uses_the_backbone_normalisation_and_the_local_data(voc_root, tmp
     assert d2cfg.MODEL.WEIGHTS == ""
     assert d2cfg.MODEL.BACKBONE.NAME == "build_transfer_fpn_backbone"
     assert len(d2cfg.DATASETS.TRAIN) == 2 and d2cfg.MODEL.ROI_HEADS.NUM_CLASSES == 2
+
+
+def test_the_whole_backbone_section_reaches_the_registry_body(voc_root, tmp_path):
+    d2cfg = _d2cfg(tmp_path, "task=voc_detection", "backbone=rs50", f"task.data_dir={voc_root}",
+                   "task.class_names=[red,blue]", "backbone.strict=false", "backbone.min_loaded_fraction=0.5",
+                   "backbone.drop_path_rate=0.1")
+    assert backbone_section(d2cfg) == BackboneConfig(name="rs50", weights="random", strict=False,
+                                                     min_loaded_fraction=0.5, drop_path_rate=0.1)
+    body = build_registry_body(d2cfg)  # what every detectron2 builder of tasks/detection/backbone.py wraps
+    assert body.model.layer4[-1].drop_path.drop_prob == pytest.approx(0.1)
 
 
 def test_frozen_protocol_freezes_every_level(voc_root, tmp_path):

@@ -1,24 +1,8 @@
-"""Supervised entries: ResNet-RS (timm's ports of the official checkpoints) and the ResNets they are compared with."""
+"""Supervised ImageNet ResNets that ResNet-RS is compared with: torchvision's ResNet-50, "ResNet strikes back"
+A1/A2/A3 and ResNet-D (ResNet-RS itself: :mod:`transfer.backbones.resnet_rs`)."""
 from __future__ import annotations
 
-from transfer.backbones import BackboneSpec, register_backbone
-
-TPU_README = "tensorflow/tpu models/official/resnet/resnet_rs/README.md @bee9c4f (seed checkpoint table)"
-# Official evaluation crops the centre 87.5% (tensorflow/tpu models/official/resnet/resnet_preprocessing.py,
-# CROP_FRACTION = 0.875) with bicubic resizing, and normalises with the ImageNet mean/std.
-TF_CROP = 0.875
-
-# ResNet-RS: (depth, resolution of the checkpoint timm ports, published top-1). timm's file names
-# (rs101_i192_ema, rs152_i256_ema, rs350_i256_ema, …) say which checkpoint each port is; the seed
-# table gives the top-1 of that checkpoint at its own resolution.
-RESNET_RS = [(50, 160, 78.8), (101, 192, 81.2), (152, 256, 83.0), (200, 256, 83.4),
-             (270, 256, 83.8), (350, 256, 84.0), (420, 320, 84.4)]
-
-for depth, res, top1 in RESNET_RS:
-    register_backbone(BackboneSpec(
-        name=f"rs{depth}", arch=f"resnetrs{depth}", family="resnet_rs", train_res=res, test_res=res,
-        crop_pct=TF_CROP, hub_id=f"timm/resnetrs{depth}.tf_in1k", top1=top1, checkpoint=f"resnet-rs-{depth}-i{res}",
-        source=f"{TPU_README}; weights: timm resnetrs{depth}.tf_in1k"))
+from transfer.backbones.spec import BackboneSpec, register_backbone
 
 # torchvision's original ResNet-50 weights (IMAGENET1K_V1: resize 256, crop 224, bilinear; top-1 76.13
 # per torchvision's weights metadata). torchvision and timm share the ResNet-50 key layout.

@@ -22,6 +22,7 @@ from transfer.baselines import load_baselines
 from transfer.compare import assess, log_comparison
 from transfer.config import RunConfig, check_top_level_keys, compose, validate
 from transfer.console import setup_logging
+from transfer.engine import seed_everything
 from transfer.errors import ConfigError, TransferError
 from transfer.registry import UnknownNameError
 from transfer.results import build_results, format_metric, format_table, unscored, write_results
@@ -118,6 +119,8 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
                            group=cfg.task.name, job_type=cfg.protocol.name,
                            config={**names, **config_tree(cfg)})
         ctx = RunContext(cfg=cfg, run_dir=run_dir, logger=logger, record=record)
+        # The one place a run is seeded (torch, numpy, random, and the DataLoader workers): adapters do not reseed.
+        seed_everything(cfg.trainer)
         try:
             output = TASKS.get(cfg.task.adapter).run(ctx)
             failure = unscored(cfg.task.name, output)

@@ -36,7 +36,6 @@ from transfer.engine import (
     progress_of,
     resolve_accelerator,
     resume_path,
-    seed_everything,
 )
 from transfer.errors import ConfigError
 from transfer.protocols import FinetuneProtocolConfig
@@ -92,7 +91,6 @@ def finetune_input(cfg, backbone: Backbone) -> tuple[int, float, str]:
 
 def _build(ctx: RunContext) -> tuple[Backbone, Splits, int]:
     cfg = ctx.cfg
-    seed_everything(cfg.trainer)
     splits = DATASETS.get(cfg.task.dataset)(cfg.task)  # data first: a missing data set fails before model work
     backbone = _backbone(ctx)
     paper = preprocess_of(cfg) == "paper"

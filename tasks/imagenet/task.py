@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from tasks.imagenet.data import EXPECTED_TREE, WNIDS, build_imagenet
 from transfer.backbones import BACKBONES, build_backbone
-from transfer.engine import build_trainer, seed_everything
+from transfer.engine import build_trainer
 from transfer.errors import ConfigError, DataError, WeightsError
 from transfer.images import PaddedToRanks, collate_images, gather_names, unpack
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
@@ -97,7 +97,6 @@ class ClassifierEval(L.LightningModule):
 
 def run(ctx: RunContext) -> TaskOutput:
     cfg, task = ctx.cfg, ctx.cfg.task
-    seed_everything(cfg.trainer)
     dataset, counts = build_imagenet(task.data_dir, split=task.split, allow_partial=task.allow_partial,
                                      max_pixels=task.max_image_pixels)
     try:

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from transfer.engine import cpu_supports_bf16
+from transfer.loaders import build_loader
 from video.data import ClipSpec, TrainClips, collate_skipping, official_filename
 from video.inflate import InflationConfig
 from video.model import VideoClassifier, build_video_backbone
@@ -162,8 +162,8 @@ def speed_table(tmp: Path, args) -> None:
     tf = build_train_transform(size=args.train_size, mean=MEAN, std=STD)
     data = TrainClips([(str(p), i % 2) for i, p in enumerate(clips)], ClipSpec(args.frames, args.stride, args.fps),
                       tf, short_side=args.decode_short_side)
-    loader = DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.workers,
-                        collate_fn=collate_skipping, persistent_workers=args.workers > 0)
+    loader = build_loader(data, batch_size=args.batch, num_workers=args.workers, train=True,
+                          collate_fn=collate_skipping)
     backbone = build_video_backbone(args.backbone, weights="random", inflation=InflationConfig(self_gating="last"))
     model = VideoClassifier(backbone, num_classes=400, dropout=0.5).train().to(memory_format=torch.channels_last_3d)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from transfer.loaders import build_loader
 from transfer.optim import sgd_warmup_cosine
 from video.config import VideoOptimSettings
 from video.data import collate_skipping
@@ -147,9 +148,7 @@ class VideoData(L.LightningDataModule):
             self.test_views.pad(self.trainer.world_size)
 
     def _loader(self, data: Dataset, batch_size: int, train: bool, collate) -> DataLoader:
-        return DataLoader(data, batch_size=batch_size, shuffle=train, drop_last=train and len(data) > batch_size,
-                          num_workers=self.num_workers, persistent_workers=False, collate_fn=collate,
-                          pin_memory=torch.cuda.is_available())
+        return build_loader(data, batch_size=batch_size, num_workers=self.num_workers, train=train, collate_fn=collate)
 
     def train_dataloader(self):
         return self._loader(self.train, self.batch_size, True, collate_skipping)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from tasks.depth.config import DepthOptimConfig, DepthTaskConfig
 from tasks.depth.metrics import METRIC_NAMES, berhu_loss, depth_errors, eval_mask
 from tasks.depth.model import DepthModel
+from transfer.loaders import build_loader
 from transfer.optim import param_groups, warmup_cosine
 
 
@@ -139,11 +140,8 @@ class DepthData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         from tasks.depth.data import collate_counting
 
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          drop_last=len(self.train_set) > self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, collate_fn=collate_counting,
-                          pin_memory=torch.cuda.is_available())
+        return build_loader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers, train=True,
+                            collate_fn=collate_counting)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available())
+        return build_loader(self.test_set, batch_size=self.eval_batch_size, num_workers=self.num_workers, train=False)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 from timm.data import create_transform
-from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from tasks.imagenet.data import EXPECTED_TREE, WNIDS, build_imagenet
@@ -25,6 +24,7 @@ from transfer.backbones import BACKBONES, build_backbone
 from transfer.engine import build_trainer
 from transfer.errors import ConfigError, DataError, WeightsError
 from transfer.images import PaddedToRanks, collate_images, gather_names, unpack
+from transfer.loaders import build_loader
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
 
 SPLITS = ("val", "train")
@@ -111,9 +111,9 @@ def run(ctx: RunContext) -> TaskOutput:
     dataset.transform = create_transform(**data_config, is_training=False)
     module = ClassifierEval(backbone, task.split)
     trainer = build_trainer(ctx)
-    loader = DataLoader(PaddedToRanks(dataset, trainer.world_size), batch_size=cfg.trainer.eval_batch_size,
-                        num_workers=cfg.trainer.num_workers, shuffle=False, pin_memory=torch.cuda.is_available(),
-                        collate_fn=collate_images)
+    # Padded to the world size: the sampler Lightning adds repeats no image.
+    loader = build_loader(PaddedToRanks(dataset, trainer.world_size), batch_size=cfg.trainer.eval_batch_size,
+                          num_workers=cfg.trainer.num_workers, train=False, collate_fn=collate_images)
     tested = trainer.test(module, dataloaders=loader, verbose=False)
     _check_damage(module.undecodable, len(dataset), task)
     counts.update(undecodable_images=len(module.undecodable), images_scored=module.scored)

@@ -36,6 +36,7 @@ from transfer.backbones import build_backbone
 from transfer.engine import cpu_supports_bf16
 from transfer.loaders import build_loader
 from transfer.optim import param_groups
+from transfer.tables import markdown_table
 
 CLASSES = 10
 
@@ -163,9 +164,7 @@ def main(argv: list[str] | None = None) -> None:
           f"precision {'bf16 autocast' if dtype else 'fp32'}; backbone {args.backbone} (random weights), "
           f"{args.images} images {args.size}px stored -> {args.resolution}px input, batch {args.batch}, "
           f"{args.workers} loader workers")
-    print("\n| measurement | value |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    print("\n" + markdown_table(["measurement", "value"], rows))
 
 
 if __name__ == "__main__":

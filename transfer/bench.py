@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from transfer import tables
 from transfer.backbones import BACKBONES, BackboneSpec, build_backbone
 from transfer.errors import ConfigError, TransferError
 from transfer.io import atomic_path, atomic_write_json, atomic_write_text
@@ -303,9 +304,7 @@ def _cell(value: object) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """The sheet as a markdown table; a missing value (no published top-1, no fitting batch) is —."""
     cols = _columns(rows)
-    lines = ["| " + " | ".join(_header(c) for c in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in cols) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return tables.markdown_table([_header(c) for c in cols], [[_cell(row.get(c)) for c in cols] for row in rows]) + "\n"
 
 
 def csv_text(rows: list[dict]) -> str:

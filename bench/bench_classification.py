@@ -31,9 +31,9 @@ from tasks.classification.datasets import Transformed
 from tasks.classification.features import extract
 from tasks.classification.linear import fit_logistic, l2_grid, sweep_l2
 from tasks.classification.metrics import top1
-from tasks.classification.sources import FileImages
 from transfer.backbones import build_backbone
 from transfer.engine import cpu_supports_bf16
+from transfer.image_sources import FileImages
 from transfer.loaders import build_loader
 from transfer.optim import param_groups
 from transfer.tables import markdown_table

@@ -40,9 +40,9 @@ def one_size(args: argparse.Namespace) -> dict:
     from tasks.classification.knn import knn_predict
     from tasks.classification.linear import fit_logistic
     from tasks.classification.rows import Rows
-    from tasks.classification.sources import FileImages
     from tasks.classification.task import eval_transform
     from transfer.backbones import build_backbone
+    from transfer.image_sources import FileImages
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with tempfile.TemporaryDirectory() as tmp:

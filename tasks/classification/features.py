@@ -33,9 +33,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from tasks.classification.rows import CHUNK_ROWS, Part, Rows
-from tasks.classification.sources import item_ids
 from transfer.backbones import Backbone
 from transfer.errors import TransferError
+from transfer.image_sources import item_ids
 from transfer.images import collate_images, unpack
 from transfer.io import remove_orphan_temporaries
 from transfer.loaders import build_loader

@@ -28,7 +28,6 @@ from tasks.classification.finetune import ClassificationData, FinetuneModule
 from tasks.classification.linear import NEAR_TIE_MARGIN, fit_logistic, l2_grid, near_ties, search_l2
 from tasks.classification.metrics import SCORERS, classification_metrics
 from tasks.classification.rows import concat
-from tasks.classification.sources import check_damage, items_digest, labels_of
 from transfer.backbones import Backbone, build_backbone
 from transfer.engine import (
     autocast_dtype,
@@ -38,6 +37,7 @@ from transfer.engine import (
     resume_path,
 )
 from transfer.errors import ConfigError
+from transfer.image_sources import check_damage, items_digest, labels_of
 from transfer.protocols import FinetuneProtocolConfig
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
 

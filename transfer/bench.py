@@ -159,6 +159,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def sync(device: torch.device | str) -> None:
+    """Wait for the queued work of ``device`` (a no-op off CUDA), so a timer reads the work done."""
+    _sync(torch.device(device))
+
+
+def timed_loss_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: object,
+                    device: torch.device | str) -> tuple[float, float]:
+    """One training step of a model that returns a dict of losses (detectron2's meta-architectures): forward,
+    backward of the summed losses, optimiser step. Returns (seconds, total loss)."""
+    start = time.perf_counter()
+    loss = sum(model(data).values())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    sync(device)
+    return time.perf_counter() - start, float(loss)
+
+
 def inference_latency(model: nn.Module, *, resolution: int, batch: int, dtype: torch.dtype,
                       device: torch.device, warmup: int, repeats: int) -> float:
     """Median seconds of one eval-mode forward pass of ``batch`` images."""

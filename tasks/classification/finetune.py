@@ -22,7 +22,7 @@ from tasks.classification.metrics import classification_metrics
 from transfer.backbones import Backbone
 from transfer.images import PaddedToRanks, collate_images, gather_names, unpack
 from transfer.loaders import build_loader
-from transfer.optim import sgd_warmup_cosine
+from transfer.optim import epoch_schedule, sgd_warmup_cosine
 from transfer.protocols import FinetuneProtocolConfig
 
 
@@ -111,8 +111,9 @@ class FinetuneModule(L.LightningModule):
 
     def configure_optimizers(self):
         p = self.protocol
-        return sgd_warmup_cosine(self, self.trainer, lr=p.lr, weight_decay=p.weight_decay, momentum=p.momentum,
-                                 nesterov=p.nesterov, warmup_epochs=p.warmup_epochs)
+        total, warmup = epoch_schedule(self.trainer, p.warmup_epochs)
+        return sgd_warmup_cosine(self, lr=p.lr, weight_decay=p.weight_decay, momentum=p.momentum,
+                                 nesterov=p.nesterov, total_steps=total, warmup_steps=warmup)
 
 
 class ClassificationData(L.LightningDataModule):

@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from tasks.imagenet.data import EXPECTED_TREE, WNIDS, build_imagenet
 from transfer.backbones import BACKBONES, build_backbone
+from transfer.data_settings import check_data_settings
 from transfer.engine import build_trainer
 from transfer.errors import ConfigError, DataError, WeightsError
 from transfer.images import PaddedToRanks, collate_images, gather_names, unpack
@@ -50,8 +51,7 @@ class ImageNetTaskConfig:
             raise ConfigError(f"task.split={self.split!r}; valid: {', '.join(SPLITS)}.")
         if self.resolution is not None and self.resolution < 32:
             raise ConfigError(f"task.resolution={self.resolution} is too small; use 32 or more, or leave it unset.")
-        if not 0 <= self.max_bad_fraction < 1:
-            raise ConfigError(f"task.max_bad_fraction={self.max_bad_fraction} must be in [0, 1).")
+        check_data_settings(max_bad_fraction=self.max_bad_fraction)
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             raise ConfigError(f"task.max_image_pixels={self.max_image_pixels} must be a positive pixel count, "
                               "or null for Pillow's limit.")

@@ -100,7 +100,7 @@ def find_results(runs_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
 def compared_metrics(results: dict[str, Any]) -> list[str]:
     """The metrics a run is compared on: the task's ``primary_metric``, else every test metric (else all)."""
     metrics = results["metrics"]
-    chosen = results.get("primary_metric") or results.get("extra", {}).get("primary_metric")
+    chosen = results.get("primary_metric")
     if chosen in metrics:
         return [chosen]
     return sorted(k for k in metrics if k.startswith("test/")) or sorted(metrics)

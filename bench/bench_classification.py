@@ -26,16 +26,17 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 from torch import nn
-from torch.utils.data import DataLoader
 
 from tasks.classification.datasets import Transformed
 from tasks.classification.features import extract
 from tasks.classification.linear import fit_logistic, l2_grid, sweep_l2
 from tasks.classification.metrics import top1
-from tasks.classification.sources import FileImages
 from transfer.backbones import build_backbone
 from transfer.engine import cpu_supports_bf16
+from transfer.image_sources import FileImages
+from transfer.loaders import build_loader
 from transfer.optim import param_groups
+from transfer.tables import markdown_table
 
 CLASSES = 10
 
@@ -128,8 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         step = train_step_fn(model, dtype)
         train_tf = create_transform(**backbone.data_config(train=True, resolution=args.resolution), is_training=True,
                                     auto_augment="rand-m10-n2")
-        loader = DataLoader(Transformed(files, train_tf), batch_size=args.batch, shuffle=True, drop_last=True,
-                            num_workers=args.workers, persistent_workers=args.workers > 0)
+        loader = build_loader(Transformed(files, train_tf), batch_size=args.batch, num_workers=args.workers, train=True)
         xb = torch.randn(args.batch, 3, args.resolution, args.resolution)
         yb = torch.randint(0, CLASSES, (args.batch,))
         step(xb, yb)  # warm-up
@@ -164,9 +164,7 @@ def main(argv: list[str] | None = None) -> None:
           f"precision {'bf16 autocast' if dtype else 'fp32'}; backbone {args.backbone} (random weights), "
           f"{args.images} images {args.size}px stored -> {args.resolution}px input, batch {args.batch}, "
           f"{args.workers} loader workers")
-    print("\n| measurement | value |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    print("\n" + markdown_table(["measurement", "value"], rows))
 
 
 if __name__ == "__main__":

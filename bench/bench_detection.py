@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tasks.detection.backbone import add_transfer_backbone_config
 from tasks.detection.translate import use_registry_backbone
+from transfer.bench import sync, timed_loss_step
 from transfer.config import BackboneConfig
 
 D2_R50 = "detectron2 R-50"
@@ -112,11 +113,6 @@ def calibrate_norms(bottom_up: nn.Module, x: torch.Tensor) -> None:
         bottom_up.train(training)
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_backbone(model: nn.Module, x: torch.Tensor, device: str) -> float:
     """Bottom-up network alone: forward and backward of its feature maps."""
     start = time.perf_counter()
@@ -126,17 +122,6 @@ def time_backbone(model: nn.Module, x: torch.Tensor, device: str) -> float:
     sync(device)
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
-
-
-def time_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: list[dict], device: str) -> tuple[float, float]:
-    """One training step: forward with losses, backward, SGD. Returns (seconds, total loss)."""
-    start = time.perf_counter()
-    loss = sum(model(data).values())
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    sync(device)
-    return time.perf_counter() - start, float(loss)
 
 
 def profile_backbone(name: str, model: nn.Module, x: torch.Tensor, top: int = 8) -> None:
@@ -193,7 +178,7 @@ def main() -> None:
         for i in range(args.warmup + args.steps):
             for name, model in models.items():
                 b = time_backbone(model, inputs[name], args.device)
-                s, loss = time_step(model, optimizers[name], data[name], args.device)
+                s, loss = timed_loss_step(model, optimizers[name], data[name], args.device)
                 bad_losses[name] += not math.isfinite(loss)
                 if i >= args.warmup:
                     backbone_s[name].append(b)

@@ -98,9 +98,9 @@ def one_size(args: argparse.Namespace) -> dict:
     from tasks.classification.knn import knn_predict
     from tasks.classification.linear import fit_logistic
     from tasks.classification.rows import Rows
-    from tasks.classification.sources import FileImages
     from tasks.classification.task import eval_transform
     from transfer.backbones import build_backbone
+    from transfer.image_sources import FileImages
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sampler = PeakSampler().start()
@@ -171,23 +171,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.n is not None:
         print(json.dumps(one_size(args)))
         return
+    from transfer.tables import table_head, table_row  # here: the child's import-RSS figure stays the task's own
+
     print(f"machine: {platform.machine()}, backbone {args.backbone} (random weights), {args.resolution}px input, "
           f"batch {args.batch}, {args.workers} loader workers, shards of {args.shard_images} images, chunks of "
           f"{args.chunk_rows} rows, float32")
     print(f"command: python bench/bench_features.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
-    print("| N | extraction images/s | probe fit s | k-NN s (queries) | features on disk MiB | peak RSS main MiB "
-          "| peak RSS largest worker MiB | RSS after import MiB | peak RssAnon extraction MiB "
-          "| peak RssAnon probe+k-NN MiB | peak RssFile probe+k-NN MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(table_head(["N", "extraction images/s", "probe fit s", "k-NN s (queries)", "features on disk MiB",
+                      "peak RSS main MiB", "peak RSS largest worker MiB", "RSS after import MiB",
+                      "peak RssAnon extraction MiB", "peak RssAnon probe+k-NN MiB", "peak RssFile probe+k-NN MiB"]))
     base = [a for a in (argv if argv is not None else sys.argv[1:])]
     for n in args.sizes:
         out = subprocess.run([sys.executable, __file__, *base, "--n", str(n)], capture_output=True, text=True,
                              env={"PYTHONPATH": str(REPO), **_env()}, check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        print(f"| {n} | {r['images_per_s']:.1f} | {r['probe_s']:.2f} | {r['knn_s']:.2f} ({r['queries']}) | "
-              f"{r['features_mib']:.1f} | {r['rss_peak_mib']:.0f} | {r['rss_worker_peak_mib']:.0f} | "
-              f"{r['rss_import_mib']:.0f} | {r['anon_extraction_mib']:.0f} | {r['anon_streamed_mib']:.0f} | "
-              f"{r['file_streamed_mib']:.0f} |", flush=True)
+        print(table_row([n, f"{r['images_per_s']:.1f}", f"{r['probe_s']:.2f}", f"{r['knn_s']:.2f} ({r['queries']})",
+                         f"{r['features_mib']:.1f}", f"{r['rss_peak_mib']:.0f}", f"{r['rss_worker_peak_mib']:.0f}",
+                         f"{r['rss_import_mib']:.0f}", f"{r['anon_extraction_mib']:.0f}",
+                         f"{r['anon_streamed_mib']:.0f}", f"{r['file_streamed_mib']:.0f}"]), flush=True)
 
 
 def _env() -> dict:

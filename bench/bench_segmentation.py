@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 
 import torch
 from detectron2 import model_zoo
@@ -27,6 +26,7 @@ from detectron2.utils.events import EventStorage
 
 from tasks.detection.backbone import add_transfer_backbone_config
 from tasks.detection.translate import use_registry_backbone
+from transfer.bench import timed_loss_step
 from transfer.config import BackboneConfig
 
 CONFIG = "Misc/semantic_R_50_FPN_1x.yaml"
@@ -62,17 +62,6 @@ def batch(args) -> list[dict]:
     return out
 
 
-def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: list[dict]) -> tuple[float, float]:
-    start = time.perf_counter()
-    loss = sum(model(data).values())
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, loss.item()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="rs50")
@@ -95,7 +84,7 @@ def main() -> None:
     with EventStorage(0):
         for i in range(args.warmup + args.steps):
             for name, model in models.items():
-                seconds, loss = step(model, optimizers[name], data)
+                seconds, loss = timed_loss_step(model, optimizers[name], data, args.device)
                 losses[name].append(loss)
                 if i >= args.warmup:
                     times[name].append(seconds)

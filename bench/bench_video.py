@@ -35,10 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from transfer.config import BackboneConfig
 from transfer.engine import cpu_supports_bf16
+from transfer.loaders import build_loader
+from transfer.tables import markdown_table, table_head, table_row
 from video.data import ClipSpec, TrainClips, collate_skipping, official_filename
 from video.inflate import InflationConfig
 from video.model import VideoClassifier, build_video_backbone
@@ -144,17 +145,16 @@ def memory_table(tmp: Path, args) -> None:
     print(f"\nOne item, fresh process each (clip {args.frames}x{args.stride} at {args.fps:g} fps; train crop "
           f"{args.train_size} from frames decoded at short side {args.decode_short_side}; test 3 crops of "
           f"{args.eval_size}):")
-    print("| source | item | RSS before (MB) | peak RSS during the item (MB) | above before (MB) | s/item | "
-          "above before, vs pytorchvideo |")
-    print("|---|---|---|---|---|---|---|")
+    print(table_head(["source", "item", "RSS before (MB)", "peak RSS during the item (MB)", "above before (MB)",
+                      "s/item", "above before, vs pytorchvideo"]))
     for size in args.sizes:
         path = str(write_clips(tmp / "items", size, 1, args.seconds, int(args.fps))[0])
         rows = {kind: in_fresh_process(measure_item, kind, path, args) for kind in ("pytorchvideo", "train", "test")}
         ref = rows["pytorchvideo"]["peak_rss_mb"] - rows["pytorchvideo"]["start_rss_mb"]
         for kind, r in rows.items():
             above = r["peak_rss_mb"] - r["start_rss_mb"]
-            print(f"| {size[0]}x{size[1]} | {kind} | {r['start_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {above:.0f} | "
-                  f"{r['seconds']:.2f} | {above / ref:.3f} |")
+            print(table_row([f"{size[0]}x{size[1]}", kind, f"{r['start_rss_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
+                             f"{above:.0f}", f"{r['seconds']:.2f}", f"{above / ref:.3f}"]))
 
 
 def speed_table(tmp: Path, args) -> None:
@@ -163,8 +163,8 @@ def speed_table(tmp: Path, args) -> None:
     tf = build_train_transform(size=args.train_size, mean=MEAN, std=STD)
     data = TrainClips([(str(p), i % 2) for i, p in enumerate(clips)], ClipSpec(args.frames, args.stride, args.fps),
                       tf, short_side=args.decode_short_side)
-    loader = DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.workers,
-                        collate_fn=collate_skipping, persistent_workers=args.workers > 0)
+    loader = build_loader(data, batch_size=args.batch, num_workers=args.workers, train=True,
+                          collate_fn=collate_skipping)
     backbone = build_video_backbone(BackboneConfig(name=args.backbone, weights="random"),
                                     inflation=InflationConfig(self_gating="last"))
     model = VideoClassifier(backbone, num_classes=400, dropout=0.5).train().to(memory_format=torch.channels_last_3d)
@@ -186,12 +186,12 @@ def speed_table(tmp: Path, args) -> None:
     worker_peak = max((_status_mb(pid, "VmHWM") for pid in _tree(os.getpid())[1:]), default=0.0)
     print(f"\n{args.backbone} 3D, {size[0]}x{size[1]} H.264 sources, batch {args.batch}, {args.workers} workers, "
           f"{torch.get_num_threads()} threads, {'bf16 autocast' if bf16 else 'fp32'}:")
-    print("| measurement | clips/s |\n|---|---|")
-    print(f"| loader alone (decode + sample + augment) | {load:.2f} |")
-    print(f"| model train step on resident tensors | {model_only:.3f} |")
-    print(f"| train step end to end | {end_to_end:.3f} |")
-    print(f"| **ratio loader / model** | **{load / model_only:.1f}** (>1: the model is the bottleneck) |")
-    print(f"| **ratio end-to-end / resident** | **{end_to_end / model_only:.2f}** (1 = loading fully hidden) |")
+    print(markdown_table(["measurement", "clips/s"], [
+        ["loader alone (decode + sample + augment)", f"{load:.2f}"],
+        ["model train step on resident tensors", f"{model_only:.3f}"],
+        ["train step end to end", f"{end_to_end:.3f}"],
+        ["**ratio loader / model**", f"**{load / model_only:.1f}** (>1: the model is the bottleneck)"],
+        ["**ratio end-to-end / resident**", f"**{end_to_end / model_only:.2f}** (1 = loading fully hidden)"]]))
     print(f"largest loader worker peak RSS: {worker_peak:.0f} MB; this process (model, optimiser, batches): "
           f"{_status_mb('self', 'VmHWM'):.0f} MB")
 

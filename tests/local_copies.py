@@ -3,7 +3,7 @@ formats (PNG/JPEG via Pillow, arrow via ``datasets.save_to_disk``, parquet, MATL
 
 Each writer ``write(root, big=False) -> data_dir`` writes a copy whose every file is one the reader reads; with
 ``big=True`` one training image is 1200 x 1200 pixels (1.44 M), for the ``task.max_image_pixels`` tests.
-:data:`GENERIC` holds the generic layouts of ``tasks.classification.sources`` and :data:`OFFICIAL` the official
+:data:`GENERIC` holds the generic layouts of ``transfer.image_sources`` and :data:`OFFICIAL` the official
 release layouts by data set name (the writers of ``tests/official_copies.py``, with the release's files that the
 reader does not read removed): a test fails for a registered layout that has no writer here. :data:`ARRAYS` are the
 official layouts that hold pixel arrays of a fixed size (CIFAR's 32 x 32 batches), which have no big image.
@@ -122,7 +122,7 @@ def _official(name: str):
     return write
 
 
-# Generic layouts (tasks.classification.sources.accepted_layouts, in its order): (a data set read that way, writer).
+# Generic layouts (transfer.image_sources.accepted_layouts, in its order): (a data set read that way, writer).
 GENERIC = {
     "datasets.save_to_disk": ("cifar100", write_saved_to_disk),
     "parquet": ("cifar100", write_parquet),

@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from transfer import tables
 from transfer.backbones import BACKBONES, BackboneSpec, build_backbone
 from transfer.errors import ConfigError, TransferError
 from transfer.io import atomic_path, atomic_write_json, atomic_write_text
@@ -156,6 +157,24 @@ def median_seconds(step: Callable[[], object], *, warmup: int, repeats: int, dev
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the queued work of ``device`` (a no-op off CUDA), so a timer reads the work done."""
+    _sync(torch.device(device))
+
+
+def timed_loss_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: object,
+                    device: torch.device | str) -> tuple[float, float]:
+    """One training step of a model that returns a dict of losses (detectron2's meta-architectures): forward,
+    backward of the summed losses, optimiser step. Returns (seconds, total loss)."""
+    start = time.perf_counter()
+    loss = sum(model(data).values())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    sync(device)
+    return time.perf_counter() - start, float(loss)
 
 
 def inference_latency(model: nn.Module, *, resolution: int, batch: int, dtype: torch.dtype,
@@ -303,9 +322,7 @@ def _cell(value: object) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """The sheet as a markdown table; a missing value (no published top-1, no fitting batch) is —."""
     cols = _columns(rows)
-    lines = ["| " + " | ".join(_header(c) for c in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in cols) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return tables.markdown_table([_header(c) for c in cols], [[_cell(row.get(c)) for c in cols] for row in rows]) + "\n"
 
 
 def csv_text(rows: list[dict]) -> str:

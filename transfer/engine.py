@@ -349,5 +349,7 @@ def _os_error_in(e: BaseException) -> OSError | None:
 
 
 def seed_everything(cfg: TrainerConfig) -> None:
+    """Seed torch, numpy, ``random`` and the DataLoader workers from ``trainer.seed``: called once per run, by
+    ``transfer.run`` before the adapter starts (adapters do not reseed)."""
     os.environ.setdefault("PL_GLOBAL_SEED", str(cfg.seed))
     L.seed_everything(cfg.seed, workers=True, verbose=False)

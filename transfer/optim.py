@@ -26,12 +26,20 @@ def warmup_cosine(step: int, *, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def sgd_warmup_cosine(module: nn.Module, trainer: L.Trainer, *, lr: float, weight_decay: float, momentum: float,
-                      nesterov: bool, warmup_epochs: float) -> dict:
-    """Lightning's ``configure_optimizers`` answer for ``module`` trained by ``trainer``."""
+def epoch_schedule(trainer: L.Trainer, warmup_epochs: float) -> tuple[int, int]:
+    """``(total_steps, warmup_steps)`` of a fit measured in epochs: every optimiser step ``trainer`` will take, and
+    the steps of ``warmup_epochs`` of them."""
+    total = max(1, int(trainer.estimated_stepping_batches))
+    return total, int(round(warmup_epochs * total / max(1, trainer.max_epochs or 1)))
+
+
+def sgd_warmup_cosine(module: nn.Module, *, lr: float, weight_decay: float, momentum: float, nesterov: bool,
+                      total_steps: int, warmup_steps: int) -> dict:
+    """Lightning's ``configure_optimizers`` answer for ``module``: SGD over :func:`param_groups`, the learning rate
+    warmed up over ``warmup_steps`` (at most ``total_steps - 1``) then cosine-decayed to 0 at ``total_steps``."""
     opt = torch.optim.SGD(param_groups(module, weight_decay), lr=lr, momentum=momentum,
                           nesterov=nesterov and momentum > 0)
-    total = max(1, int(trainer.estimated_stepping_batches))
-    warmup = min(total - 1, int(round(warmup_epochs * total / max(1, trainer.max_epochs or 1))))
+    total = max(1, total_steps)
+    warmup = min(total - 1, warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warmup=warmup, total=total))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

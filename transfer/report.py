@@ -37,6 +37,7 @@ from transfer.registry import UnknownNameError
 from transfer.results import RESULTS_FILE, read_results
 from transfer.suite import SuiteConfig, load_suite
 from transfer.suite_report import SuiteTable
+from transfer.tables import markdown_table
 
 log = logging.getLogger("transfer.report")
 SUITE = "this suite"
@@ -99,7 +100,7 @@ def find_results(runs_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
 def compared_metrics(results: dict[str, Any]) -> list[str]:
     """The metrics a run is compared on: the task's ``primary_metric``, else every test metric (else all)."""
     metrics = results["metrics"]
-    chosen = results.get("primary_metric") or results.get("extra", {}).get("primary_metric")
+    chosen = results.get("primary_metric")
     if chosen in metrics:
         return [chosen]
     return sorted(k for k in metrics if k.startswith("test/")) or sorted(metrics)
@@ -242,14 +243,6 @@ def _detail(e: Entry) -> str:
 def task_rows(t: TaskComparison) -> tuple[list[str], list[list[str]]]:
     head = ["name", "kind", *(c.title for c in t.columns), "weights / setting", "source"]
     return head, [[e.name, e.kind, *(_cell(e, c) for c in t.columns), _detail(e), e.source] for e in t.entries]
-
-
-def markdown_table(head: list[str], rows: list[list[str]]) -> str:
-    def esc(s: str) -> str:
-        return str(s).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(map(esc, r)) + " |" for r in rows])
 
 
 def _intro(baselines: str | Path | None) -> str:

@@ -16,9 +16,9 @@ draws happen:
   reseeded from (seed, epoch, rank) when each training epoch starts.
 
 :class:`ReproducibleEpochs` applies this to the training loader of any LightningModule or DataModule
-trained by :func:`transfer.engine.build_trainer`; adapters keep writing plain ``DataLoader(...,
-shuffle=True)``. Randomness held in an adapter's own generator objects (``numpy.random.default_rng``
-stored on a dataset) is outside this scheme.
+trained by :func:`transfer.engine.build_trainer`; adapters build plain training loaders
+(:func:`transfer.loaders.build_loader`). Randomness held in an adapter's own generator objects
+(``numpy.random.default_rng`` stored on a dataset) is outside this scheme.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from transfer.errors import TransferError
 from transfer.io import atomic_write_json
+from transfer.tables import markdown_table
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -163,9 +164,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
     head = ["task", "backbone", "protocol", *keys]
     rows = [[r["task"], r["backbone"], r["protocol"], *(format_metric(r["metrics"].get(k)) for k in keys)]
             for r in results]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    return markdown_table(head, rows, align=True)
 
 
 def format_metric(v: float | None) -> str:

@@ -22,12 +22,14 @@ from transfer.baselines import load_baselines
 from transfer.compare import assess, log_comparison
 from transfer.config import RunConfig, check_top_level_keys, compose, validate
 from transfer.console import setup_logging
+from transfer.engine import seed_everything
 from transfer.errors import ConfigError, TransferError
 from transfer.registry import UnknownNameError
 from transfer.results import build_results, format_metric, format_table, unscored, write_results
 from transfer.rundir import RESULTS_FILE, RUN_DIR_ENV, config_tree, open_run_dir, plan_run_dir
 from transfer.suite import requested as suite_requested
 from transfer.suite import run_suite
+from transfer.tables import markdown_table
 from transfer.tasks import TASKS, RunContext
 from transfer.tracking import RunLogger, is_global_zero
 
@@ -118,6 +120,8 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
                            group=cfg.task.name, job_type=cfg.protocol.name,
                            config={**names, **config_tree(cfg)})
         ctx = RunContext(cfg=cfg, run_dir=run_dir, logger=logger, record=record)
+        # The one place a run is seeded (torch, numpy, random, and the DataLoader workers): adapters do not reseed.
+        seed_everything(cfg.trainer)
         try:
             output = TASKS.get(cfg.task.adapter).run(ctx)
             failure = unscored(cfg.task.name, output)
@@ -220,15 +224,13 @@ def sweep_summary(swept: list[str], outcomes: list[JobOutcome], not_started: lis
         state = "ok" if not o.status else f"{'interrupted' if o.interrupted else 'failed'} ({o.status})"
         rows.append([*(values.get(k, "") for k in swept), state,
                      *(format_metric(got[m]) if m in got else "" for m in metrics), where])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     total = len(outcomes) + len(not_started)
     stopped = [(i, o) for i, o in enumerate(outcomes, start=1) if o.interrupted]
     failed = [(i, o) for i, o in enumerate(outcomes, start=1) if o.status and not o.interrupted]
     head_line = f"sweep: {total} job(s), {len(failed)} failed"
     if stopped or not_started:
         head_line += f", {len(stopped)} interrupted, {len(not_started)} not started"
-    out = [head_line, line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+    out = [head_line, markdown_table(head, rows, align=True)]
     for title, listed in (("failed jobs:", failed), ("interrupted:", stopped)):
         if listed:
             out += ["", title]

@@ -18,6 +18,7 @@ from transfer.baselines import Baseline, baselines_for
 from transfer.compare import assess, baseline_protocol, describe_pretraining, lower_is_better
 from transfer.io import atomic_path
 from transfer.suite import SuiteColumn, SuiteConfig
+from transfer.tables import markdown_table
 
 RUN, PUBLISHED = "this suite", "published"
 CONTEXT_MARK = "†"
@@ -176,8 +177,6 @@ def notes(table: SuiteTable) -> list[str]:
 
 
 def to_markdown(table: SuiteTable, chart: str | None) -> str:
-    from transfer.report import markdown_table
-
     parts = [f"## {table.suite.title or table.suite.name}", "", markdown_table(*rows_of(table)), ""]
     parts += [f"- {n}" for n in notes(table)]
     if chart:
@@ -245,7 +244,6 @@ def wandb_blocks(table: SuiteTable, *, entity: str, project: str, wr) -> list:
     Each column's run set selects its runs by the flat config keys ``task_name`` / ``protocol_name`` that
     ``transfer.run`` logs; bars are grouped by ``backbone_name``.
     """
-    from transfer.report import markdown_table
 
     runsets = [wr.Runset(entity=entity, project=project, name=c.id,
                          filters=f"Config('task_name') = '{c.task}' and Config('protocol_name') = '{c.protocol}'")

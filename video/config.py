@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
+from transfer.data_settings import check_data_settings
 from transfer.errors import ConfigError
 from video.data import LAYOUTS
 from video.inflate import InflationConfig
@@ -130,9 +131,9 @@ class VideoTaskConfig:
         for key in ("frames", "stride", "train_size", "eval_size", "test_clips", "test_crops", "decode_short_side"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"task.{key}={getattr(self, key)} must be at least 1.")
-        if self.fps <= 0 or not 0 <= self.max_bad_fraction < 1:
-            raise ConfigError(f"task.fps={self.fps} must be > 0 and task.max_bad_fraction={self.max_bad_fraction} "
-                              "in [0, 1).")
+        if self.fps <= 0:
+            raise ConfigError(f"task.fps={self.fps} must be > 0 (the frame rate clips are sampled at).")
+        check_data_settings(max_bad_fraction=self.max_bad_fraction)
         if self.randaugment is not None and len(self.randaugment) != 2:
             raise ConfigError(f"task.randaugment={self.randaugment} must be [num_ops, magnitude] or null.")
         self.inflation.build()  # raises on a bad inflation setting before any data or model work

@@ -415,17 +415,31 @@ class TrainClips(Dataset):
 
     def __getitem__(self, i: int) -> dict | Failure:
         path, label = self.videos[i]
-        try:
-            frames = read_clip(path, None, self.spec, short_side=self.short_side)
-        except UndecodableVideo as e:
-            log.debug("cannot decode %s: %s", path, e)
-            return Failure(i, str(e))
-        return {"video": self.transform(frames), "label": label, "index": i}
+        return read_or_skip(i, path, label, None, self.spec, self.transform, short_side=self.short_side)
+
+
+def read_or_skip(index: int, path: str, label: int, start: float | Callable | None, spec: ClipSpec,
+                 transform: Callable, *, short_side: int | None = None) -> dict | Failure:
+    """One clip of video ``index`` as ``{"video": transform(frames), "label", "index"}``, or a :class:`Failure`
+    when it does not decode. Training clips and multi-view clips both read through here, so a decode failure is
+    caught, logged and counted (:func:`failed_indices`) the same way for both; ``start`` as in
+    :func:`video.decode.read_clip` (None: a random start)."""
+    try:
+        frames = read_clip(path, start, spec, short_side=short_side)
+    except UndecodableVideo as e:
+        log.debug("cannot decode %s: %s", path, e)
+        return Failure(index, str(e))
+    return {"video": transform(frames), "label": label, "index": index}
+
+
+def failed_indices(samples: list) -> torch.Tensor:
+    """(F,) long: the video index of every :class:`Failure` among ``samples`` (one per clip that did not decode)."""
+    return torch.tensor([s.index for s in samples if isinstance(s, Failure)], dtype=torch.long)
 
 
 def collate_skipping(samples: list[dict | Failure]) -> dict:
     """Batch the decoded samples; ``failed`` holds the dataset indices of the videos that did not decode."""
     good = [s for s in samples if not isinstance(s, Failure)]
     batch = default_collate(good) if good else {}
-    batch["failed"] = torch.tensor([s.index for s in samples if isinstance(s, Failure)], dtype=torch.long)
+    batch["failed"] = failed_indices(samples)
     return batch

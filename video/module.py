@@ -9,7 +9,9 @@ from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from transfer.optim import sgd_warmup_cosine
+from transfer.loaders import build_loader
+from transfer.optim import epoch_schedule, sgd_warmup_cosine
+from transfer.train_failures import CountsTrainFailures, TrainFailures
 from video.config import VideoFinetuneProtocolConfig
 from video.data import collate_skipping
 from video.model import VideoClassifier
@@ -39,13 +41,17 @@ class WarmupEMA(WeightAveraging):
         super().__init__(use_buffers=True, avg_fn=average)
 
 
-class VideoModule(L.LightningModule):
+class VideoModule(CountsTrainFailures, L.LightningModule):
     """Trains a :class:`VideoClassifier` on random clips; tests it with multi-view score averaging.
 
     Decode failures are counted per video: ``check_train(failed_indices)`` is called with the training videos
     that failed so far (summed over DDP ranks) after every epoch and at the end of training, and raises when
-    they are too many. After testing, :attr:`scores` holds the reduced per-video scores and failures.
+    they are too many (:class:`transfer.train_failures.CountsTrainFailures`: ``totals`` holds
+    ``train/skipped_clips`` and ``train/videos_failed_decode``). After testing, :attr:`scores` holds the reduced
+    per-video scores and failures.
     """
+
+    failures_checkpoint_key = "video_decode_failures"
 
     def __init__(self, model: VideoClassifier, optim: VideoFinetuneProtocolConfig, *, eval_labels: list[int],
                  train_videos: int, global_batch: int, check_train: Callable[[list[int]], None]):
@@ -55,11 +61,8 @@ class VideoModule(L.LightningModule):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=optim.label_smoothing)
         self.eval_labels = eval_labels
         self.global_batch = global_batch
-        self.check_train = check_train
-        self.train_failed = torch.zeros(train_videos, dtype=torch.bool)  # this rank's, over all epochs
-        self.skipped_clips = 0  # this rank's decode failures, one per clip
-        self.totals = {"train/skipped_clips": 0, "train/videos_failed_decode": 0}
-        self._failed_so_far: list[int] = []
+        self.failures = TrainFailures(train_videos, skipped_key="train/skipped_clips",
+                                      failed_key="train/videos_failed_decode", check=check_train)
         self.scores: ViewScores | None = None
         self.lr: float | None = None
         if optim.freeze_backbone:  # only the classifier trains; see train() for the BN statistics
@@ -77,44 +80,13 @@ class VideoModule(L.LightningModule):
         return self.model(x)  # (B, 3, T, H, W) -> (B, num_classes)
 
     def training_step(self, batch, batch_idx):
-        failed = batch["failed"]
-        self.train_failed[failed.cpu()] = True
-        self.skipped_clips += len(failed)
+        self.failures.add(batch["failed"])
         if "video" not in batch:  # every clip of this batch failed to decode
             return None
         loss = self.criterion(self(batch["video"]), batch["label"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
                  batch_size=len(batch["label"]))
         return loss
-
-    def _sum(self, t: torch.Tensor) -> torch.Tensor:
-        return self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum")
-
-    def _reduce_train(self) -> list[int]:
-        failed = (self._sum(self.train_failed.to(torch.int32)) > 0).nonzero().flatten().tolist()
-        self.totals = {"train/skipped_clips": int(self._sum(torch.tensor(self.skipped_clips))),
-                       "train/videos_failed_decode": len(failed)}
-        return failed
-
-    def on_train_epoch_end(self) -> None:
-        self._failed_so_far = self._reduce_train()
-        self.check_train(self._failed_so_far)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The counts of every rank, as of the last epoch end: a resumed run keeps counting from them.
-        checkpoint["video_decode_failures"] = {"train_failed": self._failed_so_far,
-                                               "skipped_clips": self.totals["train/skipped_clips"]}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("video_decode_failures")
-        if saved:
-            self.train_failed[saved["train_failed"]] = True  # a union: the same on every rank
-            trainer = getattr(self, "_trainer", None)
-            if trainer is None or trainer.global_rank == 0:  # a sum: counted once
-                self.skipped_clips = int(saved["skipped_clips"])
-
-    def on_train_end(self) -> None:
-        self.check_train(self._reduce_train())
 
     def on_test_epoch_start(self) -> None:
         self.scores = ViewScores(self.eval_labels, self.model.head.out_features, device=self.device)
@@ -128,7 +100,7 @@ class VideoModule(L.LightningModule):
         self.scores.update(logits, batch["index"])
 
     def on_test_epoch_end(self) -> None:
-        self.scores.reduce(self._sum)
+        self.scores.reduce(self.sum_ranks)
         metrics, _ = self.scores.metrics("test")
         if metrics:
             self.log_dict(metrics, rank_zero_only=True)
@@ -136,8 +108,9 @@ class VideoModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         self.lr = o.lr * self.global_batch / o.lr_reference_batch  # linear scaling from the recipe's batch
-        return sgd_warmup_cosine(self.model, self.trainer, lr=self.lr, weight_decay=o.weight_decay,
-                                 momentum=o.momentum, nesterov=o.nesterov, warmup_epochs=o.warmup_epochs)
+        total, warmup = epoch_schedule(self.trainer, o.warmup_epochs)
+        return sgd_warmup_cosine(self.model, lr=self.lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                                 nesterov=o.nesterov, total_steps=total, warmup_steps=warmup)
 
 
 class VideoData(L.LightningDataModule):
@@ -157,9 +130,7 @@ class VideoData(L.LightningDataModule):
             self.test_views.pad(self.trainer.world_size)
 
     def _loader(self, data: Dataset, batch_size: int, train: bool, collate) -> DataLoader:
-        return DataLoader(data, batch_size=batch_size, shuffle=train, drop_last=train and len(data) > batch_size,
-                          num_workers=self.num_workers, persistent_workers=False, collate_fn=collate,
-                          pin_memory=torch.cuda.is_available())
+        return build_loader(data, batch_size=batch_size, num_workers=self.num_workers, train=train, collate_fn=collate)
 
     def train_dataloader(self):
         return self._loader(self.train, self.batch_size, True, collate_skipping)

@@ -8,7 +8,6 @@ the end.
 """
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from fractions import Fraction
@@ -17,10 +16,8 @@ import torch
 from torch.utils.data import Dataset
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from video.data import Failure
-from video.decode import ClipSpec, UndecodableVideo, read_clip
-
-log = logging.getLogger(__name__)
+from video.data import Failure, failed_indices, read_or_skip
+from video.decode import ClipSpec
 
 
 def uniform_starts(duration: Fraction | float, clip: Fraction | float, clips: int) -> list[float]:
@@ -59,20 +56,15 @@ class MultiViewClips(Dataset):
         if v >= len(self.videos):
             return None  # a placeholder
         path, label = self.videos[v]
-        try:
-            start = lambda duration: uniform_starts(duration, self.spec.duration, self.clips)[c]  # noqa: E731
-            frames = read_clip(path, start, self.spec, short_side=self.short_side)
-        except UndecodableVideo as e:
-            log.debug("cannot decode %s clip %d: %s", path, c, e)
-            return Failure(v, str(e))
-        return {"video": self.transform(frames), "label": label, "index": v}
+        start = lambda duration: uniform_starts(duration, self.spec.duration, self.clips)[c]  # noqa: E731
+        return read_or_skip(v, path, label, start, self.spec, self.transform, short_side=self.short_side)
 
 
 def collate_views(samples: list[dict | Failure | None]) -> dict:
     """Stack the decoded views: video (B, S, C, T, H, W); ``failed`` holds the video index of each temporal clip
     that did not decode; placeholders are dropped."""
     good = [s for s in samples if isinstance(s, dict)]
-    batch = {"failed": torch.tensor([s.index for s in samples if isinstance(s, Failure)], dtype=torch.long)}
+    batch = {"failed": failed_indices(samples)}
     if good:
         batch["video"] = torch.stack([s["video"] for s in good])
         batch["label"] = torch.tensor([s["label"] for s in good])

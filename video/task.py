@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from transfer.config import RECIPES_DIR
-from transfer.engine import build_trainer, resume_path, seed_everything
+from transfer.engine import build_trainer, resume_path
 from transfer.errors import DataError
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput, attach_output
 from video.config import VideoFinetuneProtocolConfig, VideoTaskConfig, check
@@ -79,7 +79,6 @@ def run(ctx: RunContext) -> TaskOutput:
 
 def _run(ctx: RunContext, seen: dict) -> TaskOutput:
     cfg, task = ctx.cfg, ctx.cfg.task
-    seed_everything(cfg.trainer)
     train, test = _load(task)  # data first: a missing data set fails before model work
     seen.update(train=train, test=test)
     for split, listed in ((task.train_split, train), (task.eval_split, test)):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from transfer.data_settings import check_data_settings
 from transfer.errors import ConfigError
 
 METRICS = ("top1", "mean_per_class")
@@ -49,10 +50,7 @@ class ClassificationTaskConfig:
             raise ConfigError(f"task.resolution={self.resolution} is too small; use 16 or more.")
         if not 0 <= self.split_seed < 2**32:  # numpy's seed range
             raise ConfigError(f"task.split_seed={self.split_seed} must be in [0, 2**32).")
-        if self.limit_per_split is not None and self.limit_per_split < 1:
-            raise ConfigError(f"task.limit_per_split={self.limit_per_split} must be at least 1, or null (all).")
-        if not 0 <= self.max_bad_fraction < 1:
-            raise ConfigError(f"task.max_bad_fraction={self.max_bad_fraction} must be in [0, 1).")
+        check_data_settings(max_bad_fraction=self.max_bad_fraction, limit_per_split=self.limit_per_split)
         if self.preprocess not in PREPROCESS:
             raise ConfigError(f"task.preprocess={self.preprocess!r}; valid: {', '.join(PREPROCESS)}.")
         if self.max_image_pixels is not None and self.max_image_pixels < 1:

@@ -15,7 +15,9 @@ from torch.utils.data import Dataset, Subset
 
 from tasks.classification.config import ClassificationTaskConfig
 from tasks.classification.official import OFFICIAL_LAYOUTS, OfficialLayout
-from tasks.classification.sources import (
+from tasks.classification.splits import PUBLISHED_SPLITS, FoundSizes, SplitSizes, check_split_sizes
+from transfer.errors import DataError
+from transfer.image_sources import (
     ArrayImages,
     Source,
     check_damage,
@@ -23,8 +25,6 @@ from tasks.classification.sources import (
     load_source,
     with_local_identity,
 )
-from tasks.classification.splits import PUBLISHED_SPLITS, FoundSizes, SplitSizes, check_split_sizes
-from transfer.errors import DataError
 from transfer.images import MARKERS, Undecodable
 from transfer.registry import Registry
 
@@ -45,7 +45,8 @@ class Splits:
     # Why scores on these splits cannot stand next to published numbers (a subset, other split sizes);
     # the adapter records them as results.json extra.not_comparable.
     not_comparable: list[str] = field(default_factory=list)
-    source_id: str = ""  # digest of the data read (sources.Source.identity): part of the feature cache key
+    # digest of the data read (transfer.image_sources.Source.identity): part of the feature cache key
+    source_id: str = ""
     label_column: str = ""  # where the labels came from: part of the feature cache key
     skipped_examples: list[str] = field(default_factory=list)  # names of a few images the scan skipped
 
@@ -195,9 +196,9 @@ def build_from_spec(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Splits:
 def _read(spec: DatasetSpec, cfg: ClassificationTaskConfig) -> Source:
     """The data set's official release layout when ``task.data_dir`` holds it, else a generic layout or the Hub.
 
-    Every local copy, whatever its layout, leaves through :func:`sources.with_local_identity`: the feature cache
-    key covers every file read. A folder in no layout is refused naming what it holds: part of this data set's
-    official layout (the files missing), or another data set's official layout (``did you mean task=X``).
+    Every local copy, whatever its layout, leaves through :func:`transfer.image_sources.with_local_identity`: the
+    feature cache key covers every file read. A folder in no layout is refused naming what it holds: part of this
+    data set's official layout (the files missing), or another data set's official layout (``did you mean task=X``).
     """
     root = Path(cfg.data_dir).expanduser() if cfg.data_dir else None
     official = spec.official

@@ -33,11 +33,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from tasks.classification.rows import CHUNK_ROWS, Part, Rows
-from tasks.classification.sources import item_ids
 from transfer.backbones import Backbone
 from transfer.errors import TransferError
+from transfer.image_sources import item_ids
 from transfer.images import collate_images, unpack
 from transfer.io import remove_orphan_temporaries
+from transfer.loaders import build_loader
 from transfer.weights import write_safetensors
 
 log = logging.getLogger(__name__)
@@ -170,8 +171,8 @@ def extract(backbone: Backbone, dataset: Dataset, *, batch_size: int, num_worker
     backbone.eval().to(device)
     if channels_last:
         backbone.to(memory_format=torch.channels_last)
-    loader = DataLoader(_Positions(dataset), batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                        pin_memory=device.type == "cuda", persistent_workers=False, collate_fn=collate_images)
+    loader = build_loader(_Positions(dataset), batch_size=batch_size, num_workers=num_workers, train=False,
+                          device=device, collate_fn=collate_images)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     feats, tags, bad = [], [], []
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
@@ -337,9 +338,9 @@ class ShardExtraction(L.LightningModule):
                      len(self.ranges), self.reused, self.trainer.world_size)
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(_Batches(self.dataset, [p[1] for p in self._plan]), batch_size=None, shuffle=False,
-                          num_workers=self.num_workers, collate_fn=_identity,
-                          pin_memory=self.trainer.strategy.root_device.type == "cuda")
+        return build_loader(_Batches(self.dataset, [p[1] for p in self._plan]), batch_size=None, train=False,
+                            num_workers=self.num_workers, collate_fn=_identity,
+                            device=self.trainer.strategy.root_device)
 
     def predict_step(self, batch, batch_idx: int) -> None:
         images, tags, undecodable = unpack(batch)  # tags (B, 2): label, position

@@ -15,14 +15,15 @@ import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from tasks.classification.metrics import classification_metrics
 from tasks.classification.protocols import FinetuneProtocolConfig
 from transfer.backbones import Backbone
 from transfer.images import PaddedToRanks, collate_images, gather_names, unpack
-from transfer.optim import sgd_warmup_cosine
+from transfer.loaders import build_loader
+from transfer.optim import epoch_schedule, sgd_warmup_cosine
 
 
 class FinetuneModule(L.LightningModule):
@@ -118,8 +119,9 @@ class FinetuneModule(L.LightningModule):
 
     def configure_optimizers(self):
         p = self.protocol
-        return sgd_warmup_cosine(self, self.trainer, lr=p.lr, weight_decay=p.weight_decay, momentum=p.momentum,
-                                 nesterov=p.nesterov, warmup_epochs=p.warmup_epochs)
+        total, warmup = epoch_schedule(self.trainer, p.warmup_epochs)
+        return sgd_warmup_cosine(self, lr=p.lr, weight_decay=p.weight_decay, momentum=p.momentum,
+                                 nesterov=p.nesterov, total_steps=total, warmup_steps=warmup)
 
 
 class ClassificationData(L.LightningDataModule):
@@ -139,17 +141,13 @@ class ClassificationData(L.LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         train = split == "train"
         data = self.sets[split] if train else PaddedToRanks(self.sets[split], self.ranks)
-        sampler = None
-        if not train and self.ranks > 1:
-            # The padded set divides evenly, so this sampler repeats no image. Giving it here (rather than
-            # letting Lightning add one) is also what keeps Lightning from warning that DistributedSampler
-            # "replicates some samples" during validate/test: here it replicates none.
-            sampler = DistributedSampler(data, num_replicas=self.ranks, rank=self.trainer.global_rank,
-                                         shuffle=False, drop_last=False)
-        return DataLoader(data, batch_size=self.batch_size if train else self.eval_batch_size,
-                          shuffle=train, drop_last=train and len(data) > self.batch_size, sampler=sampler,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), collate_fn=collate_images)
+        # The padded set divides evenly, so the shard's sampler repeats no image. Giving it here (rather than
+        # letting Lightning add one) is also what keeps Lightning from warning that DistributedSampler
+        # "replicates some samples" during validate/test: here it replicates none.
+        return build_loader(data, batch_size=self.batch_size if train else self.eval_batch_size,
+                            num_workers=self.num_workers, train=train, every_epoch=split != "test",
+                            collate_fn=collate_images,
+                            shard=None if train or self.ranks == 1 else (self.trainer.global_rank, self.ranks))
 
     def train_dataloader(self):
         return self._loader("train")

@@ -37,10 +37,10 @@ never downloads. Four are written here, each for a reason:
 - SUN397: torchvision's reader lists every image and knows no partition; the protocol uses split 1 of the
   official partitions (``Training_01.txt`` / ``Testing_01.txt``, 50 + 50 images per class; BYOL Table 10).
 
-Every reader ends as :class:`tasks.classification.sources.Source` splits named ``train`` / ``validation`` /
-``test``: image files go through :func:`tasks.classification.sources.scan_files` (unreadable or missing files are
+Every reader ends as :class:`transfer.image_sources.Source` splits named ``train`` / ``validation`` /
+``test``: image files go through :func:`transfer.image_sources.scan_files` (unreadable or missing files are
 skipped and counted like those of every other layout). Each reader declares in ``Source.files`` every file it read
-besides the images (split lists, label files, CIFAR's batch files); :func:`tasks.classification.sources.
+besides the images (split lists, label files, CIFAR's batch files); :func:`transfer.image_sources.
 with_local_identity`, which every local copy goes through, digests those and every image file into the source's
 ``identity`` (part of the feature cache key).
 """
@@ -58,8 +58,8 @@ import numpy as np
 from torchvision.datasets import CIFAR10, CIFAR100, DTD, FGVCAircraft, Flowers102, Food101, OxfordIIITPet
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from tasks.classification.sources import ArrayImages, Source, SourceSplit, scan_files
 from transfer.errors import DataError
+from transfer.image_sources import ArrayImages, Source, SourceSplit, scan_files
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def _torchvision(cls: type, where: Path, what: str, fix: str, **kwargs):
 def _files_source(where: Path, splits: dict[str, tuple[list, list]], classes: list[str], what: str, *, scan: bool,
                   max_pixels: int | None, extra_files: list[Path]) -> Source:
     """Scan the image files of each split; ``extra_files`` (the split and label files read) go to ``Source.files``
-    for the identity (:func:`tasks.classification.sources.with_local_identity`)."""
+    for the identity (:func:`transfer.image_sources.with_local_identity`)."""
     out = {name: scan_files(files, labels, split=name, scan=scan, max_pixels=max_pixels)
            for name, (files, labels) in splits.items()}
     return Source(out, classes, f"{where} ({what})", files=list(extra_files))

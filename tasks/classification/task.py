@@ -29,7 +29,6 @@ from tasks.classification.linear import NEAR_TIE_MARGIN, fit_logistic, l2_grid, 
 from tasks.classification.metrics import SCORERS, classification_metrics
 from tasks.classification.protocols import PROTOCOLS, FinetuneProtocolConfig
 from tasks.classification.rows import concat
-from tasks.classification.sources import check_damage, items_digest, labels_of
 from transfer.backbones import Backbone, build_backbone_from_config
 from transfer.engine import (
     autocast_dtype,
@@ -37,9 +36,9 @@ from transfer.engine import (
     progress_of,
     resolve_accelerator,
     resume_path,
-    seed_everything,
 )
 from transfer.errors import ConfigError
+from transfer.image_sources import check_damage, items_digest, labels_of
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,6 @@ def finetune_input(cfg, backbone: Backbone) -> tuple[int, float, str]:
 
 def _build(ctx: RunContext) -> tuple[Backbone, Splits, int]:
     cfg = ctx.cfg
-    seed_everything(cfg.trainer)
     splits = DATASETS.get(cfg.task.dataset)(cfg.task)  # data first: a missing data set fails before model work
     backbone = _backbone(ctx)
     paper = preprocess_of(cfg) == "paper"

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from transfer.data_settings import check_data_settings, local_data_dir
 from transfer.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -101,19 +103,13 @@ class DepthTaskConfig:
         if len(self.decoder_channels) < 2 or min(self.decoder_channels) < 1:
             raise ConfigError(f"task.decoder_channels={self.decoder_channels}: the 1x1 projection's width, then one "
                               "width per up-projection block (at least one).")
-        if not 0 <= self.max_bad_fraction < 1:
-            raise ConfigError(f"task.max_bad_fraction={self.max_bad_fraction} must be in [0, 1).")
-        if self.limit_per_split is not None and self.limit_per_split < 1:
-            raise ConfigError(f"task.limit_per_split={self.limit_per_split} must be at least 1 (or null for all).")
+        check_data_settings(max_bad_fraction=self.max_bad_fraction, limit_per_split=self.limit_per_split)
 
 
 def data_root(task: DepthTaskConfig) -> Path:
     from tasks.depth.data import NYU_LAYOUT
 
-    if not task.data_dir:
-        raise ConfigError(f"task {task.name!r} needs task.data_dir=PATH, a local NYU Depth v2 copy laid out as:\n"
-                          f"{NYU_LAYOUT}")
-    return Path(os.path.expanduser(task.data_dir))
+    return local_data_dir(task.data_dir, task=task.name, copy="NYU Depth v2", tree=NYU_LAYOUT)
 
 
 def check(cfg: RunConfig) -> None:

@@ -11,10 +11,12 @@ from torch.utils.data import DataLoader, Dataset
 from tasks.depth.config import DepthOptimConfig, DepthTaskConfig
 from tasks.depth.metrics import METRIC_NAMES, berhu_loss, depth_errors, eval_mask
 from tasks.depth.model import DepthModel
-from transfer.optim import param_groups, warmup_cosine
+from transfer.loaders import build_loader
+from transfer.optim import sgd_warmup_cosine
+from transfer.train_failures import CountsTrainFailures, TrainFailures
 
 
-class DepthModule(L.LightningModule):
+class DepthModule(CountsTrainFailures, L.LightningModule):
     """Trains :class:`DepthModel` with the berHu loss; tests with per-frame errors keyed by frame index.
 
     Test errors land in a (frames, metrics + 1) table summed over processes, so frames that a
@@ -23,17 +25,16 @@ class DepthModule(L.LightningModule):
     DDP ranks) runs after every epoch and at the end of training and raises when they are too many.
     """
 
+    failures_checkpoint_key = "depth_decode_failures"
+
     def __init__(self, model: DepthModel, task: DepthTaskConfig, *, test_frames: int, global_batch: int,
                  total_steps: int, train_frames: int = 0,
                  check_train: Callable[[list[int]], None] = lambda failed: None):
         super().__init__()
         self.model, self.task, self.optim = model, task, task.optim
         self.test_frames, self.global_batch, self.total_steps = test_frames, global_batch, total_steps
-        self.check_train = check_train
-        self.train_failed = torch.zeros(train_frames, dtype=torch.bool)  # this rank's, over all epochs
-        self.skipped_train = 0  # this rank's skipped reads (a frame fails once per epoch)
-        self.totals = {"train/skipped_frames": 0, "train/frames_failed_decode": 0}
-        self._failed_so_far: list[int] = []
+        self.failures = TrainFailures(train_frames, skipped_key="train/skipped_frames",
+                                      failed_key="train/frames_failed_decode", check=check_train)
         # Batches that reached the loss, this rank's and (after training) all ranks' in this process; Lightning
         # advances global_step even when every batch of a step was empty.
         self.trained_batches, self.trained_total, self.start_step = 0, 0, 0
@@ -45,9 +46,7 @@ class DepthModule(L.LightningModule):
         return self.model(x)  # (B, 3, H, W) -> (B, 1, H, W) metres
 
     def training_step(self, batch, batch_idx):
-        failed = batch["failed"]
-        self.train_failed[failed.cpu()] = True
-        self.skipped_train += len(failed)
+        self.failures.add(batch["failed"])
         if "image" not in batch:  # every frame of this batch failed to decode
             return None
         self.trained_batches += 1
@@ -58,38 +57,12 @@ class DepthModule(L.LightningModule):
                  batch_size=len(gt))
         return loss
 
-    def _sum(self, t: torch.Tensor) -> torch.Tensor:
-        return self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum")
-
-    def _reduce_train(self) -> list[int]:
-        failed = (self._sum(self.train_failed.to(torch.int32)) > 0).nonzero().flatten().tolist()
-        self.totals = {"train/skipped_frames": int(self._sum(torch.tensor(self.skipped_train))),
-                       "train/frames_failed_decode": len(failed)}
-        return failed
-
-    def on_train_epoch_end(self) -> None:
-        self._failed_so_far = self._reduce_train()
-        self.check_train(self._failed_so_far)
-
     def on_train_start(self) -> None:
         self.start_step = self.trainer.global_step  # > 0 when resumed
 
     def on_train_end(self) -> None:
-        self.check_train(self._reduce_train())
-        self.trained_total = int(self._sum(torch.tensor(self.trained_batches)))
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The counts of every rank, as of the last epoch end: a resumed run keeps counting from them.
-        checkpoint["depth_decode_failures"] = {"train_failed": self._failed_so_far,
-                                               "skipped_frames": self.totals["train/skipped_frames"]}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("depth_decode_failures")
-        if saved:
-            self.train_failed[saved["train_failed"]] = True  # a union: the same on every rank
-            trainer = getattr(self, "_trainer", None)
-            if trainer is None or trainer.global_rank == 0:  # a sum: counted once
-                self.skipped_train = int(saved["skipped_frames"])
+        super().on_train_end()
+        self.trained_total = int(self.sum_ranks(torch.tensor(self.trained_batches)))
 
     def on_test_epoch_start(self) -> None:
         self.table = torch.zeros(self.test_frames, len(METRIC_NAMES) + 2, dtype=torch.float64, device=self.device)
@@ -122,12 +95,8 @@ class DepthModule(L.LightningModule):
     def configure_optimizers(self):
         o: DepthOptimConfig = self.optim
         lr = o.lr * self.global_batch / o.lr_reference_batch  # linear scaling (BYOL App. D.6 scaled FCRN's so)
-        opt = torch.optim.SGD(param_groups(self, o.weight_decay), lr=lr, momentum=o.momentum,
-                              nesterov=o.nesterov and o.momentum > 0)
-        warmup = min(self.total_steps - 1, round(o.warmup_fraction * self.total_steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_cosine(step, warmup=warmup, total=self.total_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return sgd_warmup_cosine(self, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum, nesterov=o.nesterov,
+                                 total_steps=self.total_steps, warmup_steps=round(o.warmup_fraction * self.total_steps))
 
 
 class DepthData(L.LightningDataModule):
@@ -139,11 +108,8 @@ class DepthData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         from tasks.depth.data import collate_counting
 
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          drop_last=len(self.train_set) > self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, collate_fn=collate_counting,
-                          pin_memory=torch.cuda.is_available())
+        return build_loader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers, train=True,
+                            collate_fn=collate_counting)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available())
+        return build_loader(self.test_set, batch_size=self.eval_batch_size, num_workers=self.num_workers, train=False)

@@ -9,7 +9,7 @@ from tasks.depth.metrics import EIGEN_CROP, LOWER_IS_BETTER, METRIC_NAMES
 from tasks.depth.model import DepthModel
 from tasks.depth.module import DepthData, DepthModule
 from transfer.backbones import build_backbone_from_config
-from transfer.engine import build_trainer, progress_of, resume_path, seed_everything
+from transfer.engine import build_trainer, progress_of, resume_path
 from transfer.errors import DataError, TransferError
 from transfer.protocols import FrozenProtocolConfig, RecipeFinetuneProtocolConfig
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput, attach_output
@@ -74,7 +74,6 @@ def run(ctx: RunContext) -> TaskOutput:
 
 def _run(ctx: RunContext, seen: dict) -> TaskOutput:
     cfg, task = ctx.cfg, ctx.cfg.task
-    seed_everything(cfg.trainer)
     reader, train, test = load_splits(task, data_root(task))  # data first: a missing copy fails before model work
     seen.update(train=train, test=test)
     backbone = build_backbone_from_config(cfg.backbone)

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from xml.etree import ElementTree
 
-from transfer.errors import ConfigError, DataError
+from transfer.data_settings import local_data_dir
+from transfer.errors import DataError
 from transfer.registry import Registry
 
 if TYPE_CHECKING:
@@ -263,11 +264,8 @@ class PreparedData:
 
 
 def data_root(task: DetectionTaskConfig) -> Path:
-    if not task.data_dir:
-        layout = LAYOUTS.get(task.dataset)
-        raise ConfigError(f"task {task.name!r} needs task.data_dir=PATH, a local {layout.name} copy laid out as:\n"
-                          f"{layout.tree}")
-    return Path(os.path.expanduser(task.data_dir))
+    layout = LAYOUTS.get(task.dataset)
+    return local_data_dir(task.data_dir, task=task.name, copy=layout.name, tree=layout.tree)
 
 
 def register_data(task: DetectionTaskConfig, exclude: Collection[str] = ()) -> DataSplits:

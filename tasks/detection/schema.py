@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.detection.data import LAYOUTS, check_data
+from transfer.data_settings import check_data_settings
 from transfer.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -110,8 +111,7 @@ class DetectionTaskConfig:
             value = getattr(self, key)
             if value is not None and value < 0:
                 raise ConfigError(f"task.{key}={value} must be >= 0.")
-        if not 0 <= self.max_bad_fraction < 1:
-            raise ConfigError(f"task.max_bad_fraction={self.max_bad_fraction} must be in [0, 1).")
+        check_data_settings(max_bad_fraction=self.max_bad_fraction)
         if len(self.opts) % 2:
             raise ConfigError(f"task.opts={self.opts} must be detectron2 KEY VALUE pairs (an even number of items).")
 

@@ -1,4 +1,5 @@
-"""ImageNet-1k validation images from a local copy: an ImageFolder tree or a Hugging Face copy.
+"""ImageNet-1k validation images from a local copy: an ImageFolder tree or a Hugging Face copy (read by the shared
+:mod:`transfer.image_sources`, as the classification data sets are).
 
 Class index = position of the WordNet id in the sorted list of the 1000 ILSVRC-2012 wnids, as in
 torchvision's ``ImageFolder`` over the full tree and in timm's ImageNet info; the Hugging Face
@@ -14,6 +15,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import ImageNetInfo
@@ -21,6 +23,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from transfer.errors import DataError
+from transfer.image_sources import HubRows, load_parquet_splits, parquet_splits, read_saved_dataset
 from transfer.images import TooLarge, Undecodable, load_image
 
 # The 1000 ILSVRC-2012 wnids in class-index order (timm ships the list: timm/data/_info/imagenet_synsets.txt).
@@ -55,26 +58,6 @@ class ImageNetFolder(ImageFolder):
     def __getitem__(self, i: int) -> tuple[torch.Tensor | Image.Image | Undecodable | TooLarge, int]:
         path, label = self.samples[i]
         return load_image(path, max_pixels=self.max_pixels, transform=self.transform), label
-
-
-class HFImages(Dataset):
-    """Items ``(image, label)`` of a Hugging Face image data set with ``image`` and ``label`` columns; the
-    image is an :class:`Undecodable` when its bytes do not decode."""
-
-    def __init__(self, ds, transform: Callable | None = None, max_pixels: int | None = None):
-        import datasets
-
-        self.ds = ds.cast_column("image", datasets.Image(decode=False))  # decoded here, failures counted
-        self.transform, self.max_pixels = transform, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | Image.Image | Undecodable | TooLarge, int]:
-        row = self.ds[i]
-        cell = row["image"]
-        name = f"row {i}" + (f" {cell['path']}" if cell.get("path") else "")
-        return load_image(cell, name=name, max_pixels=self.max_pixels, transform=self.transform), int(row["label"])
 
 
 def find_split_dir(data_dir: Path, split: str) -> Path | None:
@@ -136,13 +119,15 @@ def _hf(root: Path, split: str, transform: Callable | None) -> tuple[Dataset, di
     import datasets
 
     hf_split = HF_SPLITS.get(split, split)
-    if any(root.rglob("*.parquet")):
-        files = sorted(str(p) for p in root.rglob(f"{hf_split}-*.parquet"))
+    parquet = sorted(root.rglob("*.parquet"))
+    if parquet:
+        # Only this split's files are converted (a train copy beside them would be ~150 GB of arrow cache).
+        files = parquet_splits(parquet).get(hf_split)
         if not files:
             raise DataError(f"{root}: no {hf_split}-*.parquet file among the parquet files. Expected:\n{EXPECTED_TREE}")
-        ds = datasets.load_dataset("parquet", data_files={hf_split: files}, split=hf_split)
+        ds = load_parquet_splits(root, {hf_split: files}, EXPECTED_TREE)[hf_split]
     else:
-        loaded = datasets.load_from_disk(str(root))
+        loaded = read_saved_dataset(root)
         if isinstance(loaded, datasets.DatasetDict):
             if hf_split not in loaded:
                 raise DataError(f"{root}: the Hugging Face copy has splits {list(loaded)}, not {hf_split!r}.")
@@ -155,4 +140,7 @@ def _hf(root: Path, split: str, transform: Callable | None) -> tuple[Dataset, di
     if all(WNID_RE.match(n) for n in label.names) and tuple(label.names) != WNIDS:
         raise DataError(f"{root}: the label names are wnids in an order other than the sorted ImageNet-1k "
                         "order, so label indices would not match the classifier.")
-    return HFImages(ds, transform), {"images": len(ds), "classes": label.num_classes}
+    raw = ds.cast_column("image", datasets.Image(decode=False))  # decoded by HubRows, failures counted
+    rows = HubRows(raw, "image", range(len(raw)), np.asarray(raw["label"], dtype=np.int64), split=hf_split,
+                   transform=transform)
+    return rows, {"images": len(ds), "classes": label.num_classes}

@@ -18,14 +18,15 @@ from typing import ClassVar
 import lightning as L
 import torch
 from timm.data import create_transform
-from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from tasks.imagenet.data import EXPECTED_TREE, WNIDS, build_imagenet
 from transfer.backbones import BACKBONES, build_backbone_from_config
-from transfer.engine import build_trainer, seed_everything
+from transfer.data_settings import check_data_settings
+from transfer.engine import build_trainer
 from transfer.errors import ConfigError, DataError, WeightsError
 from transfer.images import PaddedToRanks, collate_images, gather_names, unpack
+from transfer.loaders import build_loader
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
 
 SPLITS = ("val", "train")
@@ -55,8 +56,7 @@ class ImageNetTaskConfig:
             raise ConfigError(f"task.split={self.split!r}; valid: {', '.join(SPLITS)}.")
         if self.resolution is not None and self.resolution < 32:
             raise ConfigError(f"task.resolution={self.resolution} is too small; use 32 or more, or leave it unset.")
-        if not 0 <= self.max_bad_fraction < 1:
-            raise ConfigError(f"task.max_bad_fraction={self.max_bad_fraction} must be in [0, 1).")
+        check_data_settings(max_bad_fraction=self.max_bad_fraction)
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             raise ConfigError(f"task.max_image_pixels={self.max_image_pixels} must be a positive pixel count, "
                               "or null for Pillow's limit.")
@@ -102,7 +102,6 @@ class ClassifierEval(L.LightningModule):
 
 def run(ctx: RunContext) -> TaskOutput:
     cfg, task = ctx.cfg, ctx.cfg.task
-    seed_everything(cfg.trainer)
     dataset, counts = build_imagenet(task.data_dir, split=task.split, allow_partial=task.allow_partial,
                                      max_pixels=task.max_image_pixels)
     try:
@@ -116,9 +115,9 @@ def run(ctx: RunContext) -> TaskOutput:
     dataset.transform = create_transform(**data_config, is_training=False)
     module = ClassifierEval(backbone, task.split)
     trainer = build_trainer(ctx)
-    loader = DataLoader(PaddedToRanks(dataset, trainer.world_size), batch_size=cfg.trainer.eval_batch_size,
-                        num_workers=cfg.trainer.num_workers, shuffle=False, pin_memory=torch.cuda.is_available(),
-                        collate_fn=collate_images)
+    # Padded to the world size: the sampler Lightning adds repeats no image.
+    loader = build_loader(PaddedToRanks(dataset, trainer.world_size), batch_size=cfg.trainer.eval_batch_size,
+                          num_workers=cfg.trainer.num_workers, train=False, collate_fn=collate_images)
     tested = trainer.test(module, dataloaders=loader, verbose=False)
     _check_damage(module.undecodable, len(dataset), task)
     counts.update(undecodable_images=len(module.undecodable), images_scored=module.scored)

@@ -7,12 +7,12 @@ inside :func:`build_segmentation_config`.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.segmentation.data import LAYOUTS
+from transfer.data_settings import check_data_settings, local_data_dir
 from transfer.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -116,20 +116,14 @@ class SegmentationTaskConfig:
         if self.head_norm == "GN" and self.conv_dims % 32:
             raise ConfigError(f"task.conv_dims={self.conv_dims} must be a multiple of 32 with task.head_norm=GN "
                               "(detectron2's GroupNorm has 32 groups).")
-        if not 0 <= self.max_bad_fraction < 1:
-            raise ConfigError(f"task.max_bad_fraction={self.max_bad_fraction} must be in [0, 1).")
-        if self.limit_per_split is not None and self.limit_per_split < 1:
-            raise ConfigError(f"task.limit_per_split={self.limit_per_split} must be at least 1 (or null for all).")
+        check_data_settings(max_bad_fraction=self.max_bad_fraction, limit_per_split=self.limit_per_split)
         if len(self.opts) % 2:
             raise ConfigError(f"task.opts={self.opts} must be detectron2 KEY VALUE pairs (an even number of items).")
 
 
 def data_root(task: SegmentationTaskConfig) -> Path:
-    if not task.data_dir:
-        layout = LAYOUTS.get(task.dataset)
-        raise ConfigError(f"task {task.name!r} needs task.data_dir=PATH, a local {layout.name} copy laid out as:\n"
-                          f"{layout.tree}")
-    return Path(os.path.expanduser(task.data_dir))
+    layout = LAYOUTS.get(task.dataset)
+    return local_data_dir(task.data_dir, task=task.name, copy=layout.name, tree=layout.tree)
 
 
 def check(cfg: RunConfig) -> None:

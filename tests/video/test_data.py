@@ -195,12 +195,13 @@ def test_decode_failure_counts_survive_a_checkpoint():
                            global_batch=2, check_train=lambda failed: None)
 
     before = module()
-    before._failed_so_far, before.totals["train/skipped_clips"] = [1, 3], 4
+    before.failures.add(torch.tensor([1, 3, 3, 1]))
+    before.failures.epoch_end(lambda t: t)
     checkpoint = {}
     before.on_save_checkpoint(checkpoint)
     after = module()
     after.on_load_checkpoint(checkpoint)
-    assert after.train_failed.nonzero().flatten().tolist() == [1, 3] and after.skipped_clips == 4
+    assert after.failures.failed.nonzero().flatten().tolist() == [1, 3] and after.failures.skipped == 4
     # Model Garden's EMA warm-up: 0.1 at the first update, the set decay once (1 + n) / (10 + n) exceeds it.
     assert ema_decay_at(0.9999, 0.0, True) == pytest.approx(0.1) and ema_decay_at(0.9999, 1e6, True) == 0.9999
     assert ema_decay_at(0.9999, 0.0, False) == 0.9999

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from video.data import ClipSpec, Failure, TrainClips
+from video.data import ClipSpec, Failure, TrainClips, collate_skipping
 from video.decode import check_video, probe, read_clip, scan_video
-from video.multiview import MultiViewClips
+from video.multiview import MultiViewClips, collate_views
 from video.synthetic import write_video
 
 W, H = 64, 48
@@ -125,6 +125,10 @@ def test_scan_and_loaders_refuse_the_same_files(tmp_path, kind):
     assert isinstance(train[0], Failure) and train[0].index == 0
     test = MultiViewClips([(str(path), 0)], spec, transform=lambda x: x, clips=2)
     assert isinstance(test[1], Failure)
+    # one read-or-skip path: the same reason, and each failed clip counted once against its video, in both loaders
+    assert test[1].reason == train[0].reason
+    assert collate_skipping([train[0]])["failed"].tolist() == [0]
+    assert collate_views([test[0], test[1]])["failed"].tolist() == [0, 0]
     if kind == "jpeg named .mp4":
         assert "still image" in reason
 

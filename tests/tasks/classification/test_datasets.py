@@ -10,8 +10,8 @@ from PIL import Image
 
 from tasks.classification.config import ClassificationTaskConfig
 from tasks.classification.datasets import DATASETS, SPECS, limit
-from tasks.classification.sources import ArrayImages, labels_of
 from transfer.errors import DataError
+from transfer.image_sources import ArrayImages, labels_of
 
 # Mirrors conftest.py: 3 classes, 6 train and 3 test images per class, one corrupt train image.
 CLASSES = ["apple", "bear", "cloud"]

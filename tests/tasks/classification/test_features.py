@@ -23,11 +23,11 @@ from tasks.classification.features import (
     read_cache,
     write_cache,
 )
-from tasks.classification.sources import FileImages
 from tasks.classification.task import eval_transform, feature_key, preprocess_of
 from transfer.backbones import build_backbone
 from transfer.config import compose, validate
 from transfer.errors import TransferError
+from transfer.image_sources import FileImages
 from transfer.run import main as run_main
 from transfer.tasks import RunContext
 

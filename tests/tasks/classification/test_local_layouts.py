@@ -16,8 +16,8 @@ from local_copies import ARRAYS, GENERIC, OFFICIAL, write_flowers
 
 from tasks.classification.config import ClassificationTaskConfig
 from tasks.classification.datasets import SPECS, build_from_spec
-from tasks.classification.sources import accepted_layouts, image_files
 from transfer.errors import DataError
+from transfer.image_sources import accepted_layouts, image_files
 from transfer.images import TooLarge
 
 LAYOUTS = {**{f"generic:{k}": v for k, v in GENERIC.items()},

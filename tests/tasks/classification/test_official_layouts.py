@@ -22,8 +22,8 @@ from official_copies import CALTECH, WRITERS, Written, cifar_pixels, write_cars,
 from tasks.classification.config import ClassificationTaskConfig
 from tasks.classification.datasets import DATASETS, SPECS, build_from_spec
 from tasks.classification.official import OFFICIAL_LAYOUTS
-from tasks.classification.sources import FileImages, item_ids, with_local_identity
 from transfer.errors import DataError
+from transfer.image_sources import FileImages, item_ids, with_local_identity
 from transfer.run import main as run_main
 
 LAYOUTS = sorted(WRITERS)

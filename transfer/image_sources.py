@@ -1,5 +1,7 @@
-"""Reading a classification data set: a Hugging Face Hub id, or a local copy in one of three generic layouts
-(a data set's official release layout is read by :mod:`tasks.classification.official`).
+"""Reading a labelled image data set: a Hugging Face Hub id, or a local copy in one of three generic layouts (a
+``datasets.save_to_disk`` folder, Hub-style parquet files, an ImageFolder tree). Shared by the classification
+adapter (which adds each data set's official release layouts) and the ImageNet weight check (which reads its
+Hugging Face copy through :func:`read_saved_dataset`, :func:`load_parquet_splits` and :class:`HubRows`).
 
 Every layout ends as named source splits (``train``, ``validation``, ``test`` …) of ``(PIL image, label)``
 items, after a scan that skips unreadable images and counts them. The scan only parses image headers
@@ -11,16 +13,16 @@ image is decoded by :func:`transfer.images.decode_image` (every Pillow mode to 8
 Each :class:`Source` also carries ``identity``, a digest of the data it was read from (the files' names,
 sizes and modification times for a local copy, the ``datasets`` fingerprints for a Hub copy), which the
 feature cache key includes. For a local copy it is computed in one place, :func:`with_local_identity`, which
-every local layout goes through (``datasets.build_from_spec``): it digests every image file the splits read
-(:class:`FileImages`) and every other file the reader declares in ``Source.files`` (split lists, label files,
-arrays), so a layout cannot leave an edited file out of the key.
+every local layout goes through (the classification adapter's ``build_from_spec``): it digests every image file
+the splits read (:class:`FileImages`) and every other file the reader declares in ``Source.files`` (split lists,
+label files, arrays), so a layout cannot leave an edited file out of the key.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,11 +61,16 @@ class Source:
 
 
 class HubRows(Dataset):
-    """Rows ``indices`` of a Hugging Face data set as ``(RGB PIL image, label)``, or ``(Undecodable, label)``."""
+    """Rows ``indices`` of a Hugging Face data set as ``(RGB PIL image, label)``, or ``(Undecodable, label)``.
+
+    ``ds`` has its image column cast to ``datasets.Image(decode=False)``: images decode here, so a failure is an
+    item, not an exception. ``transform`` (optional) is applied to each decoded image.
+    """
 
     def __init__(self, ds, image_column: str, indices: Sequence[int], labels: np.ndarray, *, split: str,
-                 max_pixels: int | None = None):
+                 max_pixels: int | None = None, transform: Callable | None = None):
         self.ds, self.image_column, self.split, self.max_pixels = ds, image_column, split, max_pixels
+        self.transform = transform
         self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)  # (N,) of the rows kept, in order
         self.item_ids = [f"{split}[{i}]" for i in self.indices]
@@ -75,7 +82,7 @@ class HubRows(Dataset):
         row = int(self.indices[i])
         cell = self.ds[row][self.image_column]
         name = f"{self.split}[{row}]" + (f" {cell['path']}" if isinstance(cell, dict) and cell.get("path") else "")
-        return load_image(cell, name=name, max_pixels=self.max_pixels), int(self.labels[i])
+        return load_image(cell, name=name, max_pixels=self.max_pixels, transform=self.transform), int(self.labels[i])
 
 
 class FileImages(Dataset):
@@ -264,8 +271,8 @@ def load_source(*, data_dir: str | None, hub_id: str | None, image_column: str, 
                             identity)
         parquet = sorted(root.rglob("*.parquet"))
         if parquet:
-            return _from_hf(_load_parquet(root, parquet, layouts), image_column, label_column, str(root), scan,
-                            max_pixels, files_identity(root, parquet))
+            return _from_hf(load_parquet_splits(root, parquet_splits(parquet), layouts), image_column, label_column,
+                            str(root), scan, max_pixels, files_identity(root, parquet))
         if (root / "train").is_dir():
             return _from_folders(root, scan, max_pixels, layouts)
         found = sorted(p.name for p in root.iterdir())[:10]
@@ -283,21 +290,35 @@ def _is_saved_dataset(root: Path) -> bool:
     return any((root / f).exists() for f in ("dataset_dict.json", "state.json"))
 
 
+def read_saved_dataset(root: Path):
+    """A ``datasets.save_to_disk`` folder as saved: a ``DatasetDict``, or one ``Dataset``."""
+    import datasets
+
+    return datasets.load_from_disk(str(root))
+
+
 def _load_from_disk(root: Path):
     import datasets
 
-    loaded = datasets.load_from_disk(str(root))
+    loaded = read_saved_dataset(root)
     return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
 
 
-def _load_parquet(root: Path, files: list[Path], layouts: str):
-    import datasets
-
+def parquet_splits(files: Iterable[Path]) -> dict[str, list[str]]:
+    """Parquet files grouped by split, as the Hub names them: ``<split>-00000-of-00001.parquet``, or files in a
+    folder named after the split."""
     by_split: dict[str, list[str]] = {}
     for f in files:
-        # Hub layout: <split>-00000-of-00001.parquet, or a folder named after the split.
         split = f.name.split("-")[0] if "-" in f.name else f.parent.name
         by_split.setdefault(split, []).append(str(f))
+    return by_split
+
+
+def load_parquet_splits(root: Path, by_split: dict[str, list[str]], layouts: str):
+    """``datasets.DatasetDict`` of the parquet files ``by_split`` (only the splits given are converted); a damaged
+    file raises :class:`DataError` naming ``root`` and the ``layouts`` accepted."""
+    import datasets
+
     try:
         return datasets.load_dataset("parquet", data_files=by_split)
     except Exception as e:  # noqa: BLE001 - arrow/parquet raise many types for a damaged file

@@ -1,8 +1,6 @@
 """Typed settings of a monocular-depth recipe (``task=nyu_depth``) and the checks that need no data."""
 from __future__ import annotations
 
-import os
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING

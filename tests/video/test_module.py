@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from video.config import VideoOptimSettings
+from video.config import VideoFinetuneProtocolConfig
 from video.module import VideoModule, WarmupEMA, ema_decay_at
 
-# The 3D ResNet-RS recipe's values (recipes/task/kinetics400.yaml): SGD 0.8 at a global batch of 1024, momentum
-# 0.9 Nesterov, weight decay 4e-5, 5 warm-up epochs, label smoothing 0.1.
-RECIPE = VideoOptimSettings(lr=0.8, lr_reference_batch=1024, weight_decay=4e-5, momentum=0.9, nesterov=True,
-                            warmup_epochs=5.0, label_smoothing=0.1)
+# The 3D ResNet-RS recipe's values (video/config.py, VideoFinetuneProtocolConfig): SGD 0.8 at a global batch of
+# 1024, momentum 0.9 Nesterov, weight decay 4e-5, 5 warm-up epochs, label smoothing 0.1.
+RECIPE = VideoFinetuneProtocolConfig(lr=0.8, lr_reference_batch=1024, weight_decay=4e-5, momentum=0.9,
+                                     nesterov=True, warmup_epochs=5.0, label_smoothing=0.1)
 
 
 class TinyVideo(nn.Module):
@@ -31,7 +31,7 @@ class TinyVideo(nn.Module):
         return self.head(self.bn(self.conv(x)).mean((2, 3, 4)))
 
 
-def _module(optim: VideoOptimSettings = RECIPE, *, global_batch: int = 64, steps: int = 100, epochs: int = 10):
+def _module(optim: VideoFinetuneProtocolConfig = RECIPE, *, global_batch: int = 64, steps: int = 100, epochs: int = 10):
     torch.manual_seed(0)
     module = VideoModule(TinyVideo(), optim, eval_labels=[0, 1], train_videos=8, global_batch=global_batch,
                          check_train=lambda failed: None)
@@ -76,7 +76,7 @@ def test_warmup_over_the_recipe_epochs_then_cosine_to_zero_per_step():
 
 
 def test_the_training_loss_is_label_smoothed_cross_entropy(monkeypatch):
-    module = _module(VideoOptimSettings(label_smoothing=0.3))
+    module = _module(VideoFinetuneProtocolConfig(label_smoothing=0.3))
     monkeypatch.setattr(module, "log", lambda *a, **k: None)
     batch = {"video": torch.randn(4, 3, 2, 4, 4), "label": torch.tensor([0, 1, 2, 1]),
              "failed": torch.tensor([5], dtype=torch.long)}

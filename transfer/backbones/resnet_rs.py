@@ -2,9 +2,9 @@
 checkpoints as ``rs{depth}_i{res}``.
 
 timm ports one checkpoint per depth (its file names say which: rs101_i192_ema, rs152_i256_ema, ...;
-``default_cfgs`` in timm/models/resnet.py), so those seven ``rs{depth}_i{res}`` entries download timm's port, like their ``rs{depth}``
-alias; the other four exist only as TF1 tarballs. Every ``rs{depth}_i{res}`` entry converts an official tarball,
-folder or ``.index`` file on first use (``backbone.weights=/path/resnet-rs-152-i192.tar.gz``).
+``default_cfgs`` in timm/models/resnet.py), so those seven ``rs{depth}_i{res}`` entries download timm's port, like
+their ``rs{depth}`` alias; the other four exist only as TF1 tarballs. Every ``rs{depth}_i{res}`` entry converts an
+official tarball, folder or ``.index`` file on first use (``backbone.weights=/path/resnet-rs-152-i192.tar.gz``).
 """
 from __future__ import annotations
 

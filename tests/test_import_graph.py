@@ -1,5 +1,7 @@
-"""No import cycle inside ``transfer/``: the graph of import-time imports is acyclic, and every module imports
-first in a fresh interpreter (a cycle shows there as an ImportError on a partly initialised module)."""
+"""No import cycle inside ``transfer/``: the graph of imports is acyclic — import-time ones, and also those deferred
+into functions (a cycle hidden that way is still two modules that cannot be understood apart) — and every module
+imports first in a fresh interpreter (a cycle shows there as an ImportError on a partly initialised module).
+Type-only imports (``if TYPE_CHECKING:``) are no edge."""
 from __future__ import annotations
 
 import ast
@@ -7,6 +9,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "transfer"
@@ -23,24 +27,25 @@ def module_files(package: str = PACKAGE) -> dict[str, Path]:
     return out
 
 
-def _import_time_nodes(body: list[ast.stmt]):
-    """Import statements that run when the module is imported: not inside functions, nor under
-    ``if TYPE_CHECKING:`` (type-only)."""
+def _import_time_nodes(body: list[ast.stmt], *, deferred: bool = False):
+    """Import statements that run when the module is imported (with ``deferred``, also those inside functions and
+    classes' methods); never those under ``if TYPE_CHECKING:`` (type-only)."""
     for node in body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            continue
+            if deferred:
+                yield from _import_time_nodes(node.body, deferred=deferred)
         elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            yield from _import_time_nodes(node.orelse)
+            yield from _import_time_nodes(node.orelse, deferred=deferred)
         else:
             for field in ("body", "orelse", "finalbody", "handlers"):
-                yield from _import_time_nodes(getattr(node, field, []) or [])
+                yield from _import_time_nodes(getattr(node, field, []) or [], deferred=deferred)
 
 
-def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
-    """Module -> the modules of ``modules`` it imports at import time (``from a.b import c`` is an edge to
-    ``a.b.c`` when that is a module, else to ``a.b``)."""
+def import_graph(modules: dict[str, Path], *, deferred: bool = False) -> dict[str, set[str]]:
+    """Module -> the modules of ``modules`` it imports at import time (with ``deferred``, also inside functions);
+    ``from a.b import c`` is an edge to ``a.b.c`` when that is a module, else to ``a.b``."""
 
     def owner(name: str) -> str | None:
         while name and name not in modules:
@@ -50,7 +55,7 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for module, path in modules.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        for node in _import_time_nodes(ast.parse(path.read_text(), str(path)).body):
+        for node in _import_time_nodes(ast.parse(path.read_text(), str(path)).body, deferred=deferred):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             else:
@@ -98,12 +103,14 @@ def test_graph_reads_type_only_and_function_imports_as_no_edge(tmp_path):
     path.write_text(src)
     modules = {"transfer.m": path, "transfer.weights": path, "transfer.config": path, "transfer.run": path}
     assert import_graph(modules)["transfer.m"] == {"transfer.weights"}
+    assert import_graph(modules, deferred=True)["transfer.m"] == {"transfer.weights", "transfer.run"}
 
 
-def test_no_import_cycle_inside_transfer():
+@pytest.mark.parametrize("deferred", [False, True], ids=["import-time", "with-deferred"])
+def test_no_import_cycle_inside_transfer(deferred):
     modules = module_files()
     assert "transfer.backbones.builder" in modules and "transfer.weights" in modules
-    cycle = find_cycle(import_graph(modules))
+    cycle = find_cycle(import_graph(modules, deferred=deferred))
     assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
 
 

@@ -37,7 +37,7 @@ from transfer.registry import UnknownNameError
 from transfer.results import RESULTS_FILE, read_results
 from transfer.suite import SuiteConfig, load_suite
 from transfer.suite_report import SuiteTable
-from transfer.tables import markdown_table
+from transfer.tables import html_table, markdown_table
 
 log = logging.getLogger("transfer.report")
 SUITE = "this suite"
@@ -267,23 +267,17 @@ def to_markdown(tasks: list[TaskComparison], charts: dict[str, Path], out_dir: P
     return "\n".join(parts) + "\n"
 
 
-def _html_table(head: list[str], rows: list[list[str]]) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def to_html(tasks: list[TaskComparison], charts: dict[str, Path], *, baselines: str | Path | None = None,
             suite: SuiteTable | None = None) -> str:
     """One self-contained page: styles inline and charts as data URIs, so it can be mailed or archived."""
     sections = [suite_report.to_html(suite, charts.get(suite_chart_key(suite)))] if suite is not None else []
-    sections.append(f"<h2>Backbones × tasks × protocols</h2>{_html_table(*overview_rows(tasks))}")
+    sections.append(f"<h2>Backbones × tasks × protocols</h2>{html_table(*overview_rows(tasks))}")
     for t in tasks:
         img = ""
         if t.task in charts:
             data = base64.b64encode(charts[t.task].read_bytes()).decode()
             img = f'<img alt="{html.escape(t.task)} chart" src="data:image/png;base64,{data}">'
-        sections.append(f"<h2>{html.escape(t.task)}</h2>{_html_table(*task_rows(t))}{img}")
+        sections.append(f"<h2>{html.escape(t.task)}</h2>{html_table(*task_rows(t))}{img}")
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
              "th,td{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}th{background:#f3f3f3}"
              "img{max-width:100%}")

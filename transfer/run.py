@@ -7,7 +7,6 @@ backbone(s) given: ``suite=resnet_rs_table5 -m backbone=rs50,resnet50 suite.data
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import signal
@@ -29,6 +28,7 @@ from transfer.results import build_results, format_metric, format_table, unscore
 from transfer.rundir import RESULTS_FILE, RUN_DIR_ENV, config_tree, open_run_dir, plan_run_dir
 from transfer.suite import requested as suite_requested
 from transfer.suite import run_suite
+from transfer.sweeps import expand_sweep, sweep_axes
 from transfer.tables import markdown_table
 from transfer.tasks import TASKS, RunContext
 from transfer.tracking import RunLogger, is_global_zero
@@ -164,25 +164,6 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
         os.environ.pop(RUN_DIR_ENV, None)
         record.close()
     return results
-
-
-def sweep_axes(overrides: list[str]) -> list[tuple[str, list[str]]]:
-    """``(key, values)`` of every override, ``values`` holding each comma-separated value (Hydra's sweep syntax)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as e:
-        raise ConfigError(f"cannot read the overrides {overrides}: {str(e).splitlines()[0]}") from None
-    return [(ov.get_key_element(), list(ov.sweep_string_iterator()) if ov.is_sweep_override()
-             else [ov.get_value_element_as_str()]) for ov in parsed]
-
-
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """Every combination of the comma-separated values in ``overrides`` (Hydra's sweep syntax)."""
-    axes = [[f"{key}={v}" for v in values] for key, values in sweep_axes(overrides)]
-    return [list(combo) for combo in itertools.product(*axes)]
 
 
 def check_sweep(jobs: list[list[str]]) -> None:

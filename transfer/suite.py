@@ -230,7 +230,7 @@ def column_data_dir(suite: SuiteConfig, col: SuiteColumn) -> str | None:
 
 def expand(request: SuiteRequest, *, multirun: bool) -> list[SuiteJob]:
     """One job per (sweep combination of the common overrides, column), backbone by backbone."""
-    from transfer.run import expand_sweep
+    from transfer.sweeps import expand_sweep
 
     combos = expand_sweep(request.common) if multirun else [request.common]
     # A run's label: its column, its backbone and whatever else the sweep varies (trainer.seed=1, ...).

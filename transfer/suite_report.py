@@ -18,7 +18,7 @@ from transfer.baselines import Baseline, baselines_for
 from transfer.compare import assess, baseline_protocol, describe_pretraining, lower_is_better
 from transfer.io import atomic_path
 from transfer.suite import SuiteColumn, SuiteConfig
-from transfer.tables import markdown_table
+from transfer.tables import html_table, markdown_table
 
 RUN, PUBLISHED = "this suite", "published"
 CONTEXT_MARK = "†"
@@ -187,14 +187,13 @@ def to_markdown(table: SuiteTable, chart: str | None) -> str:
 def to_html(table: SuiteTable, chart: Path | None) -> str:
     import base64
 
-    from transfer.report import _html_table
 
     img = ""
     if chart is not None:
         data = base64.b64encode(chart.read_bytes()).decode()
         img = f'<img alt="suite {html.escape(table.suite.name)} chart" src="data:image/png;base64,{data}">'
     items = "".join(f"<li>{html.escape(n)}</li>" for n in notes(table))
-    return (f"<h2>{html.escape(table.suite.title or table.suite.name)}</h2>{_html_table(*rows_of(table))}"
+    return (f"<h2>{html.escape(table.suite.title or table.suite.name)}</h2>{html_table(*rows_of(table))}"
             f"<ul>{items}</ul>{img}")
 
 

@@ -1,10 +1,12 @@
-"""The one markdown-table writer: reports, the run and sweep summaries, the benchmark sheets and bench scripts.
+"""The one markdown-table writer (and its HTML twin for the report page): reports, the run and sweep summaries,
+the benchmark sheets and bench scripts.
 
 A cell is written with ``str``; a ``|`` in it is escaped and a line break becomes a space, so a path, an error or a
 note can never split a row. ``align=True`` pads every column to its widest cell, for tables read in a terminal.
 """
 from __future__ import annotations
 
+import html
 from collections.abc import Iterable, Sequence
 
 
@@ -31,3 +33,10 @@ def markdown_table(head: Sequence[object], rows: Iterable[Sequence[object]], *, 
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     pad = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([pad(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(pad, rows)])
+
+
+def html_table(head: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
+    """``head`` and ``rows`` as an HTML ``<table>``, every cell escaped (the HTML report's tables)."""
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"

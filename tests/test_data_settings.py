@@ -21,11 +21,12 @@ def test_good_values_and_unset_keys_pass():
 
 
 @pytest.mark.parametrize("task", ["nyu_depth", "ade20k", "voc_detection", "kinetics400", "imagenet", "cifar100"])
-def test_each_task_config_uses_the_shared_check(task):
+def test_each_task_config_uses_the_shared_check(task, tmp_path):
     from transfer.config import compose, validate
 
+    # An existing (empty) folder: the value check, not a missing copy, is what must fail.
     with pytest.raises(ConfigError, match=r"task\.max_bad_fraction=1\.5 must be in \[0, 1\)"):
-        validate(compose([f"task={task}", "task.data_dir=/nowhere", "task.max_bad_fraction=1.5"]))
+        validate(compose([f"task={task}", f"task.data_dir={tmp_path}", "task.max_bad_fraction=1.5"]))
 
 
 def test_an_unset_data_dir_shows_the_layout(tmp_path):

@@ -464,9 +464,10 @@ def unknown_keys(schema: type, node: Any, where: str, *, other: tuple[str, list[
         if key not in fields:
             value = OmegaConf.to_container(node, resolve=False).get(key)
             shown = "null" if value is None else str(value)
+            valid = f" Valid keys of {where}: {', '.join(fields)}."
             if other is not None and key in other[1]:
-                raise ConfigError(f"{where}.{key} is not a key of {what or where}; the {other[0]} has "
-                                  f"{other[0]}.{key} ({other[0]}.{key}={shown}).")
+                raise ConfigError(f"unknown key '{where}.{key}': {where}.{key} is not a key of {what or where}; the "
+                                  f"{other[0]} has {other[0]}.{key} ({other[0]}.{key}={shown}).{valid}")
             hint = getattr(schema, "UNKNOWN_KEY_HINT", "")
             raise ConfigError(f"unknown key '{where}.{key}' ({where}.{key}={shown})."
                               f"{did_you_mean(key, shown, fields, prefix=where + '.')} Valid keys of {where}: "

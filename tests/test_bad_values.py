@@ -39,6 +39,10 @@ BAD_VALUES = [
     (["task=kinetics400", "task.data_dir={tmp}", "protocol.randaugment=rand-m9-n2"],  # the image recipe's key
      "unknown key 'protocol.randaugment'"),
     (["task=voc_detection", "protocol.lr=0.1"], "Valid keys of protocol: name, freeze_backbone"),
+    (["task=ade20k", "task.data_dir={tmp}/missing", "backbone.weights=random"],
+     "task.data_dir='{tmp}/missing' is not a directory"),
+    (["task=voc_semseg", "task.data_dir={tmp}/missing", "backbone.weights=random"],
+     "task.data_dir='{tmp}/missing' is not a directory"),
     (["task=nyu_depth", "task.data_dir={tmp}/missing"], "task.data_dir='{tmp}/missing' is not a directory"),
     (["task=nyu_depth", "task.data_dir={tmp}", "task.optim.momentum=-1"], "task.optim.momentum=-1"),
     (["task=imagenet", "task.data_dir={tmp}/missing"], "task.data_dir='{tmp}/missing' is not a directory"),

@@ -54,6 +54,71 @@ def test_unknown_keys_are_refused_with_the_closest_name(override, fragment, tmp_
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("args, fragment, never", [
+    # video's randaugment is a task key: say so, never "Did you mean protocol.name=rand-m9"
+    (["task=kinetics400", "task.data_dir={tmp}", "protocol.randaugment=rand-m9"],
+     "protocol.randaugment is not a key of video's finetune protocol; the task has task.randaugment", "Did you mean"),
+    (["task=cifar10", "protocol=finetune", "task.lr=0.1"],
+     "task.lr is not a key of classification's task schema; the protocol has protocol.lr", "Did you mean"),
+    # no far name carrying the typed value (ema_decay=False)
+    (["task=cifar10", "protocol=finetune", "protocol.ema_warmup=false"], "unknown key 'protocol.ema_warmup'",
+     "Did you mean"),
+    (["task=cifar10", "protocol=finetune", "protocol.nme=x"], "unknown key 'protocol.nme'", "protocol.name"),
+    # a recipe's name is chosen with group=NAME: the key swap would report keys the user never typed
+    (["task=digits", "protocol.name=finetune"], "use protocol=finetune (a recipe), not protocol.name=finetune",
+     "l2_min"),
+    (["task=voc_detection", "protocol.name=frozen"], "use protocol=frozen (a recipe), not protocol.name=frozen",
+     "freeze_backbone"),
+    (["task.name=cifar10"], "use task=cifar10 (a recipe), not task.name=cifar10", "Did you mean"),
+    (["task.adapter=video"], "task.adapter cannot be overridden", "Did you mean"),
+    # a protocol of another task: name the task(s) taking it
+    (["protocol=eval"], "eval is taken by task imagenet: run python -m transfer.run protocol=eval task=imagenet",
+     "Did you mean"),
+    (["--help", "protocol=eval"], "run python -m transfer.run --help protocol=eval task=imagenet", "Did you mean"),
+])
+def test_misleading_messages_are_not_given(args, fragment, never, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    assert main([a.format(tmp=data) for a in args] + [f"run.root={tmp_path / 'runs'}"]) == 2
+    err = _one_error_line(capsys)
+    assert fragment in err and never not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_published_facts_are_refused_on_the_command_line(tmp_path, capsys):
+    """A task schema's published_* / scratch_recipe keys are what the paper did, against which a run is judged
+    comparable: setting one (task.published_drop_path_rate=0.3 moved backbone.drop_path_rate and the run stayed
+    comparable) is refused, naming what to set instead. Every such key of every adapter."""
+    from transfer.config import is_published_fact, published_fact_keys, task_adapter
+
+    load_adapters()
+    facts = published_fact_keys()
+    assert {"task.published_epochs", "task.published_drop_path_rate", "task.scratch_recipe"} <= set(facts)
+    for name in TASKS.names():  # the rule finds every such field
+        for key in TASKS.get(name).config_class.__dataclass_fields__:
+            if key.startswith("published") or "recipe" in key:
+                assert is_published_fact(key) and name in facts[f"task.{key}"], key
+    instead = {"task.published_epochs": "set trainer.max_epochs instead",
+               "task.published_drop_path_rate": "set backbone.drop_path_rate instead"}
+    for key, adapters in facts.items():
+        task = next(t for t in recipe_names("task") if task_adapter(t) in adapters)
+        for prefix in ("", "+"):
+            assert main([f"task={task}", f"{prefix}{key}=1", f"run.root={tmp_path / 'runs'}"]) == 2
+            err = _one_error_line(capsys)
+            assert f"{key} is a fact of the published recipe" in err and instead.get(key, "") in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cfg_with_a_sweep_prints_every_job(tmp_path, capsys):
+    assert main(["-m", "--cfg", "task=digits,kinetics400", "protocol=finetune", f"task.data_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "# [1/2] task=digits protocol=finetune" in out and "# [2/2] task=kinetics400 protocol=finetune" in out
+    assert "name: kinetics400" in out and "name: digits" in out
+    assert main(["-m", "--cfg", "task=digits,kinetics400", "protocol=finetune"]) == 2
+    assert "job 2/2 (task=kinetics400 protocol=finetune): task 'kinetics400' needs task.data_dir" in \
+        _one_error_line(capsys)
+
+
 def test_a_sweep_with_an_unknown_key_fails_once_before_any_job(tmp_path, capsys):
     assert main(["-m", *QUICK, "protocl=knn,linear", f"run.root={tmp_path}"]) == 2
     assert "Did you mean protocol=knn,linear?" in _one_error_line(capsys)

@@ -300,3 +300,16 @@ def test_suite_keys_without_a_suite_ask_for_one(capsys):
 
     assert main(["suite.data_root=/data", "backbone=rs50"]) == 2
     assert "name one suite: suite=NAME (one of resnet_rs_table5, ssl_transfer12)" in capsys.readouterr().err
+
+
+def test_suite_precheck_flags_missing_segmentation_folders(tmp_path, capsys):
+    """Segmentation refuses a missing task.data_dir in validate (as detection and depth do), so the suite's
+    pre-check names its columns instead of a run failing after its run directory exists."""
+    from transfer.run import main
+
+    code = main(["--cfg", "suite=resnet_rs_table5", "backbone=rs50", f"suite.data_root={tmp_path / 'empty'}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    for columns in ("voc_semseg_frozen, voc_semseg_finetune", "ade20k_frozen, ade20k_finetune",
+                    "voc_detection_frozen, voc_detection_finetune", "nyu_depth_frozen, nyu_depth_finetune"):
+        assert f"- {columns} (backbone=rs50): task.data_dir=" in err, err

@@ -291,10 +291,11 @@ def top_level_keys() -> list[str]:
 
 def did_you_mean(key: str, value: str | None, choices: list[str], *, prefix: str = "", rest: str = "") -> str:
     """`` Did you mean protocol=knn?`` for the choice closest to ``key`` (then ``rest`` and ``=value``), or "" when
-    none is close."""
+    none is genuinely close (a strict cutoff: a far name with the typed value would mislead). ``name`` is never
+    suggested: a recipe's name is chosen with ``group=NAME``."""
     from transfer.registry import closest_match
 
-    best = closest_match(key, choices)
+    best = closest_match(key, [c for c in choices if c != "name"], cutoff=0.7)  # name: a recipe's, never a typo
     return f" Did you mean {prefix}{best}{rest}{'' if value is None else '=' + value}?" if best else ""
 
 
@@ -330,18 +331,79 @@ def check_group_choices(overrides: list[str]) -> None:
                                                                                    f"{RECIPES_DIR / key}."))
 
 
+RECIPE_NAME_KEYS = {"protocol.name": "protocol", "task.name": "task", "task.adapter": "task"}
+# What to set instead of a published fact (a task schema's ``published_*`` / ``scratch_recipe`` key, see
+# :func:`published_fact_keys`); a fact missing here names no replacement.
+PUBLISHED_INSTEAD = {"published_epochs": "trainer.max_epochs", "published_drop_path_rate": "backbone.drop_path_rate"}
+
+
+def is_published_fact(key: str) -> bool:
+    """Whether task-schema field ``key`` records what the paper did (``published_*``, ``scratch_recipe``): a fact
+    the comparison with the published numbers is measured against, never a setting of the run."""
+    return key.startswith("published_") or key == "scratch_recipe"
+
+
+def published_fact_keys() -> dict[str, list[str]]:
+    """``task.<key>`` -> the adapters whose task schema has that published-fact field."""
+    from transfer.tasks import TASKS, load_adapters
+
+    load_adapters()
+    out: dict[str, list[str]] = {}
+    for name in TASKS.names():
+        for key in field_names(TASKS.get(name).config_class):
+            if is_published_fact(key):
+                out.setdefault(f"task.{key}", []).append(name)
+    return out
+
+
+def check_fixed_keys(overrides: list[str]) -> None:
+    """Refuse overrides of what a recipe fixes: its name (``protocol.name=finetune`` would swap the schema under the
+    other keys; ``protocol=finetune`` chooses the recipe) and the published recipe's facts (``task.published_epochs``:
+    changing the fact would make any run look comparable with the paper). Raises :class:`ConfigError`."""
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        key = key.lstrip("+~")
+        if key in RECIPE_NAME_KEYS:
+            group = RECIPE_NAME_KEYS[key]
+            raise ConfigError(f"{key} cannot be overridden: use {group}={value or 'NAME'} (a recipe), not "
+                              f"{key}={value}.")
+        head, _, field = key.partition(".")
+        if head == "task" and is_published_fact(field):
+            instead = PUBLISHED_INSTEAD.get(field)
+            raise ConfigError(f"{key} is a fact of the published recipe (what the paper did), not a setting; "
+                              + (f"set {instead} instead (a run that differs is reported as not comparable)."
+                                 if instead else "a run with other values is reported as not comparable."))
+
+
+def task_protocol_schema(task: str, name: str, *, default_task: bool = False, command: str = "") -> type:
+    """The schema of ``protocol=name`` for task recipe ``task`` (``default_task``: no ``task=`` was given). A name
+    its adapter does not take is a :class:`ConfigError` listing the ones it does and the task recipes that take
+    ``name`` (``protocol=eval``: task imagenet), with the command (``command``, e.g. ``--help protocol=eval``) to
+    run with one of them."""
+    protocols = adapter_protocols(task)
+    if name in protocols:
+        return protocols[name]
+    takers = [t for t in recipe_names("task") if name in adapter_protocols(t)]
+    default = " (the default task; none was given)" if default_task else ""
+    text = f"protocol={name!r} does not apply to task {task!r}{default}; valid protocols for it: {', '.join(protocols)}"
+    text += "."
+    if takers:
+        shown = ", ".join(takers[:8]) + (", ..." if len(takers) > 8 else "")
+        text += (f" {name} is taken by task {shown}: run python -m transfer.run {command or f'protocol={name}'} "
+                 f"task={takers[0]}.")
+    raise ConfigError(text)
+
+
 def protocol_overrides(overrides: list[str]) -> list[str]:
     """``protocol=NAME`` -> ``protocol=<adapter>/NAME``, the adapter being the chosen task's (``task=``, else the
     default task); a name the adapter does not take is a :class:`ConfigError` listing the ones it does."""
-    from transfer.protocols import protocol_schema
-
     tasks = [ov.partition("=")[2] for ov in overrides if ov.partition("=")[0].lstrip("+") == "task"]
     task = tasks[-1] if tasks else default_choice("task")
     out = []
     for ov in overrides:
         key, sep, value = ov.partition("=")
         if sep and key.lstrip("+") == "protocol":
-            protocol_schema(adapter_protocols(task), value, task=task)
+            task_protocol_schema(task, value, default_task=not tasks)
             ov = f"{key}={task_adapter(task)}/{value}"
         out.append(ov)
     return out
@@ -360,6 +422,7 @@ def compose(overrides: list[str]) -> DictConfig:
     from hydra.errors import HydraException
 
     check_top_level_keys(overrides)
+    check_fixed_keys(overrides)
     check_group_choices(overrides)
     hydra_overrides = [f"++{o}" if "." in o.partition("=")[0] and o[0] not in "+~" and "=" in o else o
                        for o in protocol_overrides(overrides)]
@@ -386,9 +449,12 @@ def _nested_schemas(schema: type) -> dict[str, type]:
             if name in schema.__dataclass_fields__ and dataclasses.is_dataclass(hint)}
 
 
-def unknown_keys(schema: type, node: Any, where: str) -> None:
+def unknown_keys(schema: type, node: Any, where: str, *, other: tuple[str, list[str]] | None = None,
+                 what: str = "") -> None:
     """Raise :class:`ConfigError` for the first key of ``node`` that ``schema`` has no field for, naming the
-    closest field (``trainer.max_epoch=3``: did you mean ``trainer.max_epochs=3``) and the valid ones."""
+    closest field (``trainer.max_epoch=3``: did you mean ``trainer.max_epochs=3``) and the valid ones. ``other``,
+    ``(section, its keys)``: a key of that section instead (video's ``protocol.randaugment``, which is
+    ``task.randaugment``) is named as such; ``what`` names ``where``'s schema in that message."""
     if not isinstance(node, DictConfig):
         return
     fields = field_names(schema)
@@ -398,6 +464,10 @@ def unknown_keys(schema: type, node: Any, where: str) -> None:
         if key not in fields:
             value = OmegaConf.to_container(node, resolve=False).get(key)
             shown = "null" if value is None else str(value)
+            valid = f" Valid keys of {where}: {', '.join(fields)}."
+            if other is not None and key in other[1]:
+                raise ConfigError(f"unknown key '{where}.{key}': {where}.{key} is not a key of {what or where}; the "
+                                  f"{other[0]} has {other[0]}.{key} ({other[0]}.{key}={shown}).{valid}")
             hint = getattr(schema, "UNKNOWN_KEY_HINT", "")
             raise ConfigError(f"unknown key '{where}.{key}' ({where}.{key}={shown})."
                               f"{did_you_mean(key, shown, fields, prefix=where + '.')} Valid keys of {where}: "
@@ -411,8 +481,8 @@ def field_names(schema: type) -> list[str]:
     return [f.name for f in dataclasses.fields(schema)]
 
 
-def _typed(schema: type, node: Any, where: str) -> Any:
-    unknown_keys(schema, node, where)
+def _typed(schema: type, node: Any, where: str, **hints: Any) -> Any:
+    unknown_keys(schema, node, where, **hints)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return OmegaConf.to_object(merged)
@@ -441,12 +511,14 @@ def validate(raw: DictConfig) -> RunConfig:
         raise ConfigError(f"task recipe {raw.task.name!r} has no 'adapter' key; valid adapters: {TASKS.names()}")
     adapter = TASKS.get(str(adapter_name))
     schema = protocol_schema(adapter.protocols, str(raw.protocol.name), task=str(raw.task.name))
-    protocol = _typed(schema, raw.protocol, "protocol")
+    protocol = _typed(schema, raw.protocol, "protocol", other=("task", field_names(adapter.config_class)),
+                      what=f"{adapter_name}'s {raw.protocol.name} protocol")
     if hasattr(protocol, "canonical"):
         protocol = protocol.canonical()
         protocol_schema(adapter.protocols, protocol.name, task=str(raw.task.name))
     cfg = RunConfig(
-        task=_typed(adapter.config_class, raw.task, "task"),
+        task=_typed(adapter.config_class, raw.task, "task", other=("protocol", field_names(schema)),
+                    what=f"{adapter_name}'s task schema"),
         protocol=protocol,
         backbone=_typed(BackboneConfig, raw.backbone, "backbone"),
         trainer=_typed(TrainerConfig, raw.trainer, "trainer"),

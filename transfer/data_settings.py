@@ -21,8 +21,13 @@ def check_data_settings(*, max_bad_fraction: float | None = None, limit_per_spli
 
 
 def local_data_dir(data_dir: str | None, *, task: str, copy: str, tree: str) -> Path:
-    """``task.data_dir`` with ``~`` expanded; :class:`ConfigError` when unset, showing the layout ``tree`` of the
-    local ``copy`` (e.g. "COCO 2017") the task ``task`` reads."""
+    """``task.data_dir`` with ``~`` expanded; :class:`ConfigError` when unset or not an existing folder, showing the
+    layout ``tree`` of the local ``copy`` (e.g. "COCO 2017") the task ``task`` reads. Adapters call it from their
+    ``check`` so a mistyped path fails before a run directory exists."""
     if not data_dir:
         raise ConfigError(f"task {task!r} needs task.data_dir=PATH, a local {copy} copy laid out as:\n{tree}")
-    return Path(os.path.expanduser(data_dir))
+    path = Path(os.path.expanduser(data_dir))
+    if not path.is_dir():
+        raise ConfigError(f"task.data_dir={data_dir!r} is not a directory; pass the folder holding a local {copy} "
+                          f"copy (task {task!r}).")
+    return path

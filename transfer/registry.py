@@ -8,9 +8,9 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
-def closest_match(name: str, choices: Iterable[str]) -> str | None:
-    """The choice most like ``name``, or None when nothing is close."""
-    found = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.4)
+def closest_match(name: str, choices: Iterable[str], cutoff: float = 0.4) -> str | None:
+    """The choice most like ``name`` (difflib similarity at least ``cutoff``), or None when nothing is close."""
+    found = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
     return found[0] if found else None
 
 

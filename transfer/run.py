@@ -1,7 +1,8 @@
 """``python -m transfer.run task=cifar100 backbone=rs152 [key=value ...]``: one transfer run.
 
 ``-m`` / ``--multirun`` runs every combination of comma-separated values, one run each
-(``-m task=digits backbone=rs50,resnet50``). ``--cfg`` prints the composed configuration and exits.
+(``-m task=digits backbone=rs50,resnet50``). ``--cfg`` prints the composed configuration and exits (with ``-m``,
+each job's, headed ``# [i/n] overrides``).
 ``suite=NAME`` runs every column of a published table (``recipes/suite/``, :mod:`transfer.suite`) for the
 backbone(s) given: ``suite=resnet_rs_table5 -m backbone=rs50,resnet50 suite.data_root=/data``.
 """
@@ -259,6 +260,18 @@ def _main(argv: list[str] | None) -> int:
     try:
         if suite_requested(overrides):  # suite=NAME: every column of a published table (transfer/suite.py)
             return run_suite(overrides, multirun=multirun, show=show_cfg, run_one=run_one)
+        if show_cfg and multirun:  # every job's configuration, each validated, nothing run
+            check_top_level_keys(overrides)
+            jobs = expand_sweep(overrides)
+            shown = []
+            for i, job in enumerate(jobs):
+                try:
+                    shown.append(validate(compose(job)).to_yaml())
+                except (TransferError, UnknownNameError) as e:
+                    raise ConfigError(f"job {i + 1}/{len(jobs)} ({' '.join(job)}): {e}") from None
+            for i, (job, text) in enumerate(zip(jobs, shown)):
+                print(f"# [{i + 1}/{len(jobs)}] {' '.join(job)}\n{text}")
+            return 0
         if show_cfg:
             cfg = validate(compose(overrides))
             print(cfg.to_yaml())

@@ -22,7 +22,6 @@ from transfer.config import (
     GROUPS,
     RECIPES_DIR,
     RunConfig,
-    adapter_protocols,
     compose,
     default_choice,
     recipe_names,
@@ -233,13 +232,14 @@ def general_help(summary: str) -> str:
 def recipe_help(group: str, name: str, task: str | None = None) -> str:
     """The keys of recipe ``group=name``: value in the recipe (else the schema default) and description. A protocol
     is the schema of ``task``'s adapter (the default task when None)."""
-    from transfer.protocols import protocol_schema
+    from transfer.config import task_protocol_schema
     from transfer.tasks import TASKS, load_adapters
 
     load_adapters()
     if group == "protocol":
+        schema = task_protocol_schema(task or default_choice("task"), name, default_task=task is None,
+                                      command=f"--help protocol={name}")
         task = task or default_choice("task")
-        schema = protocol_schema(adapter_protocols(task), name, task=task)
         raw = compose([f"task={task}", f"protocol={name}"])
         section, title = raw.protocol, f"protocol={name} (adapter {task_adapter(task)}, task={task})"
         doc = inspect.getdoc(schema) or ""

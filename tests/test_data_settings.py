@@ -29,8 +29,10 @@ def test_each_task_config_uses_the_shared_check(task, tmp_path):
         validate(compose([f"task={task}", f"task.data_dir={tmp_path}", "task.max_bad_fraction=1.5"]))
 
 
-def test_an_unset_data_dir_shows_the_layout(tmp_path):
+def test_an_unset_data_dir_shows_the_layout(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="task 'voc07' needs task.data_dir=PATH, a local VOC copy laid out as:\nTREE"):
         local_data_dir(None, task="voc07", copy="VOC", tree="TREE")
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~/x below: an existing folder
+    (tmp_path / "x").mkdir()
     assert local_data_dir("~/x", task="t", copy="c", tree="") == local_data_dir("~/x", task="t", copy="c", tree="")
     assert "~" not in str(local_data_dir("~/x", task="t", copy="c", tree=""))

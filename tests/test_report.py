@@ -159,13 +159,16 @@ def test_online_without_network_falls_back_offline_and_writes_results(tmp_path, 
 
 
 def _write_run(root: Path, task: str, backbone: str, protocol: str, metrics: dict, stamp: str,
-               primary: str | None = None, extra: dict | None = None, weights: str | dict = "pretrained") -> Path:
-    run_dir = root / task / f"{backbone}-{protocol}" / stamp
+               primary: str | None = None, extra: dict | None = None, weights: str | dict = "pretrained",
+               protocol_config: dict | None = None, folder: str | None = None) -> Path:
+    run_dir = root / task / f"{backbone}-{folder or protocol}" / stamp
     run_dir.mkdir(parents=True)
     results = {"schema_version": SCHEMA_VERSION, "task": task, "backbone": backbone, "protocol": protocol,
                "weights": weights if isinstance(weights, dict) else {"source": weights}, "metrics": metrics,
                "counts": {}, "packages": {},
                "wall_time_s": 1.0, "primary_metric": primary, "extra": extra or {}}
+    if protocol_config is not None:
+        results["protocol_config"] = protocol_config
     path = write_results(run_dir, results)
     os.utime(path, (int(stamp), int(stamp)))  # the newest run of a cell is told by the file time
     return path
@@ -235,6 +238,25 @@ def test_a_backbone_row_over_several_protocols_names_each_values_source_and_weig
     single = _write_run(tmp_path / "one", "cifar100", "rs50", "linear", {"test/top1": 72.5}, "1000", "test/top1")
     (only,) = [e for e in build_comparison(find_results(tmp_path / "one"))[0].entries if e.kind == "this suite"]
     assert only.source == str(single) and only.detail == "source=pretrained"
+
+
+def test_a_frozen_finetune_run_has_its_own_cell_and_never_hides_the_fine_tuned_one(tmp_path):
+    """finetune with protocol.freeze_backbone=true (video, classification) is the finetune-frozen column: a newer
+    frozen run neither replaces the fine-tuned score nor counts as one of its runs."""
+    root = tmp_path / "runs"
+    _write_run(root, "cifar100", "rs50", "finetune", {"test/top1": 84.0}, "1000", "test/top1",
+               protocol_config={"freeze_backbone": False})
+    _write_run(root, "cifar100", "rs50", "finetune", {"test/top1": 50.0}, "2000", "test/top1",
+               protocol_config={"freeze_backbone": True}, folder="finetune-frozen")
+    _write_run(root, "cifar100", "rs50", "finetune", {"test/top1": 51.0}, "3000", "test/top1",
+               protocol_config={"freeze_backbone": True}, folder="finetune-frozen")
+    (task,) = build_comparison(find_results(root))
+    (row,) = [e for e in task.entries if e.kind == "this suite"]
+    assert row.values[("finetune", "test/top1")] == 84.0 and row.runs["finetune"] == 1
+    assert row.values[("finetune-frozen", "test/top1")] == 51.0 and row.runs["finetune-frozen"] == 2
+    write_report(root, tmp_path / "out")
+    overview = (tmp_path / "out" / "report.md").read_text().split("## cifar100")[0]
+    assert "cifar100 · finetune test/top1" in overview and "cifar100 · finetune-frozen test/top1" in overview
 
 
 @pytest.mark.parametrize("backbones", [1, 3])

@@ -326,3 +326,27 @@ def test_resume_orders_runs_by_their_recorded_progress_not_folder_times(tmp_path
     assert plan.path == runs["newer"]
     assert "done (finished: has results.json)" in plan.note and "older (older)" in plan.note
     assert "empty (no usable checkpoint or feature shard)" in plan.note
+
+
+@pytest.mark.parametrize("task", [[*QUICK, "protocol=finetune"],
+                                  ["task=kinetics400", "backbone=resnet50", "backbone.weights=random"]])
+def test_a_frozen_finetune_run_has_its_own_folder_and_cannot_be_resumed_unfrozen(tmp_path, task):
+    """protocol.freeze_backbone=true is another protocol (finetune-frozen): its own run folder, and a resume that
+    unfreezes it is refused even with resume_allow_changes=true (the protocol never changes on resume)."""
+    from omegaconf import OmegaConf
+
+    from transfer.rundir import CONFIG_FILE, config_changes, config_tree
+
+    base = [*task, f"run.root={tmp_path}", f"task.data_dir={tmp_path}"]
+    frozen = validate(compose([*base, "protocol.freeze_backbone=true"]))
+    tuned = validate(compose(base))
+    backbone = frozen.backbone.name
+    assert plan_run_dir(frozen).path.parent == tmp_path / frozen.task.name / f"{backbone}-finetune-frozen"
+    assert plan_run_dir(tuned).path.parent == tmp_path / tuned.task.name / f"{backbone}-finetune"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(config_tree(frozen))))
+    unfrozen = validate(compose([*base, "protocol.freeze_backbone=false", "resume=true",
+                                 "resume_allow_changes=true"]))
+    with pytest.raises(ConfigError, match=r"protocol\.freeze_backbone: True -> False"):
+        config_changes(unfrozen, run)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transfer.baselines import KEY, PRETRAINING, PROTOCOLS, Baseline, baselines_for
-from transfer.protocols import is_frozen_protocol
+from transfer.protocols import is_frozen_protocol, run_protocol_label
 
 if TYPE_CHECKING:
     from transfer.tracking import RunLogger
@@ -325,8 +325,9 @@ def _log_to_wandb(logger: RunLogger, results: dict[str, Any], rows: list[dict[st
         if bars and results["comparable"]:
             table = wandb.Table(columns=["method", m], data=[[this, results["metrics"][m]], *bars])
             charts[f"comparison/{_slug(m)}"] = wandb.plot.bar(
-                table, "method", m, title=f"{results['task']} {results['protocol']} {m} ({better_direction(m, lower)} "
-                                          "is better): this run vs published, same protocol and pretraining")
+                table, "method", m, title=f"{results['task']} {run_protocol_label(results)} {m} "
+                                          f"({better_direction(m, lower)} is better): this run vs published, same "
+                                          "protocol and pretraining")
     logger.log({TABLE_KEY: wandb.Table(columns=TABLE_COLUMNS, data=table_rows), **charts})
 
 

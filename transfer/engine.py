@@ -353,3 +353,40 @@ def seed_everything(cfg: TrainerConfig) -> None:
     ``transfer.run`` before the adapter starts (adapters do not reseed)."""
     os.environ.setdefault("PL_GLOBAL_SEED", str(cfg.seed))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+
+class FreezesBackbone:
+    """Mixin for a :class:`lightning.LightningModule` (list it first) that may keep one submodule frozen.
+
+    :meth:`freeze_submodule` turns off the submodule's gradients and puts it in eval mode, so its batch norms
+    keep the loaded running statistics (and ``num_batches_tracked``) and its dropout / stochastic depth is off.
+    Lightning 2.x never calls ``module.train()`` during ``fit`` (it flips ``.training`` per submodule and
+    restores captured flags after validation), so overriding ``train()`` alone does not hold: eval mode is put
+    back at the start of every training epoch and batch, and on every ``train()`` call.
+    """
+
+    _frozen_submodule: str | None = None  # dotted name of the frozen submodule (a name: not registered twice)
+
+    def freeze_submodule(self, name: str) -> None:
+        """Freeze ``self.get_submodule(name)``; :class:`AttributeError` when there is no such submodule."""
+        module = self.get_submodule(name)
+        module.requires_grad_(False)
+        module.eval()
+        self._frozen_submodule = name
+
+    def _hold_frozen_in_eval(self) -> None:
+        if self._frozen_submodule is not None:
+            self.get_submodule(self._frozen_submodule).eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._hold_frozen_in_eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._hold_frozen_in_eval()
+
+    def on_train_batch_start(self, batch, batch_idx: int):
+        self._hold_frozen_in_eval()
+        return super().on_train_batch_start(batch, batch_idx)

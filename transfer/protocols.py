@@ -69,6 +69,30 @@ def protocol_schema(protocols: dict[str, type], name: str, *, task: str) -> type
     return protocols[name]
 
 
+FROZEN_SUFFIX = "-frozen"
+
+
+def protocol_label(name: str, protocol_config: dict | None = None) -> str:
+    """The protocol a run is filed, tracked and shown under: its protocol ``name``, plus ``-frozen`` when its
+    ``protocol_config`` sets ``freeze_backbone`` on a protocol that otherwise trains the backbone (video's and
+    classification's ``finetune``: ``finetune-frozen``). A frozen and a fine-tuned run therefore never share a run
+    folder (``<backbone>-<label>``), a W&B name/job type/``protocol_name``, or a report or suite cell. (Dense tasks'
+    ``finetune`` with ``freeze_backbone=true`` already becomes protocol ``frozen``, see
+    :meth:`RecipeFinetuneProtocolConfig.canonical`.)"""
+    frozen = bool((protocol_config or {}).get("freeze_backbone"))
+    return f"{name}{FROZEN_SUFFIX}" if frozen and not name.endswith(("frozen", FROZEN_SUFFIX)) else name
+
+
+def run_protocol_label(results: dict) -> str:
+    """:func:`protocol_label` of a results.json (its ``protocol`` and ``protocol_config``)."""
+    return protocol_label(results["protocol"], results.get("protocol_config"))
+
+
+def config_protocol_label(cfg) -> str:
+    """:func:`protocol_label` of a validated :class:`transfer.config.RunConfig` (its ``protocol`` section)."""
+    return protocol_label(cfg.protocol.name, {"freeze_backbone": getattr(cfg.protocol, "freeze_backbone", False)})
+
+
 def is_frozen_protocol(schema: type | None, protocol_config: dict | None = None) -> bool:
     """Whether a run of ``schema`` (with its recorded ``protocol_config``) scores the backbone as it was loaded."""
     return bool(getattr(schema, "FROZEN", False) or (protocol_config or {}).get("freeze_backbone"))

@@ -33,6 +33,7 @@ from transfer import suite_report
 from transfer.compare import TABLE_KEY, assess, describe_pretraining, lower_is_better
 from transfer.errors import ConfigError, DataError, TransferError
 from transfer.io import atomic_path, atomic_write_text
+from transfer.protocols import run_protocol_label
 from transfer.registry import UnknownNameError
 from transfer.results import RESULTS_FILE, read_results
 from transfer.suite import SuiteConfig, load_suite
@@ -115,13 +116,13 @@ def build_comparison(found: list[tuple[Path, dict[str, Any]]], *,
         counts: dict[tuple[str, str, str], int] = {}
         for path, r in found:  # oldest first, so the newest run of a backbone, weights and protocol wins
             if r["task"] == task:
-                key = (r["backbone"], weights_id(r), r["protocol"])
+                key = (r["backbone"], weights_id(r), run_protocol_label(r))  # frozen and fine-tuned apart
                 newest[key] = (path, r)
                 counts[key] = counts.get(key, 0) + 1
         weights_of: dict[str, set[str]] = {}
         for backbone, weights, _ in newest:
             weights_of.setdefault(backbone, set()).add(weights)
-        columns = sorted({(r["protocol"], m) for _, r in newest.values() for m in compared_metrics(r)})
+        columns = sorted({(run_protocol_label(r), m) for _, r in newest.values() for m in compared_metrics(r)})
         entries: dict[tuple[str, str], Entry] = {}
         published: dict[tuple, dict] = {}  # row identity -> {"row", "comparable": {column}, "context": {column: why}}
         for (backbone, weights, protocol), (path, r) in sorted(newest.items(), key=lambda kv: kv[1][0].stat().st_mtime):

@@ -11,6 +11,7 @@ from typing import Any
 
 from transfer.errors import TransferError
 from transfer.io import atomic_write_json
+from transfer.protocols import run_protocol_label
 from transfer.tables import markdown_table
 
 SCHEMA_VERSION = 1
@@ -162,7 +163,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
     """A markdown table: one row per run, one column per metric."""
     keys = sorted({k for r in results for k in r["metrics"]})
     head = ["task", "backbone", "protocol", *keys]
-    rows = [[r["task"], r["backbone"], r["protocol"], *(format_metric(r["metrics"].get(k)) for k in keys)]
+    rows = [[r["task"], r["backbone"], run_protocol_label(r), *(format_metric(r["metrics"].get(k)) for k in keys)]
             for r in results]
     return markdown_table(head, rows, align=True)
 

@@ -24,6 +24,7 @@ from transfer.config import RunConfig, check_top_level_keys, compose, validate
 from transfer.console import setup_logging
 from transfer.engine import seed_everything
 from transfer.errors import ConfigError, TransferError
+from transfer.protocols import config_protocol_label
 from transfer.registry import UnknownNameError
 from transfer.results import build_results, format_metric, format_table, unscored, write_results
 from transfer.rundir import RESULTS_FILE, RUN_DIR_ENV, config_tree, open_run_dir, plan_run_dir
@@ -113,12 +114,14 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
     os.environ[RUN_DIR_ENV] = str(run_dir)
     # Flat task_name/backbone_name/protocol_name keys: W&B groups and filters by config keys (not by tags),
     # and flat keys work in every W&B view and in the Reports API.
-    names = {"task_name": cfg.task.name, "backbone_name": cfg.backbone.name, "protocol_name": cfg.protocol.name}
+    # protocol_name is the protocol label (finetune-frozen for finetune with freeze_backbone=true).
+    protocol = config_protocol_label(cfg)
+    names = {"task_name": cfg.task.name, "backbone_name": cfg.backbone.name, "protocol_name": protocol}
     start = time.time()
     logger, failure, error_type = None, None, TransferError
     try:
-        logger = RunLogger(cfg.logger.wandb, run_dir, name=f"{cfg.task.name}/{cfg.backbone.name}/{cfg.protocol.name}",
-                           group=cfg.task.name, job_type=cfg.protocol.name,
+        logger = RunLogger(cfg.logger.wandb, run_dir, name=f"{cfg.task.name}/{cfg.backbone.name}/{protocol}",
+                           group=cfg.task.name, job_type=protocol,
                            config={**names, **config_tree(cfg)})
         ctx = RunContext(cfg=cfg, run_dir=run_dir, logger=logger, record=record)
         # The one place a run is seeded (torch, numpy, random, and the DataLoader workers): adapters do not reseed.

@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 
 from transfer.errors import ConfigError, StorageError, TransferError
 from transfer.io import _alive, atomic_write_text, remove_orphan_temporaries
+from transfer.protocols import config_protocol_label
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ FEATURE_DIR = "features"  # tasks/classification/features.py cache_path(run_dir,
 NEUTRAL_KEYS = ("resume", "resume_allow_changes", "run.", "logger.", "trainer.progress_bar",
                 "trainer.log_every_n_steps", "trainer.num_workers")
 # Keys that name another run: never continued, even with resume_allow_changes=true.
-IDENTITY_KEYS = ("task.name", "task.adapter", "task.dataset", "backbone.name", "backbone.weights", "protocol.name")
+# protocol.freeze_backbone: a frozen and a fine-tuned run are different protocols (transfer.protocols.protocol_label)
+IDENTITY_KEYS = ("task.name", "task.adapter", "task.dataset", "backbone.name", "backbone.weights", "protocol.name",
+                 "protocol.freeze_backbone")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -245,7 +248,7 @@ def plan_run_dir(cfg, *, sweep_index: int | None = None) -> RunDirPlan:
     """
     if os.environ.get(RUN_DIR_ENV):
         return RunDirPlan(Path(os.environ[RUN_DIR_ENV]), resume=cfg.resume, inherited=True)
-    parent = Path(cfg.run.root).expanduser() / cfg.task.name / f"{cfg.backbone.name}-{cfg.protocol.name}"
+    parent = Path(cfg.run.root).expanduser() / cfg.task.name / f"{cfg.backbone.name}-{config_protocol_label(cfg)}"
     note = ""
     if cfg.run.dir:
         path = Path(cfg.run.dir).expanduser()

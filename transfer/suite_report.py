@@ -17,6 +17,7 @@ from typing import Any
 from transfer.baselines import Baseline, baselines_for
 from transfer.compare import assess, baseline_protocol, describe_pretraining, lower_is_better
 from transfer.io import atomic_path
+from transfer.protocols import run_protocol_label
 from transfer.suite import SuiteColumn, SuiteConfig
 from transfer.tables import html_table, markdown_table
 
@@ -82,7 +83,7 @@ def build_suite_table(found: list[tuple[Path, dict[str, Any]]], suite: SuiteConf
         newest: dict[str, tuple[Path, dict]] = {}
         counts: dict[str, int] = {}
         for path, r in found:
-            if (r["task"], r["protocol"]) == (col.task, col.protocol):
+            if (r["task"], run_protocol_label(r)) == (col.task, col.protocol):  # a frozen run is not finetune's
                 newest[r["backbone"]] = (path, r)
                 counts[r["backbone"]] = counts.get(r["backbone"], 0) + 1
         matched: set[tuple] = set()  # published rows measured the same way as a run of this column

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from transfer.engine import FreezesBackbone
 from transfer.loaders import build_loader
 from transfer.optim import epoch_schedule, sgd_warmup_cosine
 from transfer.train_failures import CountsTrainFailures, TrainFailures
@@ -41,7 +42,7 @@ class WarmupEMA(WeightAveraging):
         super().__init__(use_buffers=True, avg_fn=average)
 
 
-class VideoModule(CountsTrainFailures, L.LightningModule):
+class VideoModule(FreezesBackbone, CountsTrainFailures, L.LightningModule):
     """Trains a :class:`VideoClassifier` on random clips; tests it with multi-view score averaging.
 
     Decode failures are counted per video: ``check_train(failed_indices)`` is called with the training videos
@@ -65,16 +66,8 @@ class VideoModule(CountsTrainFailures, L.LightningModule):
                                       failed_key="train/videos_failed_decode", check=check_train)
         self.scores: ViewScores | None = None
         self.lr: float | None = None
-        if optim.freeze_backbone:  # only the classifier trains; see train() for the BN statistics
-            model.backbone.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> VideoModule:
-        """With ``protocol.freeze_backbone`` the backbone stays in eval mode (Lightning calls ``train()`` every
-        epoch): its batch norms keep the loaded statistics and its stochastic depth is off."""
-        super().train(mode)
-        if self.optim.freeze_backbone:
-            self.model.backbone.eval()
-        return self
+        if optim.freeze_backbone:  # only the classifier trains; the backbone's BN statistics stay as loaded
+            self.freeze_submodule("model.backbone")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)  # (B, 3, T, H, W) -> (B, num_classes)

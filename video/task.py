@@ -201,14 +201,17 @@ def not_comparable(cfg, *, classes: int, test_videos: int, never_scored: int) ->
 
 def recipe_used(task: VideoTaskConfig, o: VideoFinetuneProtocolConfig, module: VideoModule, layers: dict,
                 world_size: int) -> dict:
-    """The training and test values this run used (results.json ``recipe``)."""
+    """The training and test values this run used (results.json ``recipe``). A frozen backbone runs in eval
+    mode: neither stochastic depth nor a batch-norm momentum applies to it (both recorded as None)."""
+    frozen = o.freeze_backbone
     return {
         "freeze_backbone": o.freeze_backbone,
         "optimizer": "sgd", "nesterov": o.nesterov, "momentum": o.momentum, "schedule": "warmup + cosine",
         "lr": module.lr, "lr_recipe": o.lr, "lr_reference_batch": o.lr_reference_batch,
         "global_batch": module.global_batch, "world_size": world_size, "weight_decay": o.weight_decay,
         "warmup_epochs": o.warmup_epochs, "label_smoothing": o.label_smoothing, "dropout": o.dropout,
-        "drop_path_per_stage": layers.get("drop_path_per_stage"), "bn_momentum": layers.get("bn_momentum"),
+        "drop_path_per_stage": None if frozen else layers.get("drop_path_per_stage"),
+        "bn_momentum": None if frozen else layers.get("bn_momentum"),
         "ema_decay": o.ema_decay, "ema_warmup": o.ema_warmup if o.ema_decay else None,
         "clip": {"frames": task.frames, "stride": task.stride, "fps": task.fps},
         "train_crop": task.train_crop, "train_size": task.train_size,

@@ -21,12 +21,13 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from tasks.classification.metrics import classification_metrics
 from tasks.classification.protocols import FinetuneProtocolConfig
 from transfer.backbones import Backbone
+from transfer.engine import FreezesBackbone
 from transfer.images import PaddedToRanks, collate_images, gather_names, unpack
 from transfer.loaders import build_loader
 from transfer.optim import epoch_schedule, sgd_warmup_cosine
 
 
-class FinetuneModule(L.LightningModule):
+class FinetuneModule(FreezesBackbone, L.LightningModule):
     def __init__(self, backbone: Backbone, num_classes: int, protocol: FinetuneProtocolConfig, *,
                  check_damage: Callable[[set[str]], None] | None = None):
         """``check_damage(names)`` gets the names of every image that failed to decode so far (all processes)
@@ -46,16 +47,8 @@ class FinetuneModule(L.LightningModule):
         self.scored: dict[str, int] = {}  # images behind the last metrics of each split, over all processes
         self.percent: dict[str, float] = {}  # the last metrics of each split in float64 (Lightning logs float32)
         self.check_damage = check_damage
-        if protocol.freeze_backbone:
-            backbone.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> FinetuneModule:
-        """With ``protocol.freeze_backbone`` the backbone stays in eval mode: Lightning calls ``train()`` every
-        epoch, and batch norms in training mode would replace the loaded statistics."""
-        super().train(mode)
-        if self.protocol.freeze_backbone:
-            self.backbone.eval()
-        return self
+        if protocol.freeze_backbone:  # only the head trains; the backbone's BN statistics stay as loaded
+            self.freeze_submodule("backbone")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))  # (B, 3, H, W) -> (B, num_classes)

@@ -80,3 +80,62 @@ def test_without_freeze_the_backbone_trains(tmp_path):
     VideoModule(model, cfg.protocol, eval_labels=[0], train_videos=1, global_batch=2,
                 check_train=lambda failed: None).train()
     assert all(p.requires_grad for p in model.backbone.parameters()) and model.backbone.training
+
+
+class _TinyClassifier(torch.nn.Module):
+    """(B, 3, T, H, W) -> (B, 2): a conv + BN + dropout backbone and a linear head, as VideoClassifier names them."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 1), torch.nn.BatchNorm3d(4),
+                                            torch.nn.Dropout(0.5), torch.nn.AdaptiveAvgPool3d(1),
+                                            torch.nn.Flatten())
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_real_fit_keeps_a_frozen_backbones_batch_norm_statistics(tmp_path, freeze):
+    """Lightning 2.x never calls module.train() in fit; the frozen backbone must stay in eval mode anyway."""
+    import dataclasses
+
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    cfg = _cfg(tmp_path, f"protocol.freeze_backbone={str(freeze).lower()}", "protocol.ema_decay=0",
+               "protocol.bn_momentum=0.1")
+    torch.manual_seed(0)
+    model = _TinyClassifier()
+    optim = dataclasses.replace(cfg.protocol, warmup_epochs=0.0, lr=1.0)
+    module = VideoModule(model, optim, eval_labels=[0], train_videos=4, global_batch=2,
+                         check_train=lambda failed: None)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head = {k: v.clone() for k, v in model.head.state_dict().items()}
+    batches = [{"video": torch.randn(2, 3, 2, 4, 4) * 3 + 1, "label": torch.tensor([0, 1]),
+                "failed": torch.zeros(0, dtype=torch.long)} for _ in range(3)]
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 3
+    after = model.backbone.state_dict()
+    assert int(after["1.num_batches_tracked"]) == (0 if freeze else 3)
+    assert all(torch.equal(before[k], after[k]) for k in before) == freeze
+    assert any(not torch.equal(head[k], v) for k, v in model.head.state_dict().items()), "the head did not train"
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_the_recorded_recipe_says_what_applied_to_a_frozen_backbone(tmp_path, freeze):
+    from types import SimpleNamespace
+
+    from video.task import recipe_used
+
+    cfg = _cfg(tmp_path, f"protocol.freeze_backbone={str(freeze).lower()}")
+    layers = {"drop_path_per_stage": [0.04, 0.06, 0.08, 0.1], "bn_momentum": 0.01}
+    recipe = recipe_used(cfg.task, cfg.protocol, SimpleNamespace(lr=0.1, global_batch=2), layers, 1)
+    if freeze:  # eval mode: no stochastic depth, no statistics update in the backbone
+        assert recipe["drop_path_per_stage"] is None and recipe["bn_momentum"] is None
+    else:
+        assert recipe["drop_path_per_stage"] == layers["drop_path_per_stage"] and recipe["bn_momentum"] == 0.01

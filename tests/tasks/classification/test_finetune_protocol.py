@@ -140,3 +140,53 @@ def test_freeze_backbone_keeps_the_backbones_weights_and_batch_norm_statistics()
     assert all(torch.equal(before[k], v) for k, v in body.state_dict().items())
     assert not body.training and module.head.training
     assert not any(p.requires_grad for p in body.parameters())
+
+
+def _fit(module, batches, steps: int = 3):
+    """A real Lightning fit of ``module`` for ``steps`` optimiser steps on CPU (no logger, no checkpoints)."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0)
+    from torch.utils.data import DataLoader
+
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    return trainer
+
+
+def test_freeze_backbone_keeps_the_batch_norm_statistics_through_a_real_fit():
+    """Lightning 2.x never calls module.train() in fit: the frozen backbone must still stay in eval mode, so its
+    running statistics and num_batches_tracked are those it was loaded with, while the head trains."""
+    from tasks.classification.finetune import FinetuneModule
+    from transfer.images import ImageBatch
+
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten())
+    body.num_features = 4
+    module = FinetuneModule(body, 3, dataclasses.replace(FinetuneProtocolConfig(), freeze_backbone=True,
+                                                         mixup=0.0, cutmix=0.0))
+    module.train()  # a freshly built module is in train mode, as in a run
+    body.train()
+    before = {k: v.clone() for k, v in body.state_dict().items()}
+    head = {k: v.clone() for k, v in module.head.state_dict().items()}
+    batches = [ImageBatch(torch.randn(4, 3, 8, 8) * 3 + 1, torch.tensor([0, 1, 2, 0]), [], []) for _ in range(3)]
+    trainer = _fit(module, batches)
+    assert trainer.global_step == 3
+    after = body.state_dict()
+    assert int(after["1.num_batches_tracked"]) == 0
+    assert all(torch.equal(before[k], after[k]) for k in before), "the frozen backbone's weights or BN moved"
+    assert any(not torch.equal(head[k], v) for k, v in module.head.state_dict().items()), "the head did not train"
+
+
+def test_without_freeze_a_real_fit_updates_the_batch_norm_statistics():
+    from tasks.classification.finetune import FinetuneModule
+    from transfer.images import ImageBatch
+
+    body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    body.num_features = 4
+    module = FinetuneModule(body, 3, dataclasses.replace(FinetuneProtocolConfig(), mixup=0.0, cutmix=0.0))
+    batches = [ImageBatch(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]), [], []) for _ in range(2)]
+    _fit(module, batches, steps=2)
+    assert int(body[1].num_batches_tracked) == 2

@@ -44,6 +44,7 @@ BAD_VALUES = [
     (["task=voc_semseg", "task.data_dir={tmp}/missing", "backbone.weights=random"],
      "task.data_dir='{tmp}/missing' is not a directory"),
     (["task=nyu_depth", "task.data_dir={tmp}/missing"], "task.data_dir='{tmp}/missing' is not a directory"),
+    (["task=voc_detection", "task.data_dir={tmp}/missing"], "task.data_dir='{tmp}/missing' is not a directory"),
     (["task=nyu_depth", "task.data_dir={tmp}", "task.optim.momentum=-1"], "task.optim.momentum=-1"),
     (["task=imagenet", "task.data_dir={tmp}/missing"], "task.data_dir='{tmp}/missing' is not a directory"),
     (["task=cifar100", "task.data_dir={tmp}", "task.split_seed=-1"], "task.split_seed=-1 must be in [0, 2**32)"),

@@ -191,13 +191,6 @@ def check_trainer(cfg: TrainerConfig) -> None:
                           "process would wait for the others forever.")
 
 
-def check_directory(key: str, value: str | None, what: str) -> None:
-    """``value`` of config key ``key``, when given, must be an existing folder (holding ``what``): checked by the
-    adapters' ``check`` so a mistyped path fails before a run directory exists. Raises :class:`ConfigError`."""
-    if value and not Path(os.path.expanduser(value)).is_dir():
-        raise ConfigError(f"{key}={value!r} is not a directory; pass the folder holding {what}.")
-
-
 def _flag(raw: DictConfig, key: str) -> bool:
     value = raw.get(key, False)
     if not isinstance(value, bool):

@@ -1,6 +1,6 @@
-"""Checks of the data settings that several task adapters share: ``task.data_dir``, ``task.max_bad_fraction`` and
-``task.limit_per_split``. Each adapter's config calls these instead of repeating them, so one key is refused with
-the same message whatever the task.
+"""Checks of the data settings that several task adapters share: ``task.data_dir`` (and any other folder a task
+reads, e.g. video's ``task.manifest``), ``task.max_bad_fraction`` and ``task.limit_per_split``. Each adapter's
+config calls these instead of repeating them, so one key is refused with the same message whatever the task.
 """
 from __future__ import annotations
 
@@ -20,14 +20,18 @@ def check_data_settings(*, max_bad_fraction: float | None = None, limit_per_spli
         raise ConfigError(f"task.limit_per_split={limit_per_split} must be at least 1, or null for every item.")
 
 
+def check_directory(key: str, value: str | None, what: str) -> None:
+    """``value`` of config key ``key``, when given, must be an existing folder (holding ``what``): checked by the
+    adapters' ``check`` so a mistyped path fails before a run directory exists. Raises :class:`ConfigError`."""
+    if value and not Path(os.path.expanduser(value)).is_dir():
+        raise ConfigError(f"{key}={value!r} is not a directory; pass the folder holding {what}.")
+
+
 def local_data_dir(data_dir: str | None, *, task: str, copy: str, tree: str) -> Path:
     """``task.data_dir`` with ``~`` expanded; :class:`ConfigError` when unset or not an existing folder, showing the
     layout ``tree`` of the local ``copy`` (e.g. "COCO 2017") the task ``task`` reads. Adapters call it from their
     ``check`` so a mistyped path fails before a run directory exists."""
     if not data_dir:
         raise ConfigError(f"task {task!r} needs task.data_dir=PATH, a local {copy} copy laid out as:\n{tree}")
-    path = Path(os.path.expanduser(data_dir))
-    if not path.is_dir():
-        raise ConfigError(f"task.data_dir={data_dir!r} is not a directory; pass the folder holding a local {copy} "
-                          f"copy (task {task!r}).")
-    return path
+    check_directory("task.data_dir", data_dir, f"a local {copy} copy (task {task!r})")
+    return Path(os.path.expanduser(data_dir))

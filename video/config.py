@@ -152,7 +152,7 @@ def _check_pair(key: str, pair, *, low: float, high: float | None = None) -> tup
 def check(cfg: RunConfig) -> None:
     """Refuse impossible video settings before any run directory or W&B run exists (``TaskAdapter.check``)."""
     from transfer.backbones import BACKBONES
-    from transfer.config import check_directory
+    from transfer.data_settings import check_directory
 
     task: VideoTaskConfig = cfg.task
     check_directory("task.data_dir", task.data_dir, "a Kinetics copy (layouts: docs/video.md)")

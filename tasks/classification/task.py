@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import weakref
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -30,6 +29,7 @@ from tasks.classification.metrics import SCORERS, classification_metrics
 from tasks.classification.protocols import PROTOCOLS, FinetuneProtocolConfig
 from tasks.classification.rows import concat
 from transfer.backbones import Backbone, build_backbone_from_config
+from transfer.data_settings import check_directory
 from transfer.engine import (
     autocast_dtype,
     build_trainer,
@@ -64,10 +64,8 @@ def check(cfg) -> None:
                           f"protocol={cfg.protocol.name}. Fine-tuning takes task.preprocess=auto (the protocol's "
                           "own test input; protocol=finetune's is the papers' resize 256 / centre crop 224) or "
                           "checkpoint (the checkpoint's own resolution and crop).")
-    if cfg.task.data_dir and not Path(cfg.task.data_dir).expanduser().is_dir():
-        raise ConfigError(f"task.data_dir={cfg.task.data_dir!r} is not a directory; pass the folder holding a copy "
-                          f"of {cfg.task.dataset} (layouts: docs/classification.md, or python -m transfer.run --help "
-                          f"task={cfg.task.name}).")
+    check_directory("task.data_dir", cfg.task.data_dir, f"a copy of {cfg.task.dataset} (layouts: "
+                    f"docs/classification.md, or python -m transfer.run --help task={cfg.task.name})")
 
 
 def finetune_input(cfg, backbone: Backbone) -> tuple[int, float, str]:

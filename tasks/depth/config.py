@@ -117,7 +117,7 @@ def check(cfg: RunConfig) -> None:
     backbone with the decoder, ``protocol=frozen`` (or ``protocol.freeze_backbone=true``) keeps it fixed. The
     fine-tune protocol has no other key.
     """
-    from transfer.config import check_directory
+    from transfer.data_settings import check_directory
 
     data_root(cfg.task)
     check_directory("task.data_dir", cfg.task.data_dir, "a NYU Depth v2 copy (layouts: docs/depth.md)")

@@ -8,7 +8,6 @@ directory or W&B run exists. The translation of these settings into a detectron2
 """
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.detection.data import LAYOUTS, check_data
-from transfer.data_settings import check_data_settings
+from transfer.data_settings import check_data_settings, local_data_dir
 from transfer.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -169,13 +168,8 @@ def check(cfg: RunConfig) -> None:
             raise ConfigError(f"task.{key}={value} exceeds the {levels} levels of backbone {spec.name!r} "
                               f"(0 trains every level, {levels} fixes all of them).")
     check_base_config(task.base_config, detectron2=detectron2_available())
-    if not task.data_dir:
-        layout = LAYOUTS.get(task.dataset)
-        raise ConfigError(f"task {task.name!r} needs task.data_dir=PATH, a local {layout.name} copy laid out as:\n"
-                          f"{layout.tree}")
-    if not Path(os.path.expanduser(task.data_dir)).is_dir():
-        raise ConfigError(f"task.data_dir={task.data_dir!r} is not a directory. Point it at a local "
-                          f"{task.dataset} copy laid out as:\n{LAYOUTS.get(task.dataset).tree}")
+    layout = LAYOUTS.get(task.dataset)
+    local_data_dir(task.data_dir, task=task.name, copy=layout.name, tree=layout.tree)
     device = detection_device(cfg)
     amp_enabled(cfg.trainer.precision, device)
     n = world_size(cfg)

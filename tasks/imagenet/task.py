@@ -48,7 +48,7 @@ class ImageNetTaskConfig:
     def __post_init__(self) -> None:
         if not self.data_dir:
             raise ConfigError(f"task=imagenet needs task.data_dir=PATH, a local copy of ImageNet-1k:\n{EXPECTED_TREE}")
-        from transfer.config import check_directory
+        from transfer.data_settings import check_directory
 
         check_directory("task.data_dir", self.data_dir, "a copy of ImageNet-1k (val/<wnid>/*.JPEG folders, or a "
                         "Hugging Face copy of ILSVRC/imagenet-1k)")

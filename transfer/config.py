@@ -205,8 +205,13 @@ def _schema_defaults(schema: type) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(schema), resolve=False)
 
 
+_REGISTERED: tuple | None = None  # what register_recipes last stored: the registries' entries
+
+
 def register_recipes() -> None:
-    """Register the recipes that come from code in Hydra's ConfigStore (see the module docstring); idempotent."""
+    """Register the recipes that come from code in Hydra's ConfigStore (see the module docstring); idempotent.
+    Every compose calls it: it stores again only when the backbone or task registry changed since the last call."""
+    global _REGISTERED
     from hydra.core.config_store import ConfigStore
 
     from transfer.backbones import BACKBONES
@@ -214,6 +219,9 @@ def register_recipes() -> None:
 
     load_adapters()
     store = ConfigStore.instance()
+    registered = (tuple(BACKBONES.names()), tuple((n, id(TASKS.get(n))) for n in TASKS.names()))
+    if registered == _REGISTERED and "backbone" in store.repo:
+        return
     backbone = _schema_defaults(BackboneConfig)
     for name in BACKBONES.names():
         store.store(group="backbone", name=name, node={**backbone, "name": name})
@@ -225,6 +233,7 @@ def register_recipes() -> None:
     store.store(group="schema", name="trainer", node=_schema_defaults(TrainerConfig))
     store.store(group="trainer", name="default", node=_schema_defaults(TrainerConfig))
     store.store(group="logger", name="wandb", node=_schema_defaults(LoggerConfig))
+    _REGISTERED = registered
 
 
 def recipe_names(group: str) -> list[str]:

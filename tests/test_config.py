@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from detection_copies import detection_data_overrides
+from omegaconf import OmegaConf
 
 from transfer.backbones import BACKBONES
 from transfer.config import RunConfig, compose, recipe_names, validate
@@ -161,3 +162,48 @@ def test_valid_keys_of_a_type_error_are_the_schema_fields_only():
         validate(compose(["protocol=linear", "protocol.l2_min=abc"]))
     listed = str(err.value).split("valid keys: ")[1]
     assert listed.startswith("name, l2_min,") and "PUBLISHED_KEYS" not in listed and "shard_images" in listed, listed
+
+
+def test_a_rewritten_task_recipe_names_its_new_adapter(tmp_path, monkeypatch):
+    """task_adapter and default_choice parse a recipe once per version of the file: a rewrite is read again."""
+    import transfer.config as config
+
+    (tmp_path / "task").mkdir()
+    recipe = tmp_path / "task" / "mine.yaml"
+    recipe.write_text("name: mine\nadapter: classification\n")
+    (tmp_path / "config.yaml").write_text("defaults:\n  - task: mine\n  - _self_\n")
+    monkeypatch.setattr(config, "RECIPES_DIR", tmp_path)
+    assert (config.task_adapter("mine"), config.default_choice("task")) == ("classification", "mine")
+    recipe.write_text("name: mine\nadapter: video\n")
+    (tmp_path / "config.yaml").write_text("defaults:\n  - task: yours\n  - _self_\n")
+    assert (config.task_adapter("mine"), config.default_choice("task")) == ("video", "yours")
+    recipe.write_text("name: mine\n")
+    with pytest.raises(ConfigError, match="has no 'adapter' key"):
+        config.task_adapter("mine")
+
+
+def test_composing_from_the_live_config_store_gives_the_same_config(monkeypatch):
+    """compose reads Hydra's ConfigStore itself instead of a deep copy per compose (_share_config_store): the config
+    is the one a copy gives, and a node stored after the first compose is seen by the next."""
+    import copy
+
+    from hydra.core.config_store import ConfigStore
+
+    import transfer.config as config
+
+    overrides = ["task=cifar100", "protocol=knn", "backbone=rs101", "trainer.max_epochs=3"]
+    shared = compose(overrides)
+    store = ConfigStore.instance()
+    assert copy.deepcopy(store) is store
+    monkeypatch.delattr(ConfigStore, "__deepcopy__")
+    monkeypatch.setattr(config, "_share_config_store", lambda store_class: None)
+    assert copy.deepcopy(store) is not store
+    assert OmegaConf.to_container(compose(overrides)) == OmegaConf.to_container(shared)
+    monkeypatch.undo()
+    assert copy.deepcopy(store) is store
+    trainer = {**OmegaConf.to_container(shared.trainer), "max_epochs": 7}
+    store.store(group="trainer", name="live_store_test", node=trainer)
+    try:
+        assert compose(["trainer=live_store_test"]).trainer.max_epochs == 7
+    finally:
+        del store.repo["trainer"]["live_store_test.yaml"]

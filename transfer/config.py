@@ -14,6 +14,7 @@ task adapter's own schema: :func:`compose` turns it into ``protocol=<adapter>/NA
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +209,19 @@ def _schema_defaults(schema: type) -> dict:
 _REGISTERED: tuple | None = None  # what register_recipes last stored: the registries' entries
 
 
+def _share_config_store(store_class: type) -> None:
+    """Make a deep copy of Hydra's ConfigStore the store itself (it is a singleton).
+
+    Hydra 1.3 deep-copies its config repository at every compose (``CachingConfigRepository``), and with it the
+    whole ConfigStore the repository's structured-config source holds: every backbone, protocol and schema node
+    registered here, about a fifth of a compose's time. That copy is only read during the compose (a node is
+    deep-copied again when it is loaded), so reading the live store gives the same config; later Hydra versions
+    read the live store there themselves (facebookresearch/hydra pull request 2928). A Hydra whose ConfigStore
+    defines its own ``__deepcopy__`` is left alone."""
+    if "__deepcopy__" not in vars(store_class):
+        store_class.__deepcopy__ = lambda self, memo: self
+
+
 def register_recipes() -> None:
     """Register the recipes that come from code in Hydra's ConfigStore (see the module docstring); idempotent.
     Every compose calls it: it stores again only when the backbone or task registry changed since the last call."""
@@ -218,6 +232,7 @@ def register_recipes() -> None:
     from transfer.tasks import TASKS, load_adapters
 
     load_adapters()
+    _share_config_store(ConfigStore)
     store = ConfigStore.instance()
     registered = (tuple(BACKBONES.names()), tuple((n, id(TASKS.get(n))) for n in TASKS.names()))
     if registered == _REGISTERED and "backbone" in store.repo:
@@ -257,21 +272,43 @@ def recipe_names(group: str) -> list[str]:
     return sorted({*stored, *(p.stem for p in (RECIPES_DIR / group).glob("*.yaml"))})
 
 
+def _file_version(path: Path) -> tuple[str, int, int, int]:
+    """``path`` with its inode, modification time (ns) and size: a cache key that changes when the file is rewritten
+    (in place or replaced)."""
+    stat = path.stat()
+    return str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=256)
+def _recipe_adapter(path: str, inode: int, mtime_ns: int, size: int) -> str | None:
+    """The ``adapter:`` value of task recipe ``path`` as read at that version (one YAML parse per version: every
+    compose asks for it several times)."""
+    adapter = OmegaConf.load(path).get("adapter")
+    return str(adapter) if adapter else None
+
+
+@functools.lru_cache(maxsize=16)
+def _recipe_defaults(path: str, inode: int, mtime_ns: int, size: int) -> tuple[tuple[str, str], ...]:
+    """``(group, choice)`` of every mapping in the defaults list of primary config ``path`` at that version."""
+    return tuple((str(k), str(v)) for d in OmegaConf.load(path).defaults if isinstance(d, DictConfig)
+                 for k, v in d.items())
+
+
 def task_adapter(task: str) -> str:
     """The adapter named by task recipe ``task`` (its ``adapter:`` key); :class:`UnknownNameError` for no recipe."""
     path = RECIPES_DIR / "task" / f"{task}.yaml"
     if not path.is_file():
         raise UnknownNameError("task", task, recipe_names("task"), hint=f"Recipes live in {RECIPES_DIR / 'task'}.")
-    adapter = OmegaConf.load(path).get("adapter")
+    adapter = _recipe_adapter(*_file_version(path))
     if not adapter:
         raise ConfigError(f"task recipe {str(path)!r} has no 'adapter' key.")
-    return str(adapter)
+    return adapter
 
 
 def default_choice(group: str) -> str:
     """The choice of ``group`` in recipes/config.yaml's defaults list (``protocol``: ``<adapter>/<name>``)."""
-    return next(str(d[group]) for d in OmegaConf.load(RECIPES_DIR / "config.yaml").defaults
-                if isinstance(d, DictConfig) and group in d)
+    return next(choice for key, choice in _recipe_defaults(*_file_version(RECIPES_DIR / "config.yaml"))
+                if key == group)
 
 
 def adapter_protocols(task: str) -> dict[str, type]:
@@ -439,6 +476,7 @@ def compose(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"could not compose the configuration from {overrides}: {e}") from None
 
 
+@functools.cache  # a schema's annotations are fixed; every validate asks for each section's
 def _nested_schemas(schema: type) -> dict[str, type]:
     """The fields of dataclass ``schema`` whose type is itself a dataclass (``logger.wandb``)."""
     import typing
@@ -483,10 +521,17 @@ def field_names(schema: type) -> list[str]:
     return [f.name for f in dataclasses.fields(schema)]
 
 
+@functools.cache
+def _structured(schema: type) -> DictConfig:
+    """``OmegaConf.structured(schema)``, built once per schema: only ever the first, deep-copied argument of
+    ``OmegaConf.merge`` (never changed itself)."""
+    return OmegaConf.structured(schema)
+
+
 def _typed(schema: type, node: Any, where: str, **hints: Any) -> Any:
     unknown_keys(schema, node, where, **hints)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        merged = OmegaConf.merge(_structured(schema), node)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]

@@ -1,5 +1,4 @@
 """Every recipe composes into a valid typed config; bad input fails before any data or model work."""
-import functools
 from pathlib import Path
 
 import pytest
@@ -7,17 +6,16 @@ from detection_copies import detection_data_overrides
 from omegaconf import OmegaConf
 
 from transfer.backbones import BACKBONES
-from transfer.config import RunConfig, compose, recipe_names, validate
+from transfer.config import RunConfig, adapter_protocols, compose, recipe_names, task_adapter, validate
 from transfer.errors import ConfigError
 from transfer.registry import UnknownNameError
 from transfer.run import main
-from transfer.tasks import TASKS, load_adapters
 
 
-@functools.cache  # each call composes the task's recipe; the tests below ask for every task's list many times
 def _protocols(task: str) -> dict[str, type]:
-    load_adapters()
-    return dict(TASKS.get(str(compose([f"task={task}"]).task.adapter)).protocols)
+    """The protocols of the adapter task recipe ``task`` names (read from the recipe, no compose; that a composed
+    recipe names that adapter is checked by test_every_task_recipe_composes)."""
+    return adapter_protocols(task)
 
 
 def _first_protocol(task: str) -> str:
@@ -26,14 +24,17 @@ def _first_protocol(task: str) -> str:
 
 @pytest.mark.parametrize("task", recipe_names("task"))
 def test_every_task_recipe_composes(task, tmp_path):
+    adapter = task_adapter(task)
     overrides = [f"task={task}", f"protocol={_first_protocol(task)}"]
     if task != "digits":  # every other task reads a local copy; config checks only that one is named
-        adapter = str(compose([f"task={task}"]).task.adapter)
         # detection checks its copy's layout and classes before a run starts: give it a tiny real one
         overrides += (detection_data_overrides(task, tmp_path) if adapter == "detection"
                       else [f"task.data_dir={tmp_path}"])
-    cfg = validate(compose(overrides))
+    raw = compose(overrides)
+    assert raw.task.adapter == adapter and raw.protocol.name == _first_protocol(task)
+    cfg = validate(raw)
     assert isinstance(cfg, RunConfig) and cfg.task.name == task
+    assert isinstance(cfg.protocol, _protocols(task)[_first_protocol(task)])
 
 
 @pytest.mark.parametrize("backbone", recipe_names("backbone"))

@@ -1,6 +1,8 @@
 """Detection settings, data layout checks and the detectron2 requirement: most run without detectron2."""
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import shutil
 import subprocess
@@ -12,7 +14,7 @@ import pytest
 from tasks.detection import requirement, schema
 from tasks.detection.data import LAYOUTS, check_layout, split_classes
 from tasks.detection.schema import DetectionTaskConfig
-from transfer.config import compose, recipe_names, validate
+from transfer.config import RunConfig, compose, recipe_names, task_adapter, validate
 from transfer.errors import ConfigError, DataError, TransferError
 from transfer.registry import UnknownNameError
 from transfer.run import main
@@ -20,7 +22,19 @@ from transfer.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[3]
 VOC_CLASSES = "task.class_names=[red,blue]"  # the classes of the conftest's VOC-layout copy
-DETECTION_RECIPES = tuple(t for t in recipe_names("task") if compose([f"task={t}"]).task.adapter == "detection")
+# (every recipe composes naming the adapter its YAML names: tests/test_config.py::test_every_task_recipe_composes)
+DETECTION_RECIPES = tuple(t for t in recipe_names("task") if task_adapter(t) == "detection")
+
+
+@functools.cache
+def _validated_once(overrides: tuple[str, ...]) -> RunConfig:
+    return validate(compose(list(overrides)))
+
+
+def _validated(*overrides: str) -> RunConfig:
+    """``validate(compose(overrides))``, composed once per distinct list in this module (several tests check the
+    same recipe); each caller gets its own deep copy."""
+    return copy.deepcopy(_validated_once(overrides))
 
 
 def _task(**kw) -> DetectionTaskConfig:
@@ -38,14 +52,14 @@ def test_every_detection_recipe_is_found():
 @pytest.mark.parametrize("protocol", ["finetune", "frozen"])
 def test_recipes_compose_with_both_protocols(recipe, protocol, voc_root, coco_root):
     data = (f"task.data_dir={coco_root}",) if recipe.startswith("coco") else (f"task.data_dir={voc_root}", VOC_CLASSES)
-    cfg = validate(compose([f"task={recipe}", f"protocol={protocol}", *data]))
+    cfg = _validated(f"task={recipe}", f"protocol={protocol}", *data)
     assert isinstance(cfg.task, DetectionTaskConfig)
     assert cfg.protocol.name == protocol
     assert cfg.task.train_splits and cfg.task.test_split
 
 
 def test_recipes_default_to_finetune(voc_root):
-    cfg = validate(compose(["task=voc_detection", f"task.data_dir={voc_root}", VOC_CLASSES]))
+    cfg = _validated("task=voc_detection", f"task.data_dir={voc_root}", VOC_CLASSES)
     assert cfg.protocol.name == "finetune"
 
 
@@ -79,19 +93,21 @@ def test_results_record_only_the_protocol_keys_detection_uses(voc_root):
     # neither recorded in results.json's protocol_config nor accepted when changed.
     from transfer.results import protocol_config
 
-    base = ["task=voc_detection", f"task.data_dir={voc_root}", VOC_CLASSES]
-    assert protocol_config(validate(compose(base))) == {"name": "finetune", "freeze_backbone": False}
-    assert protocol_config(validate(compose([*base, "protocol=frozen"]))) == {"name": "frozen"}
+    data = [f"task.data_dir={voc_root}", VOC_CLASSES]
+    base = ["task=voc_detection", *data]
+    assert protocol_config(_validated(*base)) == {"name": "finetune", "freeze_backbone": False}
+    assert protocol_config(_validated("task=voc_detection", "protocol=frozen", *data)) == {"name": "frozen"}
     # the solver is detectron2's (task.solver, task.opts): the fine-tune protocol has no training value
     with pytest.raises(ConfigError, match=r"unknown key 'protocol.lr'.*Valid keys of protocol: name, freeze_backbone"):
         validate(compose([*base, "protocol.lr=0.5"]))
 
 
 def test_frozen_levels_follow_the_protocol(voc_root):
-    base = ["task=voc_detection_ssl_transfer", f"task.data_dir={voc_root}", VOC_CLASSES]
-    assert schema.frozen_levels(validate(compose(base))) == 2
-    assert schema.frozen_levels(validate(compose([*base, "protocol=frozen"]))) == 4  # ssl-transfer FREEZE_AT 4
-    everything = validate(compose(["task=voc_detection", "protocol=frozen", f"task.data_dir={voc_root}", VOC_CLASSES]))
+    data = [f"task.data_dir={voc_root}", VOC_CLASSES]
+    assert schema.frozen_levels(_validated("task=voc_detection_ssl_transfer", *data)) == 2
+    # ssl-transfer FREEZE_AT 4
+    assert schema.frozen_levels(_validated("task=voc_detection_ssl_transfer", "protocol=frozen", *data)) == 4
+    everything = _validated("task=voc_detection", "protocol=frozen", *data)
     assert schema.frozen_levels(everything) == 5
 
 

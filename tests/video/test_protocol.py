@@ -17,6 +17,13 @@ def _cfg(tmp_path, *overrides):
     return validate(compose([*SMALL, f"task.data_dir={tmp_path}", *overrides]))
 
 
+def _meta_classifier(cfg, num_classes: int = 3):
+    """``build_classifier`` on the meta device: the real network's modules and settings, no weights computed (for
+    checks of structure and flags; a test that runs the network builds it for real)."""
+    with torch.device("meta"):
+        return build_classifier(cfg, num_classes=num_classes)
+
+
 def _stage_rates(model) -> list[list[float]]:
     from video.inflate import stage_modules
 
@@ -32,7 +39,7 @@ def _stage_rates(model) -> list[list[float]]:
 def test_backbone_drop_path_rate_reaches_the_drop_path_modules_of_the_video_model(overrides, rate, tmp_path):
     cfg = _cfg(tmp_path, *overrides)
     assert cfg.backbone.drop_path_rate == rate
-    stages = _stage_rates(build_classifier(cfg, num_classes=3))
+    stages = _stage_rates(_meta_classifier(cfg))
     # Model Garden's per-stage rule: rate x (i + 2) / 5, the same for every block of a stage.
     assert [s[0] for s in stages] == pytest.approx(stage_drop_path_rates(rate, 4))
     assert all(len(set(s)) == 1 for s in stages)
@@ -76,7 +83,7 @@ def test_freeze_backbone_trains_only_the_head_and_keeps_the_backbone_statistics(
 
 def test_without_freeze_the_backbone_trains(tmp_path):
     cfg = _cfg(tmp_path)
-    model = build_classifier(cfg, num_classes=3)
+    model = _meta_classifier(cfg)
     VideoModule(model, cfg.protocol, eval_labels=[0], train_videos=1, global_batch=2,
                 check_train=lambda failed: None).train()
     assert all(p.requires_grad for p in model.backbone.parameters()) and model.backbone.training

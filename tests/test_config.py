@@ -183,9 +183,10 @@ def test_a_rewritten_task_recipe_names_its_new_adapter(tmp_path, monkeypatch):
         config.task_adapter("mine")
 
 
-def test_composing_from_the_live_config_store_gives_the_same_config(monkeypatch):
-    """compose reads Hydra's ConfigStore itself instead of a deep copy per compose (_share_config_store): the config
-    is the one a copy gives, and a node stored after the first compose is seen by the next."""
+def test_the_compose_savings_leave_the_config_unchanged(monkeypatch):
+    """compose reads Hydra's ConfigStore itself instead of a deep copy per compose (_share_config_store) and
+    composes Hydra's unused logging setups from their empty recipes (HYDRA_OVERRIDES): the config is the one
+    Hydra's defaults give, and a node stored after the first compose is seen by the next."""
     import copy
 
     from hydra.core.config_store import ConfigStore
@@ -195,9 +196,10 @@ def test_composing_from_the_live_config_store_gives_the_same_config(monkeypatch)
     overrides = ["task=cifar100", "protocol=knn", "backbone=rs101", "trainer.max_epochs=3"]
     shared = compose(overrides)
     store = ConfigStore.instance()
-    assert copy.deepcopy(store) is store
+    assert copy.deepcopy(store) is store and config.HYDRA_OVERRIDES
     monkeypatch.delattr(ConfigStore, "__deepcopy__")
     monkeypatch.setattr(config, "_share_config_store", lambda store_class: None)
+    monkeypatch.setattr(config, "HYDRA_OVERRIDES", ())
     assert copy.deepcopy(store) is not store
     assert OmegaConf.to_container(compose(overrides)) == OmegaConf.to_container(shared)
     monkeypatch.undo()

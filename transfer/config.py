@@ -448,6 +448,12 @@ def protocol_overrides(overrides: list[str]) -> list[str]:
     return out
 
 
+# Hydra composes its own settings (the hydra node) with every config; only @hydra.main applies its two logging
+# setups, which compose() never does, and the run config leaves the hydra node out: their empty recipes spare
+# every compose reading and merging two YAML files (bench/bench_config.py). "hydra" is no key a user may set.
+HYDRA_OVERRIDES = ("hydra/job_logging=none", "hydra/hydra_logging=none")
+
+
 def compose(overrides: list[str]) -> DictConfig:
     """Compose ``recipes/config.yaml`` with ``key=value`` overrides, once; interpolations resolved.
 
@@ -469,7 +475,7 @@ def compose(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=hydra_overrides)
+            cfg = hydra_compose(config_name="config", overrides=[*HYDRA_OVERRIDES, *hydra_overrides])
         OmegaConf.resolve(cfg)
         return cfg
     except (HydraException, OmegaConfBaseException) as e:

@@ -99,7 +99,8 @@ def test_a_paper_finetune_run_sweeps_refits_on_train_val_and_tests(tmp_path, par
 def test_finetune_input_follows_task_preprocess():
     from transfer.backbones import build_backbone
 
-    backbone = build_backbone("rs50", weights="random")  # its own test input: 160 px, crop 0.875
+    with torch.device("meta"):  # only its spec is read: the network's structure, no weights computed
+        backbone = build_backbone("rs50", weights="random")  # its own test input: 160 px, crop 0.875
 
     def sizes(*overrides):
         cfg = validate(compose(["task=cifar100", "logger.wandb.mode=disabled", *overrides]))

@@ -16,7 +16,7 @@ from detection_copies import detection_data_overrides
 from suite_helpers import QUICK, REPO, fake_task, run_cli
 
 from transfer.backbones import BACKBONES
-from transfer.config import compose, recipe_names, validate
+from transfer.config import compose, recipe_names, task_adapter, validate
 from transfer.errors import ConfigError, WeightsError
 from transfer.results import read_results, tidy_metric
 from transfer.run import JobOutcome, main, sweep_summary
@@ -33,6 +33,7 @@ def _one_error_line(capsys) -> str:
 # --- 2. unknown keys ------------------------------------------------------------------------------------------------
 
 def test_a_misspelt_group_exits_2_naming_the_valid_key(tmp_path):
+    # The one test of `python -m transfer.run` itself in a fresh process (exit status, stderr); the others call main().
     proc = run_cli("protocl=knn", f"run.root={tmp_path / 'runs'}", cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "unknown key 'protocl'" in proc.stderr and "Did you mean protocol=knn?" in proc.stderr
@@ -354,7 +355,7 @@ def test_every_adapter_still_composes_after_the_key_checks(tmp_path):
     """The unknown-key check must not refuse a key some task's schema has (every recipe composes)."""
     load_adapters()
     for task in recipe_names("task"):
-        adapter = str(compose([f"task={task}"]).task.adapter)
+        adapter = task_adapter(task)  # the recipe's adapter: key
         protocol = next(iter(TASKS.get(adapter).protocols))
         data = (detection_data_overrides(task, tmp_path / task) if adapter == "detection"
                 else [f"task.data_dir={tmp_path}"])

@@ -381,3 +381,13 @@ def test_lists_of_floats_in_extra_are_tidy_too(tmp_path, monkeypatch):
     extra = json.loads((tmp_path / "run" / "results.json").read_text())["extra"]
     assert extra["l2_curve"] == [[1e-4, 80.0], [3.162278e-05, 96.66666]] and extra["note"] == "kept"
     assert extra["search"] == {"scores": [0.3]} and extra["best_l2"] == 1e-4
+
+
+@pytest.mark.e2e
+def test_startup_bench_times_every_refusal_next_to_import_torch():
+    proc = subprocess.run([sys.executable, "bench/bench_startup.py", "--repeats", "1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("import ", "transfer.run "))]
+    assert len(rows) == 5 and all(line.rstrip().endswith("x") for line in rows), proc.stdout
+    assert "expected" not in proc.stdout, proc.stdout  # every refusal exited 2, every import 0

@@ -222,4 +222,3 @@ def recipe_used(task: VideoTaskConfig, o: VideoFinetuneProtocolConfig, module: V
         "eval_size": task.eval_size, "views": [task.test_clips, task.test_crops],
         "inflation": dataclasses.asdict(task.inflation), "self_gating": "2*sigmoid, zero-initialised (identity)",
     }
-

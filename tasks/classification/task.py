@@ -421,4 +421,3 @@ PROTOCOL_RUNNERS = {"linear": run_linear, "knn": run_knn, "finetune": run_finetu
 
 def run(ctx: RunContext) -> TaskOutput:
     return PROTOCOL_RUNNERS[ctx.cfg.protocol.name](ctx)
-

@@ -124,4 +124,3 @@ def _run(ctx: RunContext, seen: dict) -> TaskOutput:
                              "units": {"test/delta1": "%", "test/delta2": "%", "test/delta3": "%", "test/rms": "m"},
                              "eigen_crop_default": list(EIGEN_CROP), "resumed_from": ckpt,
                              "scan_examples": (train.examples + test.examples)[:20], **progress_of(trainer)})
-

@@ -16,7 +16,7 @@ from detection_copies import detection_data_overrides
 from suite_helpers import QUICK, REPO, fake_task, run_cli
 
 from transfer.backbones import BACKBONES
-from transfer.config import compose, recipe_names, validate
+from transfer.config import compose, recipe_names, task_adapter, validate
 from transfer.errors import ConfigError, WeightsError
 from transfer.results import read_results, tidy_metric
 from transfer.run import JobOutcome, main, sweep_summary
@@ -33,6 +33,7 @@ def _one_error_line(capsys) -> str:
 # --- 2. unknown keys ------------------------------------------------------------------------------------------------
 
 def test_a_misspelt_group_exits_2_naming_the_valid_key(tmp_path):
+    # The one test of `python -m transfer.run` itself in a fresh process (exit status, stderr); the others call main().
     proc = run_cli("protocl=knn", f"run.root={tmp_path / 'runs'}", cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "unknown key 'protocl'" in proc.stderr and "Did you mean protocol=knn?" in proc.stderr
@@ -354,7 +355,7 @@ def test_every_adapter_still_composes_after_the_key_checks(tmp_path):
     """The unknown-key check must not refuse a key some task's schema has (every recipe composes)."""
     load_adapters()
     for task in recipe_names("task"):
-        adapter = str(compose([f"task={task}"]).task.adapter)
+        adapter = task_adapter(task)  # the recipe's adapter: key
         protocol = next(iter(TASKS.get(adapter).protocols))
         data = (detection_data_overrides(task, tmp_path / task) if adapter == "detection"
                 else [f"task.data_dir={tmp_path}"])
@@ -380,3 +381,13 @@ def test_lists_of_floats_in_extra_are_tidy_too(tmp_path, monkeypatch):
     extra = json.loads((tmp_path / "run" / "results.json").read_text())["extra"]
     assert extra["l2_curve"] == [[1e-4, 80.0], [3.162278e-05, 96.66666]] and extra["note"] == "kept"
     assert extra["search"] == {"scores": [0.3]} and extra["best_l2"] == 1e-4
+
+
+@pytest.mark.e2e
+def test_startup_bench_times_every_refusal_next_to_import_torch():
+    proc = subprocess.run([sys.executable, "bench/bench_startup.py", "--repeats", "1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("import ", "transfer.run "))]
+    assert len(rows) == 5 and all(line.rstrip().endswith("x") for line in rows), proc.stdout
+    assert "expected" not in proc.stdout, proc.stdout  # every refusal exited 2, every import 0

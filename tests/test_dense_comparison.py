@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.depth.task import METRICS as DEPTH_METRICS
+from tasks.depth.metrics import METRICS as DEPTH_METRICS
 from transfer.baselines import baselines_for
 from transfer.compare import assess
 from transfer.report import build_comparison, markdown_table, task_rows

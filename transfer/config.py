@@ -160,6 +160,16 @@ def check_accelerator(cfg: TrainerConfig) -> None:
                           "use trainer.accelerator=auto or cpu.")
 
 
+def resolve_accelerator(cfg: TrainerConfig) -> str:
+    """``trainer.accelerator`` with ``auto`` resolved: ``cuda`` where a CUDA device is visible, else ``cpu``."""
+    import torch
+
+    if cfg.accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_accelerator(cfg)
+    return cfg.accelerator
+
+
 # Variables set by the launchers Lightning understands (torchrun, SLURM, MPI, LSF) or by hand per node.
 LAUNCHER_VARIABLES = ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "LSB_JOBID", "MASTER_ADDR")
 

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from transfer.config import TrainerConfig, check_accelerator
+from transfer.config import TrainerConfig, resolve_accelerator
 from transfer.errors import ConfigError, TransferError
 from transfer.io import atomic_path
 from transfer.reproducible import ReproducibleEpochs
@@ -36,13 +36,6 @@ def cpu_supports_bf16() -> bool:
     cpu = torch.cpu
     return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-def resolve_accelerator(cfg: TrainerConfig) -> str:
-    if cfg.accelerator == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    check_accelerator(cfg)
-    return cfg.accelerator
 
 
 def resolve_precision(cfg: TrainerConfig, accelerator: str) -> str:

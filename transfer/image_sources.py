@@ -327,15 +327,28 @@ def load_parquet_splits(root: Path, by_split: dict[str, list[str]], layouts: str
 
 
 def _load_hub(hub_id: str, layouts: str):
+    """``datasets.load_dataset(hub_id)``; any failure is a :class:`DataError` naming ``hub_id`` and ``layouts``.
+
+    An unreachable Hub fails at once, like :func:`transfer.weights.download_hub`: the Hub client would retry
+    five times with back-off (about 23 s, printing two lines each time) before its own error. A data set whose
+    card is already in the Hub cache goes to ``datasets`` anyway, which falls back to its cached copy.
+    """
     import datasets
+    from huggingface_hub import try_to_load_from_cache
+
+    from transfer.weights import check_reachable
 
     try:
+        if not datasets.config.HF_HUB_OFFLINE and not isinstance(
+                try_to_load_from_cache(hub_id, "README.md", repo_type="dataset"), str):
+            check_reachable(datasets.config.HF_ENDPOINT)
         return datasets.load_dataset(hub_id)
     except Exception as e:  # noqa: BLE001 - offline, unknown id, loading-script repos: one actionable message
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise DataError(f"could not load the Hugging Face data set {hub_id!r} ({type(e).__name__}: {first}). "
                         f"Without network access, or if the id is wrong, download a copy and pass "
-                        f"task.data_dir=PATH (or another id as task.hub_id=ID). Accepted layouts:\n{layouts}") from None
+                        f"task.data_dir=PATH (or another id as task.hub_id=ID); a copy already in the Hugging "
+                        f"Face cache loads with HF_HUB_OFFLINE=1. Accepted layouts:\n{layouts}") from None
 
 
 def _column(ds, wanted: str, kind: str, origin: str) -> str:

@@ -2,7 +2,7 @@
 
 Every other protocol schema belongs to its adapter (``TaskAdapter.protocols``: protocol name -> schema): the
 classification probes and fine-tuning in ``tasks/classification/protocols.py``, the 3D fine-tuning recipe in
-``video/config.py``, ``eval`` in ``tasks/imagenet/task.py``. A schema's defaults are its published recipe; it is
+``video/config.py``, ``eval`` in ``tasks/imagenet/config.py``. A schema's defaults are its published recipe; it is
 registered in Hydra's ConfigStore as ``protocol/<adapter>/<name>`` (:func:`transfer.config.register_recipes`),
 so ``protocol=NAME`` composes the task adapter's own schema.
 

@@ -22,7 +22,6 @@ from transfer.baselines import load_baselines
 from transfer.compare import assess, log_comparison
 from transfer.config import RunConfig, check_top_level_keys, compose, validate
 from transfer.console import setup_logging
-from transfer.engine import seed_everything
 from transfer.errors import ConfigError, TransferError
 from transfer.protocols import config_protocol_label
 from transfer.registry import UnknownNameError
@@ -125,6 +124,8 @@ def run_one(overrides: list[str], *, sweep_index: int | None = None) -> dict:
                            config={**names, **config_tree(cfg)})
         ctx = RunContext(cfg=cfg, run_dir=run_dir, logger=logger, record=record)
         # The one place a run is seeded (torch, numpy, random, and the DataLoader workers): adapters do not reseed.
+        from transfer.engine import seed_everything  # Lightning: imported once a run starts, not to refuse a value
+
         seed_everything(cfg.trainer)
         try:
             output = TASKS.get(cfg.task.adapter).run(ctx)

@@ -96,8 +96,10 @@ class TaskAdapter:
 
 TASKS: Registry[TaskAdapter] = Registry("task adapter")
 
-# Adapter modules register themselves on import; each may need optional packages only when it runs.
-ADAPTER_MODULES = ("tasks.classification", "tasks.imagenet", "tasks.detection", "video.task", "tasks.segmentation",
+# Adapter modules register themselves on import; each may need optional packages only when it runs. Every compose
+# loads them all, so each imports its schemas and checks only, and its training code (Lightning, timm) when it runs:
+# a refused value then costs little more than `import torch` (tests/test_import_graph.py, bench/bench_startup.py).
+ADAPTER_MODULES = ("tasks.classification", "tasks.imagenet", "tasks.detection", "video", "tasks.segmentation",
                    "tasks.depth")
 
 

@@ -10,10 +10,13 @@ from transfer.data_settings import check_data_settings
 from transfer.errors import ConfigError
 from video.data import LAYOUTS
 from video.inflate import InflationConfig
-from video.transforms import TRAIN_CROPS
 
 if TYPE_CHECKING:
     from transfer.config import RunConfig
+
+# How a training clip is cropped (video.transforms.build_train_transform); here, not there, so that validating a
+# config needs no torchvision.
+TRAIN_CROPS = ("resized", "jitter")
 
 
 @dataclass

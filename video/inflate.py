@@ -15,12 +15,11 @@ either crash deep in a forward pass or, worse, compute something else.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from timm.layers import DropPath, SelectAdaptivePool2d, SEModule
-from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from transfer.errors import ConfigError
@@ -29,10 +28,18 @@ from video.layers import GlobalAvgPool3d, SelfGating3d, SqueezeExcite3d
 INFLATION_MODES = ("mean", "center")
 SELF_GATING = ("none", "last", "all")
 
-# Layer types that work unchanged on (B, C, T, H, W) tensors once their 2D children are converted.
-_DIM_FREE = (nn.Sequential, nn.Identity, nn.Dropout, nn.Flatten, nn.Linear, DropPath, ResNet, Bottleneck,
-             BasicBlock, nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, nn.AvgPool3d, SqueezeExcite3d, SelfGating3d,
-             GlobalAvgPool3d)
+
+@functools.cache
+def _dim_free() -> tuple[type, ...]:
+    """Layer types that work unchanged on (B, C, T, H, W) tensors once their 2D children are converted. timm is
+    imported here, not with the module: the video schema (``InflationConfig``) is read by config validation."""
+    from timm.layers import DropPath
+    from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    return (nn.Sequential, nn.Identity, nn.Dropout, nn.Flatten, nn.Linear, DropPath, ResNet, Bottleneck, BasicBlock,
+            nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, nn.AvgPool3d, SqueezeExcite3d, SelfGating3d, GlobalAvgPool3d)
+
+
 _DIM_FREE_MODULES = ("torch.nn.modules.activation", "timm.layers.activations", "timm.layers.activations_me")
 
 
@@ -158,6 +165,8 @@ def _temporal_plan(model: nn.Module, cfg: InflationConfig) -> tuple[dict[int, tu
 
 def _convert(module: nn.Module, plan: dict[int, tuple[int, int]], mode: str) -> nn.Module:
     """Return the 3D version of ``module`` (converted in place where its type is kept)."""
+    from timm.layers import SelectAdaptivePool2d, SEModule
+
     kind = type(module)
     if kind is nn.Conv2d:
         time, stride = plan.get(id(module), (1, 1))
@@ -180,6 +189,8 @@ def _convert(module: nn.Module, plan: dict[int, tuple[int, int]], mode: str) -> 
 
 def _block_channels(block: nn.Module) -> int:
     """Output channels of a residual block: those of its last residual-branch conv."""
+    from timm.models.resnet import BasicBlock, Bottleneck
+
     last = {Bottleneck: "conv3", BasicBlock: "conv2"}.get(type(block))
     if last is None:
         raise ConfigError(f"self-gating needs timm Bottleneck or BasicBlock blocks; got {type(block).__name__}. "
@@ -199,7 +210,7 @@ def _add_self_gating(stages: list[nn.Module], where: str) -> None:
 
 def _check_all_3d(model: nn.Module) -> None:
     for name, m in model.named_modules():
-        if isinstance(m, _DIM_FREE) or type(m).__module__ in _DIM_FREE_MODULES:
+        if isinstance(m, _dim_free()) or type(m).__module__ in _DIM_FREE_MODULES:
             continue
         raise ConfigError(f"cannot inflate layer {name or '<root>'!r} of type {type(m).__module__}.{type(m).__name__}: "
                           "it is not a known 2D layer with a 3D form. Supported: Conv2d, BatchNorm2d, MaxPool2d, "

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from transfer.config import RECIPES_DIR
 from transfer.engine import build_trainer, resume_path
 from transfer.errors import DataError
-from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput, attach_output
-from video.config import VideoFinetuneProtocolConfig, VideoTaskConfig, check
+from transfer.tasks import RunContext, TaskOutput, attach_output
+from video.config import VideoFinetuneProtocolConfig, VideoTaskConfig
 from video.data import ClipSpec, TrainClips, VideoList, check_bad_fraction, load_split
 from video.model import VideoClassifier, build_video_backbone
 from video.module import VideoData, VideoModule, WarmupEMA
@@ -222,9 +222,3 @@ def recipe_used(task: VideoTaskConfig, o: VideoFinetuneProtocolConfig, module: V
         "eval_size": task.eval_size, "views": [task.test_clips, task.test_crops],
         "inflation": dataclasses.asdict(task.inflation), "self_gating": "2*sigmoid, zero-initialised (identity)",
     }
-
-
-# protocol=finetune is the 3D training recipe (video.config.VideoFinetuneProtocolConfig); the name is the image
-# tasks' so runs land in <backbone>-finetune and match the published fine-tune / from-scratch rows.
-TASKS.add("video", TaskAdapter(config_class=VideoTaskConfig, run=run, check=check, metrics=("test/top1", "test/top5"),
-                               protocols={"finetune": VideoFinetuneProtocolConfig}))

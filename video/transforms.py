@@ -12,8 +12,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from transfer.errors import ConfigError
-
-TRAIN_CROPS = ("resized", "jitter")
+from video.config import TRAIN_CROPS
 
 
 class ToModelInput:

@@ -1,12 +1,14 @@
-"""Typed settings of a classification task recipe (recipes/task/<name>.yaml)."""
+"""Typed settings of a classification task recipe (recipes/task/<name>.yaml) and :func:`check`, the checks of the
+whole run config that the classification adapter makes before any run directory exists."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transfer.data_settings import check_data_settings
+from transfer.data_settings import check_data_settings, check_directory
 from transfer.errors import ConfigError
 
 METRICS = ("top1", "mean_per_class")
+FROZEN = ("linear", "knn")  # the frozen-feature protocols
 # auto: "paper" for linear and k-NN on the data sets of the SimCLR / BYOL / ssl-transfer tables, else "checkpoint".
 PREPROCESS = ("auto", "paper", "checkpoint")
 
@@ -56,3 +58,14 @@ class ClassificationTaskConfig:
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             raise ConfigError(f"task.max_image_pixels={self.max_image_pixels} must be a positive pixel count, "
                               "or null for Pillow's limit.")
+
+
+def check(cfg) -> None:
+    """Checks of the whole run config that need no data (called by ``transfer.config.validate``)."""
+    if cfg.task.preprocess == "paper" and cfg.protocol.name not in FROZEN:
+        raise ConfigError(f"task.preprocess=paper applies to the frozen protocols ({', '.join(FROZEN)}), not "
+                          f"protocol={cfg.protocol.name}. Fine-tuning takes task.preprocess=auto (the protocol's "
+                          "own test input; protocol=finetune's is the papers' resize 256 / centre crop 224) or "
+                          "checkpoint (the checkpoint's own resolution and crop).")
+    check_directory("task.data_dir", cfg.task.data_dir, f"a copy of {cfg.task.dataset} (layouts: "
+                    f"docs/classification.md, or python -m transfer.run --help task={cfg.task.name})")

@@ -20,16 +20,15 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from timm.data import create_transform
 from torch.utils.data import ConcatDataset
 
-from tasks.classification.config import ClassificationTaskConfig
+from tasks.classification.config import FROZEN
 from tasks.classification.datasets import DATASETS, SPECS, Splits, Transformed
 from tasks.classification.features import cache_key, cache_path, digest, extract_split
 from tasks.classification.finetune import ClassificationData, FinetuneModule
 from tasks.classification.linear import NEAR_TIE_MARGIN, fit_logistic, l2_grid, near_ties, search_l2
 from tasks.classification.metrics import SCORERS, classification_metrics
-from tasks.classification.protocols import PROTOCOLS, FinetuneProtocolConfig
+from tasks.classification.protocols import FinetuneProtocolConfig
 from tasks.classification.rows import concat
 from transfer.backbones import Backbone, build_backbone_from_config
-from transfer.data_settings import check_directory
 from transfer.engine import (
     autocast_dtype,
     build_trainer,
@@ -37,12 +36,10 @@ from transfer.engine import (
     resolve_accelerator,
     resume_path,
 )
-from transfer.errors import ConfigError
 from transfer.image_sources import check_damage, items_digest, labels_of
-from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
+from transfer.tasks import RunContext, TaskOutput
 
 log = logging.getLogger(__name__)
-FROZEN = ("linear", "knn")
 # Data sets of the SimCLR (arXiv 2002.05709, Table 8 / App. B.8), BYOL (arXiv 2006.07733, Table 3 / App. D.2) and
 # ssl-transfer (linear.py) many-shot tables: their frozen-feature rows use the "paper" preprocessing.
 PAPER_DATASETS = frozenset(SPECS)
@@ -55,17 +52,6 @@ def preprocess_of(cfg) -> str:
     if cfg.task.preprocess != "auto":
         return cfg.task.preprocess
     return "paper" if cfg.protocol.name in FROZEN and cfg.task.dataset in PAPER_DATASETS else "checkpoint"
-
-
-def check(cfg) -> None:
-    """Checks of the whole run config that need no data (called by ``transfer.config.validate``)."""
-    if cfg.task.preprocess == "paper" and cfg.protocol.name not in FROZEN:
-        raise ConfigError(f"task.preprocess=paper applies to the frozen protocols ({', '.join(FROZEN)}), not "
-                          f"protocol={cfg.protocol.name}. Fine-tuning takes task.preprocess=auto (the protocol's "
-                          "own test input; protocol=finetune's is the papers' resize 256 / centre crop 224) or "
-                          "checkpoint (the checkpoint's own resolution and crop).")
-    check_directory("task.data_dir", cfg.task.data_dir, f"a copy of {cfg.task.dataset} (layouts: "
-                    f"docs/classification.md, or python -m transfer.run --help task={cfg.task.name})")
 
 
 def finetune_input(cfg, backbone: Backbone) -> tuple[int, float, str]:
@@ -435,8 +421,3 @@ PROTOCOL_RUNNERS = {"linear": run_linear, "knn": run_knn, "finetune": run_finetu
 
 def run(ctx: RunContext) -> TaskOutput:
     return PROTOCOL_RUNNERS[ctx.cfg.protocol.name](ctx)
-
-
-TASKS.add("classification", TaskAdapter(config_class=ClassificationTaskConfig, run=run, check=check,
-                                        protocols=PROTOCOLS,
-                                        metrics=("test/top1", "test/top5", "test/mean_per_class")))

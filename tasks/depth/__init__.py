@@ -1,6 +1,23 @@
 """Monocular depth estimation transfer on NYU Depth v2 (``task=nyu_depth``), trained by the shared Lightning engine.
 
-Importing this package registers the ``depth`` task adapter. Reading the labelled ``.mat`` release needs
-h5py, imported only when such a copy is read.
+Importing this package registers the ``depth`` task adapter (schema and checks: :mod:`tasks.depth.config`, no
+training library); the training itself (:mod:`tasks.depth.task`: Lightning) is imported when a run starts. Reading
+the labelled ``.mat`` release needs h5py, imported only when such a copy is read.
 """
-from tasks.depth import task as _registers_adapter  # noqa: F401
+from tasks.depth.config import DepthTaskConfig, check
+from tasks.depth.metrics import LOWER_IS_BETTER, METRICS
+from transfer.protocols import FrozenProtocolConfig, RecipeFinetuneProtocolConfig
+from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
+
+
+def run(ctx: RunContext) -> TaskOutput:
+    """Train the FCRN head (and the backbone, unless frozen) and test on NYU (:func:`tasks.depth.task.run`)."""
+    from tasks.depth.task import run as train_and_test
+
+    return train_and_test(ctx)
+
+
+# task.optim holds the training values: the fine-tune protocol only says whether the backbone trains.
+TASKS.add("depth", TaskAdapter(config_class=DepthTaskConfig, run=run, check=check,
+                               protocols={"finetune": RecipeFinetuneProtocolConfig, "frozen": FrozenProtocolConfig},
+                               metrics=METRICS, lower_is_better=tuple(f"test/{m}" for m in LOWER_IS_BETTER)))

@@ -13,6 +13,17 @@ if TYPE_CHECKING:
 
 SOURCES = ("auto", "mat", "png")
 DEPTH_FIELDS = ("depths", "rawDepths")
+# What task.data_dir holds, named in every error about the copy (here, not in data.py: checking a config needs no
+# torchvision).
+NYU_LAYOUT = """\
+<data_dir>/ holding either the labelled release (task.source=mat) ...
+  nyu_depth_v2_labeled.mat   MATLAB v7.3 (HDF5): images N x 3 x 640 x 480 uint8, depths N x 640 x 480 metres;
+                             reading it needs h5py (pip install h5py)
+  splits.mat                 the official split: trainNdxs (795 frames), testNdxs (654 frames), 1-based
+... or PNG exports (task.source=png), e.g. BTS's official_splits export:
+  train.txt, test.txt        one frame per line: "<rgb path> <depth path> [...]", relative to data_dir
+  <rgb path>                 8-bit RGB JPEG or PNG
+  <depth path>               16-bit greyscale PNG, depth in millimetres (task.depth_scale=1000), 0 = no depth"""
 
 
 @dataclass
@@ -105,8 +116,6 @@ class DepthTaskConfig:
 
 
 def data_root(task: DepthTaskConfig) -> Path:
-    from tasks.depth.data import NYU_LAYOUT
-
     return local_data_dir(task.data_dir, task=task.name, copy="NYU Depth v2", tree=NYU_LAYOUT)
 
 

@@ -23,21 +23,11 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from tasks.depth.config import DepthAugmentConfig, DepthTaskConfig
+from tasks.depth.config import NYU_LAYOUT, DepthAugmentConfig, DepthTaskConfig
 from transfer.errors import DataError
 from transfer.images import ImageDecodeError, ImageTooLargeError, decode_image, oriented_size
 
 log = logging.getLogger(__name__)
-
-NYU_LAYOUT = """\
-<data_dir>/ holding either the labelled release (task.source=mat) ...
-  nyu_depth_v2_labeled.mat   MATLAB v7.3 (HDF5): images N x 3 x 640 x 480 uint8, depths N x 640 x 480 metres;
-                             reading it needs h5py (pip install h5py)
-  splits.mat                 the official split: trainNdxs (795 frames), testNdxs (654 frames), 1-based
-... or PNG exports (task.source=png), e.g. BTS's official_splits export:
-  train.txt, test.txt        one frame per line: "<rgb path> <depth path> [...]", relative to data_dir
-  <rgb path>                 8-bit RGB JPEG or PNG
-  <depth path>               16-bit greyscale PNG, depth in millimetres (task.depth_scale=1000), 0 = no depth"""
 
 # MATLAB v7.3 files are HDF5 files behind a 512-byte header that starts with this text.
 MAT73_MAGIC = b"MATLAB 7.3 MAT-file"

@@ -20,6 +20,7 @@ import torch
 
 METRIC_NAMES = ("delta1", "delta2", "delta3", "rel", "sq_rel", "rms", "rms_log", "log10")
 LOWER_IS_BETTER = ("rel", "sq_rel", "rms", "rms_log", "log10")
+METRICS = tuple(f"test/{m}" for m in METRIC_NAMES)  # the adapter's metric keys
 # Eigen crop as (top, bottom, left, right), exclusive ends, in a frame of EIGEN_FRAME (height, width).
 EIGEN_CROP = (45, 471, 41, 601)
 EIGEN_FRAME = (480, 640)

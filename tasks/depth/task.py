@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from tasks.depth.config import DepthTaskConfig, check, data_root
+from tasks.depth.config import data_root
 from tasks.depth.data import DepthFrames, frame_error, load_splits
-from tasks.depth.metrics import EIGEN_CROP, LOWER_IS_BETTER, METRIC_NAMES
+from tasks.depth.metrics import EIGEN_CROP
 from tasks.depth.model import DepthModel
 from tasks.depth.module import DepthData, DepthModule
 from transfer.backbones import build_backbone_from_config
 from transfer.engine import build_trainer, progress_of, resume_path
 from transfer.errors import DataError, TransferError
-from transfer.protocols import FrozenProtocolConfig, RecipeFinetuneProtocolConfig
-from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput, attach_output
+from transfer.tasks import RunContext, TaskOutput, attach_output
 
-METRICS = tuple(f"test/{m}" for m in METRIC_NAMES)
 # Recorded as extra.head: the published NYU rows (BYOL App. D.6) carry the condition head=fcrn.
 HEAD = "fcrn"
 # BYOL App. D.6 (the published NYU rows): 7,500 steps at batch 256.
@@ -126,9 +124,3 @@ def _run(ctx: RunContext, seen: dict) -> TaskOutput:
                              "units": {"test/delta1": "%", "test/delta2": "%", "test/delta3": "%", "test/rms": "m"},
                              "eigen_crop_default": list(EIGEN_CROP), "resumed_from": ckpt,
                              "scan_examples": (train.examples + test.examples)[:20], **progress_of(trainer)})
-
-
-# task.optim holds the training values: the fine-tune protocol only says whether the backbone trains.
-TASKS.add("depth", TaskAdapter(config_class=DepthTaskConfig, run=run, check=check,
-                               protocols={"finetune": RecipeFinetuneProtocolConfig, "frozen": FrozenProtocolConfig},
-                               metrics=METRICS, lower_is_better=tuple(f"test/{m}" for m in LOWER_IS_BETTER)))

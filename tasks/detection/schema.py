@@ -209,7 +209,7 @@ def check_base_config(name: str, *, detectron2: bool) -> None:
 
 
 def detection_device(cfg: RunConfig) -> str:
-    from transfer.engine import resolve_accelerator
+    from transfer.config import resolve_accelerator
 
     device = resolve_accelerator(cfg.trainer)
     return "cuda" if device in ("cuda", "gpu") else device

@@ -22,6 +22,7 @@ from timm.data import ImageNetInfo
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
+from tasks.imagenet.config import EXPECTED_TREE
 from transfer.errors import DataError
 from transfer.image_sources import HubRows, load_parquet_splits, parquet_splits, read_saved_dataset
 from transfer.images import TooLarge, Undecodable, load_image
@@ -30,16 +31,6 @@ from transfer.images import TooLarge, Undecodable, load_image
 WNIDS: tuple[str, ...] = tuple(ImageNetInfo("imagenet-1k").label_names())
 WNID_RE = re.compile(r"^n\d{8}$")
 HF_SPLITS = {"val": "validation", "train": "train"}  # our split name -> the Hugging Face copy's
-
-EXPECTED_TREE = """\
-  DATA_DIR/
-    val/
-      n01440764/ILSVRC2012_val_00000293.JPEG
-      n01440764/...
-      n01443537/...
-      ... (1000 wnid folders, 50,000 images)
-or a Hugging Face copy of ILSVRC/imagenet-1k: a datasets.save_to_disk folder, or its parquet files
-(DATA_DIR/data/validation-*.parquet)."""
 
 
 class ImageNetFolder(ImageFolder):

@@ -12,54 +12,22 @@ skipped, named in the log, counted (``counts.undecodable_images``) and checked a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import ClassVar
 
 import lightning as L
 import torch
 from timm.data import create_transform
 from torchmetrics.classification import MulticlassAccuracy
 
-from tasks.imagenet.data import EXPECTED_TREE, WNIDS, build_imagenet
+from tasks.imagenet.config import ImageNetTaskConfig
+from tasks.imagenet.data import WNIDS, build_imagenet
 from transfer.backbones import BACKBONES, build_backbone_from_config
-from transfer.data_settings import check_data_settings
 from transfer.engine import build_trainer
-from transfer.errors import ConfigError, DataError, WeightsError
+from transfer.errors import DataError, WeightsError
 from transfer.images import PaddedToRanks, collate_images, gather_names, unpack
 from transfer.loaders import build_loader
-from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
+from transfer.tasks import RunContext, TaskOutput
 
-SPLITS = ("val", "train")
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ImageNetTaskConfig:
-    name: str = "imagenet"
-    adapter: str = "imagenet"
-    data_dir: str | None = None  # val/<wnid>/*.JPEG tree, or a Hugging Face copy of ILSVRC/imagenet-1k
-    split: str = "val"
-    resolution: int | None = None  # default: the checkpoint's own test resolution
-    allow_partial: bool = False  # evaluate even when some of the 1000 class folders are missing
-    # Undecodable images above this fraction stop the run (0.001 of the 50,000 val images: 50 at most).
-    max_bad_fraction: float = 0.001
-    max_image_pixels: int | None = None  # images above this are refused as too large; default Pillow's limit
-
-    def __post_init__(self) -> None:
-        if not self.data_dir:
-            raise ConfigError(f"task=imagenet needs task.data_dir=PATH, a local copy of ImageNet-1k:\n{EXPECTED_TREE}")
-        from transfer.data_settings import check_directory
-
-        check_directory("task.data_dir", self.data_dir, "a copy of ImageNet-1k (val/<wnid>/*.JPEG folders, or a "
-                        "Hugging Face copy of ILSVRC/imagenet-1k)")
-        if self.split not in SPLITS:
-            raise ConfigError(f"task.split={self.split!r}; valid: {', '.join(SPLITS)}.")
-        if self.resolution is not None and self.resolution < 32:
-            raise ConfigError(f"task.resolution={self.resolution} is too small; use 32 or more, or leave it unset.")
-        check_data_settings(max_bad_fraction=self.max_bad_fraction)
-        if self.max_image_pixels is not None and self.max_image_pixels < 1:
-            raise ConfigError(f"task.max_image_pixels={self.max_image_pixels} must be a positive pixel count, "
-                              "or null for Pillow's limit.")
 
 
 class ClassifierEval(L.LightningModule):
@@ -146,18 +114,3 @@ def _check_damage(undecodable: set[str], total: int, task: ImageNetTaskConfig) -
                         f"task.max_bad_fraction={task.max_bad_fraction}; e.g. {examples}. Re-download the damaged "
                         "files, or raise task.max_bad_fraction to score the rest.")
     log.warning("%s: skipped %d undecodable image(s) of %d, e.g. %s", task.data_dir, len(undecodable), total, examples)
-
-
-@dataclass
-class PretrainedEvalConfig:
-    """Evaluate the checkpoint's own classifier as it is: nothing is trained. Its published counterpart is the
-    baselines file's ``supervised`` rows (the checkpoint's own ImageNet accuracy)."""
-
-    FROZEN: ClassVar[bool] = True  # random weights score nothing published
-    BASELINE_PROTOCOL: ClassVar[str] = "supervised"  # the baselines file's name for this measurement
-
-    name: str = "eval"
-
-
-TASKS.add("imagenet", TaskAdapter(config_class=ImageNetTaskConfig, run=run, protocols={"eval": PretrainedEvalConfig},
-                                  metrics=tuple(f"{s}/top{k}" for s in SPLITS for k in (1, 5))))

@@ -153,7 +153,7 @@ def is_frozen(cfg: RunConfig) -> bool:
 
 
 def device_of(cfg: RunConfig) -> str:
-    from transfer.engine import resolve_accelerator
+    from transfer.config import resolve_accelerator
 
     device = resolve_accelerator(cfg.trainer)
     return "cuda" if device in ("cuda", "gpu") else device

@@ -7,7 +7,6 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
-import timm
 import torch
 
 from transfer.backbones.contract import Backbone
@@ -39,6 +38,8 @@ def build_backbone(name: str, *, weights: str = "pretrained", strict: bool = Tru
     (and at least one) come from the file. What was loaded is logged and kept in ``Backbone.weights.load``
     (:class:`transfer.weights.LoadReport`).
     """
+    import timm  # here, not at import: the registry (and config validation) needs no timm
+
     spec = BACKBONES.get(name)
     model = timm.create_model(spec.arch, pretrained=False, drop_path_rate=drop_path_rate, **spec.arch_kwargs)
     if weights == "random":
@@ -73,6 +74,8 @@ def check_weights(name: str, *, weights: str = "pretrained", strict: bool = True
     before the task starts). The state dict read is kept for the next :func:`build_backbone` of the same file,
     which then does not read it again. Raises :class:`WeightsError`.
     """
+    import timm
+
     spec = BACKBONES.get(name)
     if weights == "random":
         return WeightsInfo("random")

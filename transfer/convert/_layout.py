@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 
-import timm
 import torch
 
 from transfer.errors import WeightsError
@@ -13,6 +12,8 @@ from transfer.weights import diff_state_dict
 @functools.lru_cache(maxsize=4)
 def timm_layout(arch: str) -> dict[str, torch.Size]:
     """Key -> shape of a freshly built timm ``arch`` (no weights are downloaded). Treat as read-only."""
+    import timm  # here, not at import: the backbone registry imports the converters
+
     model = timm.create_model(arch, pretrained=False)
     return {k: v.shape for k, v in model.state_dict().items()}
 

@@ -21,16 +21,18 @@ import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from timm.layers import get_attn
-from timm.models.resnet import Bottleneck, ResNet
 
 from transfer.convert import CONVERTERS, ConverterSpec
 from transfer.convert.tf_checkpoint import TFCheckpoint, extract_checkpoint_tarball, find_checkpoint_prefix
 from transfer.errors import WeightsError
 from transfer.io import sha256_file
 from transfer.weights import diff_state_dict, read_state_dict, write_safetensors
+
+if TYPE_CHECKING:  # type only
+    from timm.models.resnet import ResNet
 
 # Blocks per stage (tensorflow/tpu models/official/resnet/resnet_model.py, ``resnet`` model_params;
 # the same in timm's resnetrs* definitions).
@@ -63,6 +65,9 @@ def entry_name(depth: int, res: int) -> str:
 def build_resnet_rs(layers: tuple[int, ...], **kwargs) -> ResNet:
     """timm's ResNet-RS at any block layout (timm resnet.py ``resnetrs*``: deep 32-wide stem, stride-2
     conv instead of the stem max-pool, avg-pool shortcuts, SE with rd_ratio 0.25)."""
+    from timm.layers import get_attn  # here, not at import: the backbone registry imports this module
+    from timm.models.resnet import Bottleneck, ResNet
+
     attn = partial(get_attn("se"), rd_ratio=0.25)
     return ResNet(block=Bottleneck, layers=tuple(layers), stem_width=32, stem_type="deep",
                   replace_stem_pool=True, avg_down=True, block_args=dict(attn_layer=attn), **kwargs)

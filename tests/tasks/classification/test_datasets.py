@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 from collections import Counter
 
 import numpy as np
@@ -71,13 +72,77 @@ def test_unknown_layout_lists_the_accepted_ones(tmp_path):
     assert "save_to_disk" in str(err.value) and "parquet" in str(err.value) and "ImageFolder" in str(err.value)
 
 
-def test_unreachable_hub_names_the_id_and_the_layouts(monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = ClassificationTaskConfig(name="cifar100", dataset="cifar100", hub_id="no-such-owner/no-such-set-xyz")
+HUB_ID = "no-such-owner/no-such-set-xyz"
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """The Hub endpoint is a local port nothing listens on, and the Hub cache an empty folder.
+
+    ``datasets`` and ``huggingface_hub`` read HF_HUB_OFFLINE / HF_ENDPOINT / HF_HUB_CACHE once, at their import,
+    so the test sets the values they read at call time instead of the environment (which would do nothing once
+    an earlier test imported them)."""
+    import datasets
+    from huggingface_hub import constants
+
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return port
+
+
+def hub_config() -> ClassificationTaskConfig:
+    return ClassificationTaskConfig(name="cifar100", dataset="cifar100", hub_id=HUB_ID)
+
+
+def test_unreachable_hub_fails_at_once_naming_the_id_and_the_layouts(unreachable_hub, monkeypatch):
+    import datasets
+
+    # Before the Hub client is asked (it retries five times with back-off, ~23 s, before its own error).
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the Hub client was asked"))
     with pytest.raises(DataError) as err:
-        DATASETS.get("cifar100")(cfg)
-    assert "no-such-owner/no-such-set-xyz" in str(err.value) and "task.data_dir" in str(err.value)
+        DATASETS.get("cifar100")(hub_config())
+    text = str(err.value)
+    assert HUB_ID in text and f"cannot reach 127.0.0.1:{unreachable_hub}" in text
+    assert "task.data_dir" in text and "HF_HUB_OFFLINE=1" in text and "ImageFolder" in text
+
+
+def test_offline_mode_names_the_id_and_the_layouts(unreachable_hub, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+    with pytest.raises(DataError) as err:
+        DATASETS.get("cifar100")(hub_config())  # the real datasets.load_dataset: no copy in its cache
+    text = str(err.value)
+    assert HUB_ID in text and "task.data_dir" in text and "ImageFolder" in text
+
+
+def test_a_data_set_in_the_hub_cache_goes_to_datasets_with_the_hub_unreachable(unreachable_hub, tmp_path,
+                                                                               monkeypatch):
+    """``datasets`` falls back to its cached copy when the Hub is unreachable: the quick refusal must not
+    stand in its way for a data set loaded before (its card is in the Hub cache)."""
+    import datasets
+
+    snapshot = tmp_path / "hub" / f"datasets--{HUB_ID.replace('/', '--')}"
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("0" * 40)
+    (snapshot / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (snapshot / "snapshots" / ("0" * 40) / "README.md").write_text("---\n---\n")
+    asked = []
+
+    def load_dataset(path, *a, **k):
+        asked.append(path)
+        raise ConnectionError("no cached copy either")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError, match="no cached copy either"):
+        DATASETS.get("cifar100")(hub_config())
+    assert asked == [HUB_ID]
 
 
 def test_data_set_without_a_hub_copy_asks_for_data_dir():

@@ -143,12 +143,15 @@ def test_ade20k_end_to_end_with_a_damaged_image(seg, tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*")), "the run is logged to W&B (offline)"
 
 
-def test_a_missing_copy_is_one_line_with_the_layout(tmp_path):
+def test_a_missing_copy_is_one_line_with_the_layout(tmp_path, capsys):
+    from transfer.run import main
+
     # Random weights: pretrained ones are resolved (and, offline, refused) before any data work.
-    out = run_cli("task=ade20k", f"task.data_dir={tmp_path}", "backbone.weights=random", "logger.wandb.mode=disabled",
-                  f"run.root={tmp_path}", cwd=tmp_path)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "annotations/training/ADE_train_<n>.png" in out.stderr
+    code = main(["task=ade20k", f"task.data_dir={tmp_path}", "backbone.weights=random", "logger.wandb.mode=disabled",
+                 f"run.root={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "error: task.data_dir=" in err and "annotations/training/ADE_train_<n>.png" in err, err
     assert not list(tmp_path.rglob("results.json"))
 
 

@@ -18,9 +18,10 @@ def _cpus() -> int:
 
 
 # In an xdist worker (set before this file is imported, so before torch, numpy and OpenBLAS start their thread
-# pools), each worker gets its share of the cores: two workers each running torch on every core of a 2-core
-# machine made the suite slower than one process. The variables reach the processes tests start too
-# (python -m transfer.run; Lightning's DDP keeps an OMP_NUM_THREADS it finds). A value already set is kept.
+# pools), each worker gets its share of the cores instead of a thread per core each (two workers on two cores
+# would run four busy threads; tests/tasks/detection/conftest.py measured one thread faster on shared cores). The
+# variables reach the processes tests start too (python -m transfer.run; Lightning's DDP keeps an OMP_NUM_THREADS
+# it finds). A value already set is kept.
 XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
 if XDIST_WORKERS:
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -31,12 +32,14 @@ import torch  # noqa: E402  (after the thread settings above)
 if XDIST_WORKERS:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-# `-n auto`: one worker per core, at most MAX_WORKERS, and no more than the memory holds at GIB_PER_WORKER each. A
-# worker's peak is its largest test (a full-size ResNet-RS or a Mask R-CNN on one, with its gradients: ~2-3 GB);
-# past 8 workers the longest test files and each worker's own collection of the suite bound the time, not the
-# cores. PYTEST_XDIST_AUTO_NUM_WORKERS=N, or -n N, chooses for yourself; -n 0 runs in this one process.
+# `-n auto`: one worker per core, at most MAX_WORKERS, and no more than the machine's memory holds at GIB_PER_WORKER
+# each. A worker's peak is its largest test with the processes it starts: measured with -n 2 -m e2e (proportional
+# set size, shared pages split), 6.2 GiB at most, a DDP fine-tune (two ranks beside their launcher); non-e2e
+# workers peaked at 2.6 GB (largest process, RSS). Past 8 workers the longest test files and each worker's
+# start-up bound the time, not the cores. PYTEST_XDIST_AUTO_NUM_WORKERS=N, or -n N, chooses for yourself; -n 0 runs
+# in this one process.
 MAX_WORKERS = 8
-GIB_PER_WORKER = 4
+GIB_PER_WORKER = 6
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; without xdist it is never called

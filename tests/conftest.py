@@ -22,6 +22,11 @@ def _cpus() -> int:
 # would run four busy threads; tests/tasks/detection/conftest.py measured one thread faster on shared cores). The
 # variables reach the processes tests start too (python -m transfer.run; Lightning's DDP keeps an OMP_NUM_THREADS
 # it finds). A value already set is kept.
+UNREACHABLE = "http://unreachable.invalid"  # never resolves: downloads fail fast on every machine
+# huggingface_hub and datasets read the endpoint once, when a test module first imports them (before any fixture
+# runs): set it here so in-process code never sees the real Hub either; _isolated_env sets it again for each test.
+os.environ["HF_ENDPOINT"] = UNREACHABLE
+
 XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
 if XDIST_WORKERS:
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -53,7 +58,6 @@ def pytest_xdist_auto_num_workers(config) -> int | None:
 # TRANSFER_REQUIRE_DETECTRON2=1 (tests/needs_detectron2.py).
 pytest_plugins = ["needs_detectron2"]
 
-UNREACHABLE = "http://unreachable.invalid"  # never resolves: downloads fail fast on every machine
 CHECKOUT_RUNS = Path(__file__).resolve().parent.parent / "runs"  # run.root's default, seen from the checkout
 
 

@@ -64,13 +64,20 @@ def field_comments(lines: list[str], indent: str | None = None) -> dict[str, str
 
 
 def schema_comments(schema: type) -> dict[str, str]:
-    """Comments of a config dataclass's fields, read from its source (empty when the source is not available)."""
-    try:
-        body = inspect.getsource(schema).splitlines()[1:]
-    except (OSError, TypeError):
-        return {}
-    body = [line for line in body if not line.strip().startswith(('"""', "@"))]
-    return field_comments(body)
+    """Comments of a config dataclass's fields, read from its source and, for inherited fields, its dataclass bases'
+    (depth's protocols share their SGD fields); empty where the source is not available."""
+    out: dict[str, str] = {}
+    for cls in schema.__mro__:
+        if not dataclasses.is_dataclass(cls):
+            continue
+        try:
+            body = inspect.getsource(cls).splitlines()[1:]
+        except (OSError, TypeError):
+            continue
+        body = [line for line in body if not line.strip().startswith(('"""', "@"))]
+        for key, text in field_comments(body).items():
+            out.setdefault(key, text)  # the class's own comment wins over a base's
+    return out
 
 
 def recipe_text(group: str, name: str) -> tuple[str, dict[str, str]]:

@@ -64,8 +64,10 @@ def field_comments(lines: list[str], indent: str | None = None) -> dict[str, str
 
 
 def schema_comments(schema: type) -> dict[str, str]:
-    """Comments of a config dataclass's fields, read from its source and, for inherited fields, its dataclass bases'
-    (depth's protocols share their SGD fields); empty where the source is not available."""
+    """Comments of a config dataclass's fields, each read from the source of the class that declares it: the schema
+    itself, or for an inherited field the dataclass base it comes from (depth's protocols share their SGD fields). A
+    field the schema declares again takes only its own comment (a base's would describe the base's value). Empty
+    where the source is not available."""
     out: dict[str, str] = {}
     for cls in schema.__mro__:
         if not dataclasses.is_dataclass(cls):
@@ -73,11 +75,11 @@ def schema_comments(schema: type) -> dict[str, str]:
         try:
             body = inspect.getsource(cls).splitlines()[1:]
         except (OSError, TypeError):
-            continue
-        body = [line for line in body if not line.strip().startswith(('"""', "@"))]
-        for key, text in field_comments(body).items():
-            out.setdefault(key, text)  # the class's own comment wins over a base's
-    return out
+            body = []
+        comments = field_comments([line for line in body if not line.strip().startswith(('"""', "@"))])
+        for key in cls.__dict__.get("__annotations__", {}):
+            out.setdefault(key, comments.get(key, ""))  # the first class in the MRO that declares the field
+    return {key: text for key, text in out.items() if text}
 
 
 def recipe_text(group: str, name: str) -> tuple[str, dict[str, str]]:

@@ -42,7 +42,7 @@ BAD_VALUES = [
      "task.data_dir='{tmp}/missing' is not a directory"),
     (["task=nyu_depth", "task.data_dir={tmp}/missing"], "task.data_dir='{tmp}/missing' is not a directory"),
     (["task=voc_detection", "task.data_dir={tmp}/missing"], "task.data_dir='{tmp}/missing' is not a directory"),
-    (["task=nyu_depth", "task.data_dir={tmp}", "task.optim.momentum=-1"], "task.optim.momentum=-1"),
+    (["task=nyu_depth", "task.data_dir={tmp}", "protocol.momentum=-1"], "protocol.momentum=-1.0 must be in [0, 1)"),
     (["task=imagenet", "task.data_dir={tmp}/missing"], "task.data_dir='{tmp}/missing' is not a directory"),
     (["task=cifar100", "task.data_dir={tmp}", "task.split_seed=-1"], "task.split_seed=-1 must be in [0, 2**32)"),
     (["protocol=finetune", "protocol.randaugment=nonsense"],
@@ -66,6 +66,16 @@ BAD_VALUES = [
     (["resume_allow_changes=perhaps"], "resume_allow_changes='perhaps'"),
     (["resume=true"], "resume=true but no interrupted run"),
     (["run.dir={tmp}/a-file"], "is not a folder"),
+    # depth's SGD recipe is its own protocol's (tasks/depth/config.py)
+    (["task=nyu_depth", "task.data_dir={tmp}", "protocol.warmup_fraction=1"],
+     "protocol.warmup_fraction=1.0 must be in [0, 1)"),
+    (["task=nyu_depth", "task.data_dir={tmp}", "protocol=frozen", "protocol.lr_reference_batch=0"],
+     "protocol.lr_reference_batch=0 must be at least 1"),
+    (["task=nyu_depth", "task.data_dir={tmp}", "task.optim.lr=0.1"],
+     "The training values (lr, lr_reference_batch, weight_decay, momentum, nesterov, steps, warmup_fraction) are the "
+     "protocol's: set protocol.<key>"),
+    (["task=nyu_depth", "task.data_dir={tmp}", "protocol=frozen", "protocol.freeze_backbone=true"],
+     "Valid keys of protocol: name, lr, lr_reference_batch, weight_decay, momentum, nesterov, steps, warmup_fraction."),
 ]
 
 

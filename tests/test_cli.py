@@ -163,6 +163,24 @@ def test_help_for_one_task_shows_its_keys_with_the_recipes_values(capsys):
     assert "stratified" in out  # the key's own comment is its description
 
 
+def test_help_takes_a_fields_comment_from_the_class_that_declares_it():
+    import dataclasses
+
+    from transfer.usage import schema_comments
+
+    @dataclasses.dataclass
+    class Base:
+        kept: int = 1  # the base's value, with its source
+        redeclared: int = 2  # the base's 2 and why
+
+    @dataclasses.dataclass
+    class Child(Base):
+        redeclared: int = 3
+        own: int = 4  # the child's own
+
+    assert schema_comments(Child) == {"kept": "the base's value, with its source", "own": "the child's own"}
+
+
 def test_help_for_an_unknown_task_is_one_error(capsys):
     assert main(["--help", "task=cifar101"]) == 2
     assert "cifar100" in _one_error_line(capsys)

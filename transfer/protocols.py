@@ -2,7 +2,8 @@
 
 Every other protocol schema belongs to its adapter (``TaskAdapter.protocols``: protocol name -> schema): the
 classification probes and fine-tuning in ``tasks/classification/protocols.py``, the 3D fine-tuning recipe in
-``video/config.py``, ``eval`` in ``tasks/imagenet/config.py``. A schema's defaults are its published recipe; it is
+``video/config.py``, NYU depth's SGD recipe (``finetune``, ``frozen``) in ``tasks/depth/config.py``, ``eval`` in
+``tasks/imagenet/config.py``. A schema's defaults are its published recipe; it is
 registered in Hydra's ConfigStore as ``protocol/<adapter>/<name>`` (:func:`transfer.config.register_recipes`),
 so ``protocol=NAME`` composes the task adapter's own schema.
 
@@ -78,7 +79,7 @@ def protocol_label(name: str, protocol_config: dict | None = None) -> str:
     classification's ``finetune``: ``finetune-frozen``). A frozen and a fine-tuned run therefore never share a run
     folder (``<backbone>-<label>``), a W&B name/job type/``protocol_name``, or a report or suite cell. (Dense tasks'
     ``finetune`` with ``freeze_backbone=true`` already becomes protocol ``frozen``, see
-    :meth:`RecipeFinetuneProtocolConfig.canonical`.)"""
+    :meth:`RecipeFinetuneProtocolConfig.canonical` and depth's ``DepthFinetuneProtocolConfig.canonical``.)"""
     frozen = bool((protocol_config or {}).get("freeze_backbone"))
     return f"{name}{FROZEN_SUFFIX}" if frozen and not name.endswith(("frozen", FROZEN_SUFFIX)) else name
 

@@ -64,13 +64,22 @@ def field_comments(lines: list[str], indent: str | None = None) -> dict[str, str
 
 
 def schema_comments(schema: type) -> dict[str, str]:
-    """Comments of a config dataclass's fields, read from its source (empty when the source is not available)."""
-    try:
-        body = inspect.getsource(schema).splitlines()[1:]
-    except (OSError, TypeError):
-        return {}
-    body = [line for line in body if not line.strip().startswith(('"""', "@"))]
-    return field_comments(body)
+    """Comments of a config dataclass's fields, each read from the source of the class that declares it: the schema
+    itself, or for an inherited field the dataclass base it comes from (depth's protocols share their SGD fields). A
+    field the schema declares again takes only its own comment (a base's would describe the base's value). Empty
+    where the source is not available."""
+    out: dict[str, str] = {}
+    for cls in schema.__mro__:
+        if not dataclasses.is_dataclass(cls):
+            continue
+        try:
+            body = inspect.getsource(cls).splitlines()[1:]
+        except (OSError, TypeError):
+            body = []
+        comments = field_comments([line for line in body if not line.strip().startswith(('"""', "@"))])
+        for key in cls.__dict__.get("__annotations__", {}):
+            out.setdefault(key, comments.get(key, ""))  # the first class in the MRO that declares the field
+    return {key: text for key, text in out.items() if text}
 
 
 def recipe_text(group: str, name: str) -> tuple[str, dict[str, str]]:

@@ -4,9 +4,14 @@ Importing this package registers the ``depth`` task adapter (schema and checks: 
 training library); the training itself (:mod:`tasks.depth.task`: Lightning) is imported when a run starts. Reading
 the labelled ``.mat`` release needs h5py, imported only when such a copy is read.
 """
-from tasks.depth.config import DepthTaskConfig, check
+from tasks.depth.config import (
+    MODEL_KEYS,
+    DepthFinetuneProtocolConfig,
+    DepthFrozenProtocolConfig,
+    DepthTaskConfig,
+    check,
+)
 from tasks.depth.metrics import LOWER_IS_BETTER, METRICS
-from transfer.protocols import FrozenProtocolConfig, RecipeFinetuneProtocolConfig
 from transfer.tasks import TASKS, RunContext, TaskAdapter, TaskOutput
 
 
@@ -17,7 +22,9 @@ def run(ctx: RunContext) -> TaskOutput:
     return train_and_test(ctx)
 
 
-# task.optim holds the training values: the fine-tune protocol only says whether the backbone trains.
+# Both protocols carry BYOL's SGD recipe (tasks.depth.config, with its sources); finetune with
+# freeze_backbone=true is the frozen protocol (DepthFinetuneProtocolConfig.canonical).
 TASKS.add("depth", TaskAdapter(config_class=DepthTaskConfig, run=run, check=check,
-                               protocols={"finetune": RecipeFinetuneProtocolConfig, "frozen": FrozenProtocolConfig},
-                               metrics=METRICS, lower_is_better=tuple(f"test/{m}" for m in LOWER_IS_BETTER)))
+                               protocols={"finetune": DepthFinetuneProtocolConfig, "frozen": DepthFrozenProtocolConfig},
+                               metrics=METRICS, lower_is_better=tuple(f"test/{m}" for m in LOWER_IS_BETTER),
+                               model_keys=MODEL_KEYS))

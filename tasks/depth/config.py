@@ -1,9 +1,11 @@
-"""Typed settings of a monocular-depth recipe (``task=nyu_depth``) and the checks that need no data."""
+"""Typed settings of a monocular-depth recipe (``task=nyu_depth``), the depth adapter's protocols (the SGD recipe
+the decoder, and under ``finetune`` the backbone, train with) and :func:`check`, the checks of the whole run config
+that the depth adapter makes before any run directory exists."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from transfer.data_settings import check_data_settings, local_data_dir
 from transfer.errors import ConfigError
@@ -12,6 +14,8 @@ if TYPE_CHECKING:
     from transfer.config import RunConfig
 
 SOURCES = ("auto", "mat", "png")
+# Config keys that define the trained decoder: a resume that changes one is another run (its checkpoint would not load).
+MODEL_KEYS = ("task.decoder_channels", "task.skip_connections")
 DEPTH_FIELDS = ("depths", "rawDepths")
 # What task.data_dir holds, named in every error about the copy (here, not in data.py: checking a config needs no
 # torchvision).
@@ -26,26 +30,85 @@ NYU_LAYOUT = """\
   <depth path>               16-bit greyscale PNG, depth in millimetres (task.depth_scale=1000), 0 = no depth"""
 
 
-@dataclass
-class DepthOptimConfig:
-    """SGD settings; the learning rate is scaled linearly from ``lr_reference_batch`` to the global batch."""
+# BYOL's NYU schedule (arXiv 2006.07733, App. D.6): 7,500 steps at batch 256. A run that trains another number of
+# steps or at another global batch is not comparable (tasks.depth.task.not_comparable).
+PUBLISHED_STEPS, PUBLISHED_BATCH = 7500, 256
 
-    lr: float = 0.16
-    lr_reference_batch: int = 256
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    nesterov: bool = False
-    steps: int = 7500  # trainer.max_steps=N overrides
-    warmup_fraction: float = 0.05  # linear warmup over this fraction of the steps, then cosine decay to 0
+
+@dataclass
+class DepthTrainingValues:
+    """The SGD recipe both depth protocols train with: SGD with momentum, no weight decay on norms and biases,
+    linear warmup then cosine decay to 0, stepped per batch (:func:`transfer.optim.sgd_warmup_cosine`).
+
+    Defaults are BYOL's NYU recipe (arXiv 2006.07733, App. D.6) unless a comment says otherwise; BYOL gives neither
+    the momentum nor the schedule's shape. The learning rate is ``lr`` at ``lr_reference_batch`` scaled linearly to
+    the actual global batch (``trainer.batch_size`` x devices x nodes). ``steps`` is the schedule's length
+    (``trainer.max_steps=N`` overrides it). :class:`transfer.errors.ConfigError` for a value out of range.
+    """
+
+    name: str
+    lr: float = 0.16  # BYOL D.6: learning rate 0.16 ...
+    lr_reference_batch: int = PUBLISHED_BATCH  # ... at batch size 256; scaled linearly to the actual global batch
+    weight_decay: float = 5e-4  # BYOL D.6: weight decay 0.0005
+    momentum: float = 0.9  # not given by BYOL D.6: the usual SGD momentum
+    nesterov: bool = False  # not given by BYOL D.6: plain momentum
+    steps: int = PUBLISHED_STEPS  # BYOL D.6: 7,500 steps; trainer.max_steps=N overrides
+    # Not given by BYOL D.6 (nor the schedule's shape): this suite's linear warmup over this fraction of the steps,
+    # then cosine decay to 0.
+    warmup_fraction: float = 0.05
 
     def __post_init__(self) -> None:
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"task.optim.momentum={self.momentum} must be in [0, 1).")
-        if self.lr <= 0 or self.weight_decay < 0 or self.lr_reference_batch < 1 or self.steps < 1:
-            raise ConfigError(f"task.optim: lr={self.lr} must be > 0, weight_decay={self.weight_decay} >= 0, "
-                              f"lr_reference_batch={self.lr_reference_batch} and steps={self.steps} >= 1.")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ConfigError(f"task.optim.warmup_fraction={self.warmup_fraction} must be in [0, 1).")
+        rules = (("lr", self.lr > 0, "> 0"),
+                 ("lr_reference_batch", self.lr_reference_batch >= 1, "at least 1 (the global batch lr is given for)"),
+                 ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                 ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+                 ("steps", self.steps >= 1, "at least 1"),
+                 ("warmup_fraction", 0 <= self.warmup_fraction < 1, "in [0, 1) (the fraction of the steps warming up)"))
+        for key, ok, rule in rules:
+            if not ok:
+                raise ConfigError(f"protocol.{key}={getattr(self, key)} must be {rule}.")
+
+
+_STEPS_CHECKED_ELSEWHERE = ("the steps trained (protocol.steps or trainer.max_steps) are checked with the global "
+                            "batch against BYOL's 7,500 at 256 (extra.not_comparable)")
+
+
+@dataclass
+class DepthFrozenProtocolConfig(DepthTrainingValues):
+    """``protocol=frozen`` of the depth adapter: only the FCRN decoder trains, with BYOL's NYU recipe (arXiv
+    2006.07733, App. D.6; :class:`DepthTrainingValues`); the backbone takes no gradient and stays in eval mode, so its
+    weights and batch-norm statistics stay as loaded. Its runs land in ``<backbone>-frozen`` and are never compared
+    with fine-tuned rows."""
+
+    FROZEN: ClassVar[bool] = True
+    UNCHECKED_KEYS: ClassVar[dict[str, str]] = {"steps": _STEPS_CHECKED_ELSEWHERE}
+
+    name: str = "frozen"
+
+
+@dataclass
+class DepthFinetuneProtocolConfig(DepthTrainingValues):
+    """``protocol=finetune`` of the depth adapter (the ``nyu_depth`` recipe's default): backbone and FCRN decoder
+    trained together with BYOL's NYU recipe (arXiv 2006.07733, App. D.6; :class:`DepthTrainingValues`).
+
+    A run that changes a value is not comparable (:func:`transfer.compare.protocol_deviations`).
+    ``freeze_backbone=true`` is frozen transfer: :meth:`canonical` turns the run into ``protocol=frozen`` with the same
+    training values (run folder ``<backbone>-frozen``, ``protocol: frozen`` in results.json, the frozen rows).
+    """
+
+    UNCHECKED_KEYS: ClassVar[dict[str, str]] = {
+        "freeze_backbone": "true makes the run protocol=frozen, compared with the frozen rows",
+        "steps": _STEPS_CHECKED_ELSEWHERE,
+    }
+
+    name: str = "finetune"
+    freeze_backbone: bool = False  # true: train only the decoder (the same run as protocol=frozen)
+
+    def canonical(self) -> DepthFinetuneProtocolConfig | DepthFrozenProtocolConfig:
+        if not self.freeze_backbone:
+            return self
+        return DepthFrozenProtocolConfig(**{f.name: getattr(self, f.name) for f in fields(DepthTrainingValues)
+                                            if f.name != "name"})
 
 
 @dataclass
@@ -68,6 +131,13 @@ class DepthAugmentConfig:
 
 @dataclass
 class DepthTaskConfig:
+    """The data, model and evaluation settings of a depth recipe (recipes/task/nyu_depth.yaml, with sources). The
+    training values are the protocol's (:class:`DepthFinetuneProtocolConfig`, :class:`DepthFrozenProtocolConfig`)."""
+
+    UNKNOWN_KEY_HINT: ClassVar[str] = ("The training values (lr, lr_reference_batch, weight_decay, momentum, nesterov, "
+                                       "steps, warmup_fraction) are the protocol's: set protocol.<key> (e.g. "
+                                       "protocol.lr=0.08); task.optim.<key> was their old place.")
+
     name: str
     adapter: str = "depth"
     data_dir: str | None = None
@@ -90,7 +160,6 @@ class DepthTaskConfig:
     max_bad_fraction: float = 0.01
     limit_per_split: int | None = None
     augment: DepthAugmentConfig = field(default_factory=DepthAugmentConfig)
-    optim: DepthOptimConfig = field(default_factory=DepthOptimConfig)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -120,11 +189,9 @@ def data_root(task: DepthTaskConfig) -> Path:
 
 
 def check(cfg: RunConfig) -> None:
-    """Whole-config checks (``transfer.config.validate`` calls them before any run directory exists).
-
-    Depth takes its training values from ``task.optim`` (BYOL's NYU recipe); ``protocol=finetune`` trains the
-    backbone with the decoder, ``protocol=frozen`` (or ``protocol.freeze_backbone=true``) keeps it fixed. The
-    fine-tune protocol has no other key.
+    """Whole-config checks (``transfer.config.validate`` calls them before any run directory exists): the data
+    folder. The protocol's values (:class:`DepthTrainingValues`) and the task's are checked by their schemas when
+    ``validate`` builds them, in the same call.
     """
     from transfer.data_settings import check_directory
 

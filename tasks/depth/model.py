@@ -76,25 +76,15 @@ class DepthDecoder(nn.Module):
 class DepthModel(nn.Module):
     """(B, 3, H, W) normalised image -> (B, 1, H, W) depth in metres (the decoder output resized bilinearly).
 
-    ``frozen_backbone`` (``protocol=frozen``): the backbone's weights take no gradient and it stays in eval mode
-    even while the model trains, so its batch-norm statistics stay as loaded; only the decoder learns.
+    A frozen backbone (``protocol=frozen``) is :class:`tasks.depth.module.DepthModule`'s job
+    (:class:`transfer.engine.FreezesBackbone`), which holds it in eval mode throughout a Lightning fit.
     """
 
-    def __init__(self, backbone: Backbone, channels: list[int], *, skip_connections: bool = False,
-                 frozen_backbone: bool = False):
+    def __init__(self, backbone: Backbone, channels: list[int], *, skip_connections: bool = False):
         super().__init__()
         self.backbone = backbone
-        self.frozen_backbone = frozen_backbone
-        if frozen_backbone:
-            backbone.requires_grad_(False)
         self.decoder = DepthDecoder([f.channels for f in backbone.feature_info], channels,
                                     skip_connections=skip_connections)
-
-    def train(self, mode: bool = True) -> DepthModel:
-        super().train(mode)
-        if self.frozen_backbone:
-            self.backbone.eval()  # Lightning calls train() every epoch: BN statistics must not update
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.decoder(self.backbone.forward_features(x))

@@ -2,22 +2,30 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.depth.config import DepthOptimConfig, DepthTaskConfig
+from tasks.depth.config import DepthTaskConfig, DepthTrainingValues
 from tasks.depth.metrics import METRIC_NAMES, berhu_loss, depth_errors, eval_mask
 from tasks.depth.model import DepthModel
+from transfer.engine import FreezesBackbone
 from transfer.loaders import build_loader
 from transfer.optim import sgd_warmup_cosine
+from transfer.protocols import is_frozen_protocol
 from transfer.train_failures import CountsTrainFailures, TrainFailures
 
 
-class DepthModule(CountsTrainFailures, L.LightningModule):
-    """Trains :class:`DepthModel` with the berHu loss; tests with per-frame errors keyed by frame index.
+class DepthModule(FreezesBackbone, CountsTrainFailures, L.LightningModule):
+    """Trains :class:`DepthModel` with the berHu loss and the protocol's SGD recipe ``optim``; tests with per-frame
+    errors keyed by frame index.
+
+    Under a frozen protocol (``protocol=frozen``, or a finetune section with ``freeze_backbone=true``) only the
+    decoder trains: the backbone takes no gradient and is held in eval mode for the whole fit
+    (:class:`transfer.engine.FreezesBackbone`), so its weights and batch-norm statistics stay as loaded.
 
     Test errors land in a (frames, metrics + 1) table summed over processes, so frames that a
     distributed sampler repeats to even out the shards are averaged with themselves, not counted twice.
@@ -27,12 +35,17 @@ class DepthModule(CountsTrainFailures, L.LightningModule):
 
     failures_checkpoint_key = "depth_decode_failures"
 
-    def __init__(self, model: DepthModel, task: DepthTaskConfig, *, test_frames: int, global_batch: int,
-                 total_steps: int, train_frames: int = 0,
+    def __init__(self, model: DepthModel, task: DepthTaskConfig, optim: DepthTrainingValues, *, test_frames: int,
+                 global_batch: int, total_steps: int, train_frames: int = 0,
                  check_train: Callable[[list[int]], None] = lambda failed: None):
         super().__init__()
-        self.model, self.task, self.optim = model, task, task.optim
+        self.model, self.task, self.optim = model, task, optim
+        self.frozen_backbone = is_frozen_protocol(type(optim), asdict(optim))
+        if self.frozen_backbone:
+            self.freeze_submodule("model.backbone")
         self.test_frames, self.global_batch, self.total_steps = test_frames, global_batch, total_steps
+        # linear warmup over this many of the steps (at most all but the last), then cosine decay
+        self.warmup_steps = min(max(0, total_steps - 1), round(optim.warmup_fraction * total_steps))
         self.failures = TrainFailures(train_frames, skipped_key="train/skipped_frames",
                                       failed_key="train/frames_failed_decode", check=check_train)
         # Batches that reached the loss, this rank's and (after training) all ranks' in this process; Lightning
@@ -93,10 +106,16 @@ class DepthModule(CountsTrainFailures, L.LightningModule):
             self.log_dict(self.test_metrics, rank_zero_only=True)
 
     def configure_optimizers(self):
-        o: DepthOptimConfig = self.optim
-        lr = o.lr * self.global_batch / o.lr_reference_batch  # linear scaling (BYOL App. D.6 scaled FCRN's so)
+        o: DepthTrainingValues = self.optim
+        lr = scaled_lr(o, self.global_batch)
         return sgd_warmup_cosine(self, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum, nesterov=o.nesterov,
-                                 total_steps=self.total_steps, warmup_steps=round(o.warmup_fraction * self.total_steps))
+                                 total_steps=self.total_steps, warmup_steps=self.warmup_steps)
+
+
+def scaled_lr(optim: DepthTrainingValues, global_batch: int) -> float:
+    """``optim.lr`` at ``optim.lr_reference_batch`` scaled linearly to ``global_batch`` (BYOL App. D.6 gives 0.16 at
+    batch 256)."""
+    return optim.lr * global_batch / optim.lr_reference_batch
 
 
 class DepthData(L.LightningDataModule):

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from tasks.depth.config import data_root
+from tasks.depth.config import PUBLISHED_BATCH, PUBLISHED_STEPS, DepthTaskConfig, DepthTrainingValues, data_root
 from tasks.depth.data import DepthFrames, frame_error, load_splits
 from tasks.depth.metrics import EIGEN_CROP
 from tasks.depth.model import DepthModel
-from tasks.depth.module import DepthData, DepthModule
+from tasks.depth.module import DepthData, DepthModule, scaled_lr
 from transfer.backbones import build_backbone_from_config
 from transfer.engine import build_trainer, progress_of, resume_path
 from transfer.errors import DataError, TransferError
@@ -15,8 +15,6 @@ from transfer.tasks import RunContext, TaskOutput, attach_output
 
 # Recorded as extra.head: the published NYU rows (BYOL App. D.6) carry the condition head=fcrn.
 HEAD = "fcrn"
-# BYOL App. D.6 (the published NYU rows): 7,500 steps at batch 256.
-PUBLISHED_STEPS, PUBLISHED_BATCH = 7500, 256
 
 
 def not_comparable(task, train, test, *, steps: int, batch: int) -> dict[str, list[str]]:
@@ -33,6 +31,25 @@ def not_comparable(task, train, test, *, steps: int, batch: int) -> dict[str, li
         reasons.append(f"trained {steps} steps at global batch {batch}; the published protocol trains "
                        f"{PUBLISHED_STEPS} steps at batch {PUBLISHED_BATCH} (BYOL App. D.6)")
     return {"not_comparable": reasons} if reasons else {}
+
+
+def recipe_used(task: DepthTaskConfig, module: DepthModule, train, test) -> dict:
+    """The values this run trained and tested with (results.json ``recipe``): the protocol's SGD recipe as
+    ``module`` applies it (``lr`` scaled to the global batch, ``steps`` after ``trainer.max_steps``, the warmup in
+    steps), whether the backbone was frozen, the decoder, the data and the evaluation settings."""
+    o, batch, steps = module.optim, module.global_batch, module.total_steps
+    return {"architecture": "FCRN up-projection decoder (Laina et al. 2016) on forward_features",
+            "decoder_channels": list(task.decoder_channels), "skip_connections": task.skip_connections,
+            "freeze_backbone": module.frozen_backbone, "source": train.source,
+            "train_frames": len(train.items), "test_frames": len(test.items),
+            "optimizer": "sgd", "steps": steps, "global_batch": batch, "lr": scaled_lr(o, batch),
+            "lr_reference": [o.lr, o.lr_reference_batch], "weight_decay": o.weight_decay,
+            "momentum": o.momentum, "nesterov": o.nesterov, "warmup_fraction": o.warmup_fraction,
+            "warmup_steps": module.warmup_steps,
+            "schedule": "linear warmup, cosine decay", "loss": "berHu",
+            "input_scale": task.input_scale, "crop": list(task.crop), "augment": dataclasses.asdict(task.augment),
+            "eval_crop": task.eval_crop, "eval_frame": list(task.eval_frame), "depth_cap_m": task.max_depth_eval,
+            "min_depth_m": task.min_depth_eval, "depth_field": task.depth_field if train.source == "mat" else None}
 
 
 def check_train_frames(task, train, reader, failed: list[int]) -> None:
@@ -76,9 +93,8 @@ def _run(ctx: RunContext, seen: dict) -> TaskOutput:
     seen.update(train=train, test=test)
     backbone = build_backbone_from_config(cfg.backbone)
     seen["backbone"] = backbone
-    frozen = cfg.protocol.name == "frozen"
-    model = DepthModel(backbone, list(task.decoder_channels), skip_connections=task.skip_connections,
-                       frozen_backbone=frozen)
+    optim: DepthTrainingValues = cfg.protocol
+    model = DepthModel(backbone, list(task.decoder_channels), skip_connections=task.skip_connections)
     mean, std = backbone.spec.mean, backbone.spec.std  # the normalisation of the weights being transferred
     data = DepthData(DepthFrames(train.items, reader, task, mean=mean, std=std, train=True),
                      DepthFrames(test.items, reader, task, mean=mean, std=std, train=False),
@@ -86,10 +102,10 @@ def _run(ctx: RunContext, seen: dict) -> TaskOutput:
                      # frames of different sizes cannot share a batch: then test one frame at a time
                      eval_batch_size=cfg.trainer.eval_batch_size if len(test.sizes) <= 1 else 1,
                      num_workers=cfg.trainer.num_workers)
-    steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else task.optim.steps
+    steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else optim.steps
     # A step-based schedule: epochs run until `steps`; the best-loss and last checkpoints are kept, not one per epoch.
     trainer = build_trainer(ctx, monitor="train/loss_epoch", mode="min", max_steps=steps, max_epochs=-1)
-    module = DepthModule(model, task, test_frames=len(test.items), global_batch=cfg.trainer.batch_size *
+    module = DepthModule(model, task, optim, test_frames=len(test.items), global_batch=cfg.trainer.batch_size *
                          trainer.world_size, total_steps=steps, train_frames=len(train.items),
                          check_train=lambda failed: check_train_frames(task, train, reader, failed))
     seen["module"] = module
@@ -106,21 +122,9 @@ def _run(ctx: RunContext, seen: dict) -> TaskOutput:
                             f"{task.max_depth_eval}) m within the evaluation crop; check task.depth_scale="
                             f"{task.depth_scale} (PNG values per metre) and the depth files.")
     counts = _counts(train, test, module)
-    o, global_batch = task.optim, cfg.trainer.batch_size * trainer.world_size
-    recipe = {"architecture": "FCRN up-projection decoder (Laina et al. 2016) on forward_features",
-              "decoder_channels": list(task.decoder_channels), "skip_connections": task.skip_connections,
-              "freeze_backbone": frozen, "source": train.source,
-              "train_frames": len(train.items), "test_frames": len(test.items),
-              "steps": steps, "global_batch": global_batch, "lr": o.lr * global_batch / o.lr_reference_batch,
-              "lr_reference": [o.lr, o.lr_reference_batch], "weight_decay": o.weight_decay,
-              "momentum": o.momentum, "nesterov": o.nesterov, "warmup_fraction": o.warmup_fraction,
-              "schedule": "linear warmup, cosine decay", "loss": "berHu",
-              "input_scale": task.input_scale, "crop": list(task.crop), "augment": dataclasses.asdict(task.augment),
-              "eval_crop": task.eval_crop, "eval_frame": list(task.eval_frame), "depth_cap_m": task.max_depth_eval,
-              "min_depth_m": task.min_depth_eval, "depth_field": task.depth_field if train.source == "mat" else None}
     return TaskOutput(metrics=module.test_metrics, counts=counts, weights=backbone.weights.as_dict(),
-                      primary_metric="test/delta1", recipe=recipe,
-                      extra={"head": HEAD, **not_comparable(task, train, test, steps=steps, batch=global_batch),
+                      primary_metric="test/delta1", recipe=recipe_used(task, module, train, test),
+                      extra={"head": HEAD, **not_comparable(task, train, test, steps=steps, batch=module.global_batch),
                              "units": {"test/delta1": "%", "test/delta2": "%", "test/delta3": "%", "test/rms": "m"},
                              "eigen_crop_default": list(EIGEN_CROP), "resumed_from": ckpt,
                              "scan_examples": (train.examples + test.examples)[:20], **progress_of(trainer)})

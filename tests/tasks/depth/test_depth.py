@@ -15,13 +15,10 @@ from suite_helpers import run_cli
 from tasks.depth.config import DepthTaskConfig
 from tasks.depth.data import DepthFrames, collate_counting, h5py_available, load_splits
 from tasks.depth.metrics import EIGEN_CROP, METRIC_NAMES, berhu_loss, depth_errors, eval_mask, scale_crop
-from tasks.depth.model import DepthModel, FastUpConv
+from tasks.depth.model import FastUpConv
 from tasks.depth.task import check_train_frames, not_comparable
-from transfer.backbones import build_backbone
-from transfer.config import compose, validate
-from transfer.errors import ConfigError, DataError
+from transfer.errors import DataError
 from transfer.run import main
-from transfer.rundir import plan_run_dir
 
 NO_H5PY = "h5py is not installed here; the labelled NYU .mat release (MATLAB v7.3 = HDF5) can only be read with it"
 
@@ -229,49 +226,6 @@ def test_mat_release_reads_frames_in_image_orientation_and_the_official_split(tm
     np.testing.assert_allclose(depth, exp_depth)
 
 
-def test_protocol_values_that_depth_would_ignore_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown key 'protocol.lr'.*name, freeze_backbone.*task recipe's"):
-        validate(compose(["task=nyu_depth", f"task.data_dir={tmp_path}", "protocol.lr=0.5"]))
-    # frozen transfer is its own protocol: finetune with a frozen backbone is that run
-    frozen = validate(compose(["task=nyu_depth", f"task.data_dir={tmp_path}", "protocol.freeze_backbone=true"]))
-    assert frozen.protocol.name == "frozen"
-
-
-def test_results_record_only_the_protocol_keys_depth_uses(tmp_path):
-    # task.optim holds the training values: the classification fields of protocol=finetune (lr 0.01, steps
-    # 20000, batch 256, ...) are not what depth trained with, so results.json's protocol_config leaves them out.
-    from transfer.results import protocol_config
-
-    base = ["task=nyu_depth", f"task.data_dir={tmp_path}"]
-    assert protocol_config(validate(compose(base))) == {"name": "finetune", "freeze_backbone": False}
-    assert protocol_config(validate(compose([*base, "protocol=frozen"]))) == {"name": "frozen"}
-
-
-def test_frozen_protocol_has_its_own_run_folder(tmp_path):
-    cfg = validate(compose(["task=nyu_depth", f"task.data_dir={tmp_path}", "protocol=frozen", f"run.root={tmp_path}"]))
-    assert cfg.protocol.name == "frozen" and cfg.task.optim.lr == 0.16
-    assert plan_run_dir(cfg).path.parent == tmp_path / "nyu_depth" / "rs50-frozen"
-
-
-def test_frozen_backbone_keeps_its_weights_and_batch_norm_statistics():
-    torch.manual_seed(0)
-    model = DepthModel(build_backbone("rs50", weights="random"), [32, 16, 16, 8, 8], frozen_backbone=True)
-    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    decoder_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
-    model.train()  # what Lightning does at every epoch start
-    assert not model.backbone.training and model.decoder.training
-    assert not any(p.requires_grad for p in model.backbone.parameters())
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    for _ in range(2):
-        loss = model(torch.randn(2, 3, 32, 48)).abs().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = model.backbone.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before), "a backbone tensor (weight or BN statistic) changed"
-    assert any(not torch.equal(decoder_before[k], v) for k, v in model.decoder.state_dict().items())
-
-
 @pytest.mark.parametrize("kwargs, steps, batch, expected", [
     ({}, 7500, 256, []),
     ({}, 2, 256, ["trained 2 steps at global batch 256"]),
@@ -303,7 +257,10 @@ def test_nyu_depth_png_end_to_end_then_resume(tmp_path, nyu):
     assert 0 <= results["metrics"]["test/delta1"] <= 100 and results["metrics"]["test/rms"] >= 0
     assert results["counts"]["test/frames_scored"] == 3 and results["counts"]["train/images"] == 4
     assert results["recipe"]["lr"] == pytest.approx(0.16 * 2 / 256)  # scaled to the batch of 2
-    assert results["protocol_config"] == {"name": "finetune", "freeze_backbone": False}
+    assert results["protocol_config"] == {"name": "finetune", "lr": 0.16, "lr_reference_batch": 256,
+                                          "weight_decay": 5e-4, "momentum": 0.9, "nesterov": False, "steps": 7500,
+                                          "warmup_fraction": 0.05, "freeze_backbone": False}
+    assert results["recipe"]["steps"] == 2 and results["recipe"]["freeze_backbone"] is False
     assert results["counts"]["train/frames_failed_decode"] == 0 and results["counts"]["train/skipped_frames"] == 0
     assert results["extra"]["global_step"] == 2 and results["extra"]["resumed_from"] is None
     # resume=true continues the finished run from its last checkpoint for a longer schedule (a changed
@@ -314,6 +271,26 @@ def test_nyu_depth_png_end_to_end_then_resume(tmp_path, nyu):
     resumed = json.loads((run_dir / "results.json").read_text())
     assert resumed["extra"]["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
     assert resumed["extra"]["global_step"] == 4 and resumed["extra"]["first_epoch_this_process"] >= 1
+
+
+@pytest.mark.e2e
+def test_a_frozen_run_trains_the_decoder_only_and_says_so(tmp_path, png_root, nyu):
+    # protocol.freeze_backbone=true is protocol=frozen; the final weights show which batch norms saw training
+    # batches (a fresh BN counts 0, one in train mode counts every forward).
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    assert main(["task=nyu_depth", f"task.data_dir={png_root}", "trainer.max_steps=2", "protocol.freeze_backbone=true",
+                 "protocol.lr=0.08", f"run.dir={run_dir}", *nyu.FAST]) == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["protocol"] == "frozen" and results["protocol_config"]["lr"] == 0.08
+    assert "freeze_backbone" not in results["protocol_config"] and results["recipe"]["freeze_backbone"] is True
+    assert results["recipe"]["lr"] == pytest.approx(0.08 * 2 / 256)
+    weights = load_file(run_dir / "checkpoints" / "final.safetensors")
+    tracked = {k: int(v) for k, v in weights.items() if k.endswith("num_batches_tracked")}
+    backbone = {v for k, v in tracked.items() if k.startswith("model.backbone.")}
+    decoder = {v for k, v in tracked.items() if k.startswith("model.decoder.")}
+    assert backbone == {0} and decoder == {2}
 
 
 @pytest.mark.e2e

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 # Tests marked `detectron2` anywhere: skipped with the reason where it is missing, failures under
-# TRANSFER_REQUIRE_DETECTRON2=1 (tests/needs_detectron2.py).
-pytest_plugins = ["needs_detectron2"]
+# TRANSFER_REQUIRE_DETECTRON2=1 (tests/needs_detectron2.py). Tiny registry entries for the weights and builder
+# tests, and meta-device shapes built once per session (tests/tiny_networks.py).
+pytest_plugins = ["needs_detectron2", "tiny_networks"]
 
 UNREACHABLE = "http://unreachable.invalid"  # never resolves: downloads fail fast on every machine
 CHECKOUT_RUNS = Path(__file__).resolve().parent.parent / "runs"  # run.root's default, seen from the checkout

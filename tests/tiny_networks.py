@@ -6,8 +6,9 @@
   reading and loading weights files and of the builder's plumbing, whose subject is not the network's size.
   They are in the registry only during a test that asks for ``tiny_entries``, so no test enumerating the
   registry ever sees them.
-* :func:`meta_state_shapes`: ``{key: shape}`` of a timm architecture's state dict, with its classifier, built
-  once per session on the meta device (no memory, no initialisation).
+* :func:`meta_state_shapes`, :func:`meta_parameter_count`: a timm architecture's state-dict shapes and parameter
+  count, with its classifier, from one build per session on the meta device (no memory, no initialisation),
+  shared by the tests of the registry, the backbone sheet and the ResNet-RS converter.
 """
 from __future__ import annotations
 
@@ -46,12 +47,18 @@ def tiny_state(spec: BackboneSpec, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 @functools.cache
-def _meta_shapes(arch: str, kwargs: tuple) -> dict[str, tuple[int, ...]]:
+def _meta_network(arch: str, kwargs: tuple) -> tuple[dict[str, tuple[int, ...]], int]:
     with torch.device("meta"):
         model = timm.create_model(arch, pretrained=False, **dict(kwargs))
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, sum(p.numel() for p in model.parameters())
 
 
 def meta_state_shapes(arch: str, **kwargs) -> dict[str, tuple[int, ...]]:
-    """``{key: shape}`` of ``timm.create_model(arch, **kwargs)``'s state dict, built once per session (a copy)."""
-    return dict(_meta_shapes(arch, tuple(sorted(kwargs.items()))))
+    """``{key: shape}`` of ``timm.create_model(arch, **kwargs)``'s state dict (a copy), the network built once per
+    session on the meta device."""
+    return dict(_meta_network(arch, tuple(sorted(kwargs.items())))[0])
+
+
+def meta_parameter_count(arch: str, **kwargs) -> int:
+    """How many values the parameters of ``timm.create_model(arch, **kwargs)`` hold (from the same meta build)."""
+    return _meta_network(arch, tuple(sorted(kwargs.items())))[1]

@@ -2,10 +2,8 @@
 
 Entries that share a network (same timm architecture and arguments: rs152 and rs152_i256, the SSL
 ResNet-50s, ...) differ only in their declared facts, so each distinct network is built and run once per
-session (:func:`observed`) and every entry's own facts are checked against the network of its group. The
-contract's answers and every output shape come from a build and forward pass on the meta device (no memory, no
-initialisation, no arithmetic); the values, which must be finite, from a build with random weights run on one
-small image.
+session (:func:`observed`, random weights) and every entry's own facts are checked against the network of
+its group.
 """
 from __future__ import annotations
 
@@ -22,9 +20,8 @@ from transfer.backbones import BACKBONES, Backbone, BackboneSpec, build_backbone
 from transfer.config import recipe_names
 from transfer.weights import STATE_DICT_SUFFIXES
 
-SIZE = 64  # the shapes' input (meta device): every level keeps a spatial size of at least 2
+SIZE = 64  # small input: every level keeps a spatial size of at least 2
 BATCH = 2
-VALUES_SIZE = 32  # the real forward's input (one image): its embedding must be finite
 
 
 def network_key(spec: BackboneSpec) -> tuple[str, str]:
@@ -39,8 +36,7 @@ for _name in BACKBONES.names():
 
 @dataclass(frozen=True)
 class Network:
-    """What a built network showed: its contract's answers and the shapes of its outputs on a (BATCH, 3, SIZE, SIZE)
-    input (meta device), and its embedding of one real (1, 3, VALUES_SIZE, VALUES_SIZE) image with random weights."""
+    """What a built network showed: its contract's answers and its outputs on a (BATCH, 3, SIZE, SIZE) input."""
 
     is_backbone: bool
     weights_source: str
@@ -48,27 +44,22 @@ class Network:
     map_shapes: tuple[tuple[int, ...], ...]
     embedding_shape: tuple[int, ...]
     num_features: int
-    real_embedding_shape: tuple[int, ...]
     finite: bool
     full_keys: tuple[str, ...]  # state-dict keys of the architecture with its classifier
 
 
 @functools.cache  # one build per distinct network per session; only the facts are kept, not the model
 def observed(key: tuple[str, str]) -> Network:
-    name = GROUPS[key][0]
-    with torch.device("meta"):
-        backbone = build_backbone(name, weights="random").eval()
-        x = torch.empty(BATCH, 3, SIZE, SIZE)
+    backbone = build_backbone(GROUPS[key][0], weights="random").eval()
+    x = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
         maps = backbone.forward_features(x)
         emb = backbone(x)
-    real = build_backbone(name, weights="random").eval()
-    with torch.no_grad():
-        values = real(torch.randn(1, 3, VALUES_SIZE, VALUES_SIZE, generator=torch.Generator().manual_seed(0)))
     spec = backbone.spec
+    full = meta_state_shapes(spec.arch, **spec.arch_kwargs)  # names only: timm's network on the meta device
     return Network(isinstance(backbone, Backbone), backbone.weights.source,
                    tuple((f.channels, f.stride) for f in backbone.feature_info), tuple(tuple(m.shape) for m in maps),
-                   tuple(emb.shape), backbone.num_features, tuple(values.shape), bool(torch.isfinite(values).all()),
-                   tuple(meta_state_shapes(spec.arch, **spec.arch_kwargs)))
+                   tuple(emb.shape), backbone.num_features, bool(torch.isfinite(emb).all()), tuple(full))
 
 
 def test_entries_share_few_networks():
@@ -87,7 +78,7 @@ def test_contract_random_weights(name):
     assert net.map_shapes == tuple((BATCH, c, SIZE // s, SIZE // s)
                                    for c, s in zip(spec.feature_channels, spec.feature_strides))
     assert net.embedding_shape == (BATCH, net.num_features) and net.num_features == spec.feature_channels[-1]
-    assert net.real_embedding_shape == (1, net.num_features) and net.finite
+    assert net.finite
     assert any(k.startswith(spec.classifier_prefix) for k in net.full_keys), \
         f"{name}: the architecture has no classifier under {spec.classifier_prefix!r}"
 

@@ -55,8 +55,9 @@ def pytest_xdist_auto_num_workers(config) -> int | None:
     return max(1, min(_cpus(), MAX_WORKERS, int(memory_gib // GIB_PER_WORKER)))
 
 # Tests marked `detectron2` anywhere: skipped with the reason where it is missing, failures under
-# TRANSFER_REQUIRE_DETECTRON2=1 (tests/needs_detectron2.py).
-pytest_plugins = ["needs_detectron2"]
+# TRANSFER_REQUIRE_DETECTRON2=1 (tests/needs_detectron2.py). Tiny registry entries for the weights and builder
+# tests, and meta-device shapes built once per session (tests/tiny_networks.py).
+pytest_plugins = ["needs_detectron2", "tiny_networks"]
 
 CHECKOUT_RUNS = Path(__file__).resolve().parent.parent / "runs"  # run.root's default, seen from the checkout
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import timm
 import torch
+from tiny_networks import meta_state_shapes
 
 from transfer.backbones import BACKBONES, Backbone, BackboneSpec, build_backbone
 from transfer.config import recipe_names
@@ -55,12 +56,10 @@ def observed(key: tuple[str, str]) -> Network:
         maps = backbone.forward_features(x)
         emb = backbone(x)
     spec = backbone.spec
-    with torch.device("meta"):  # names only: no memory, no initialisation work
-        full = timm.create_model(spec.arch, pretrained=False, **spec.arch_kwargs)
+    full = meta_state_shapes(spec.arch, **spec.arch_kwargs)  # names only: timm's network on the meta device
     return Network(isinstance(backbone, Backbone), backbone.weights.source,
                    tuple((f.channels, f.stride) for f in backbone.feature_info), tuple(tuple(m.shape) for m in maps),
-                   tuple(emb.shape), backbone.num_features, bool(torch.isfinite(emb).all()),
-                   tuple(full.state_dict()))
+                   tuple(emb.shape), backbone.num_features, bool(torch.isfinite(emb).all()), tuple(full))
 
 
 def test_entries_share_few_networks():

@@ -10,7 +10,7 @@ from transfer.convert._layout import check_layout
 from transfer.convert.dino import convert_dino
 from transfer.convert.moco import convert_moco_v2
 from transfer.errors import WeightsError
-from transfer.weights import diff_state_dict, read_state_dict, read_torch_file, unwrap_state_dict
+from transfer.weights import diff_state_dict, non_finite, read_state_dict, read_torch_file, unwrap_state_dict
 
 # Every place that reads a torch file: the backbone loader's reader and the converters of torch releases.
 READERS = {"loader": read_state_dict, "dino": convert_dino, "moco_v2": convert_moco_v2}
@@ -98,3 +98,16 @@ def test_converter_layout_check_words_its_gaps_with_the_shared_diff():
     assert "converting 'rel.pth' did not give a complete ResNet state dict" in text
     assert ("missing (1): bn1.weight; unexpected (1): head.w; shape mismatch (1): conv1.weight: converted "
             "(8, 3, 1, 1) vs timm (8, 3, 3, 3)") in text  # fc.* is optional: no classifier in SSL releases
+
+
+def test_non_finite_names_nan_and_inf_tensors_only_even_where_a_sum_overflows():
+    def nan_at(i):
+        t = torch.ones(50)
+        t[i] = float("nan")
+        return t
+
+    sd = {"nan": nan_at(49), "inf": torch.tensor([1.0, float("-inf")]), "mixed": torch.tensor([float("inf"), -1e38]),
+          "overflowing": torch.full((8,), 3e38),  # finite values whose float32 sum is Inf
+          "half": torch.full((8,), 6e4, dtype=torch.float16), "half_nan": nan_at(0).half(),
+          "ints": torch.arange(4), "clean": torch.randn(3, 3)}
+    assert non_finite(sd) == ["nan", "inf", "mixed", "half_nan"]

@@ -2,12 +2,13 @@
 convert to timm models whose outputs equal the source layout's own computation.
 
 SimCLR and BYOL have no PyTorch source model, so the tests replay their TF/Haiku graphs directly on
-the official variable names. The input is 65 px so every stride-2 layer sees an odd size, where TF's
-'SAME' padding is symmetric like PyTorch's (at even sizes TF pads one extra pixel at the end only).
+the official variable names. The input is 33 px so every stride-2 layer sees an odd size (33, 17, 9, 5, 3),
+where TF's 'SAME' padding is symmetric like PyTorch's (at even sizes TF pads one extra pixel at the end only).
 """
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import pickle
 import sys
@@ -28,7 +29,7 @@ from transfer.convert.moco import MOCO_V2_PREFIX, MOCO_V3_PREFIX, convert_moco_v
 from transfer.convert.simclr import simclr_to_timm
 from transfer.errors import WeightsError
 
-SIZE = 65
+SIZE = 33
 EPS = 1e-5
 SSL_ENTRIES = ("simclr_r50", "simclrv2_r50_1x_sk0", "byol_r50", "moco_v2_r50", "moco_v3_r50", "dino_r50")
 
@@ -87,7 +88,13 @@ def _tf(base: str, i: int) -> str:
 
 
 def simclr_variables(depths: tuple[int, ...], seed: int = 0) -> dict[str, np.ndarray]:
-    """Variables of SimCLR's resnet_v1 (sk_ratio 0) in creation order, plus the extras a release holds."""
+    """Variables of SimCLR's resnet_v1 (sk_ratio 0) in creation order, plus the extras a release holds: drawn
+    once per session for each (depths, seed); each call gets its own dict (the arrays are never written)."""
+    return dict(_simclr_variables(depths, seed))
+
+
+@functools.cache
+def _simclr_variables(depths: tuple[int, ...], seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     v: dict[str, np.ndarray] = {}
     counts = {"conv2d": 0, "batch_normalization": 0}

@@ -93,7 +93,9 @@ def test_center_inflation_with_the_recipe_gate_reproduces_2d_everywhere(backbone
 
 def test_stochastic_depth_per_stage_as_model_garden():
     assert stage_drop_path_rates(0.1, 4) == pytest.approx([0.04, 0.06, 0.08, 0.10])
-    video = build_video_backbone(BackboneConfig(name="resnet50", weights="random"), drop_path_rate=0.1, bn_momentum=1.0)
+    with torch.device("meta"):  # module settings only: no weights allocated or initialised
+        video = build_video_backbone(BackboneConfig(name="resnet50", weights="random"), drop_path_rate=0.1,
+                                     bn_momentum=1.0)
     for stage, rate in zip([video.model.layer1, video.model.layer2, video.model.layer3, video.model.layer4],
                            [0.04, 0.06, 0.08, 0.10]):
         assert [b.drop_path.drop_prob for b in stage] == pytest.approx([rate] * len(stage))

@@ -41,11 +41,10 @@ def build_backbone(name: str, *, weights: str = "pretrained", strict: bool = Tru
     import timm  # here, not at import: the registry (and config validation) needs no timm
 
     spec = BACKBONES.get(name)
+    # The file first: a missing file or a failed download is refused before the network is built and initialised.
+    path, info = (None, WeightsInfo("random")) if weights == "random" else resolve_weights_file(spec, weights)
     model = timm.create_model(spec.arch, pretrained=False, drop_path_rate=drop_path_rate, **spec.arch_kwargs)
-    if weights == "random":
-        info = WeightsInfo("random")
-    else:
-        path, info = resolve_weights_file(spec, weights)
+    if path is not None:
         sd = read_or_convert(spec, model, path)
         optional = () if keep_classifier else (spec.classifier_prefix,)
         report = load_strict(model, sd, origin=str(path), optional_prefixes=optional, strict=strict,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_networks import TINY_RS
 
 from tasks.classification.datasets import DATASETS, Transformed
 from tasks.classification.features import (
@@ -105,14 +106,14 @@ def cifar_ctx(tmp_path, saved_to_disk):
     return make
 
 
-def test_preprocessing_and_precision_change_the_cache_key(cifar_ctx):
+def test_preprocessing_and_precision_change_the_cache_key(cifar_ctx, tiny_entries):
     ctx = cifar_ctx("protocol=linear")
     assert preprocess_of(ctx.cfg) == "paper"  # compared with the SimCLR/BYOL/ssl-transfer linear rows
     assert preprocess_of(cifar_ctx("protocol=knn").cfg) == "paper"
     assert preprocess_of(cifar_ctx("protocol=finetune").cfg) == "checkpoint"
     assert preprocess_of(cifar_ctx("protocol=linear", "task.preprocess=checkpoint").cfg) == "checkpoint"
     splits = DATASETS.get("cifar100")(ctx.cfg.task)
-    backbone = build_backbone("rs50", weights="random")
+    backbone = build_backbone(TINY_RS.name, weights="random")  # rs50's network at one block per stage
 
     def key(preprocess: str, dtype) -> dict:
         return feature_key(ctx, backbone, splits, "test", transform=eval_transform(backbone, 32, preprocess),
@@ -132,7 +133,7 @@ def test_paper_preprocessing_is_refused_for_finetune(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_truncated_jpeg_is_counted_across_loader_workers(tmp_path):
+def test_truncated_jpeg_is_counted_across_loader_workers(tmp_path, tiny_entries):
     paths, labels = [], []
     for i in range(5):
         path = tmp_path / f"{i}.jpg"
@@ -142,7 +143,7 @@ def test_truncated_jpeg_is_counted_across_loader_workers(tmp_path):
             Image.new("RGB", (20, 20), (50 * i, 0, 0)).save(path, format="JPEG")
         paths.append(str(path))
         labels.append(i % 2)
-    backbone = build_backbone("rs50", weights="random")
+    backbone = build_backbone(TINY_RS.name, weights="random")  # rs50's network at one block per stage
     data = Transformed(FileImages(paths, labels), eval_transform(backbone, 32))
     out = extract(backbone, data, batch_size=2, num_workers=1, device=torch.device("cpu"), dtype=None,
                   channels_last=False, desc="test")
@@ -151,8 +152,8 @@ def test_truncated_jpeg_is_counted_across_loader_workers(tmp_path):
     assert out.features.shape == (4, backbone.num_features)
 
 
-def test_non_finite_features_are_refused(tmp_path):
-    backbone = build_backbone("rs50", weights="random")
+def test_non_finite_features_are_refused(tmp_path, tiny_entries):
+    backbone = build_backbone(TINY_RS.name, weights="random")  # rs50's network at one block per stage
     with torch.no_grad():
         backbone.model.bn1.weight[0] = float("inf")  # an fp16-overflow-like activation blow-up
     data = Transformed(_Colours(3), eval_transform(backbone, 32))

@@ -35,6 +35,22 @@ def _wrap(**kw) -> TransferBackbone:
                             **kw)
 
 
+def _wrap_on_meta(**kw) -> TransferBackbone:
+    """:func:`_wrap` on the meta device: every module, flag and shape, no weights allocated or initialised."""
+    with torch.device("meta"):
+        return _wrap(**kw)
+
+
+def _build_on_meta(d2cfg):
+    """detectron2's ``build_model`` on the meta device: the whole structure, module types and ``requires_grad``
+    flags, without allocating or initialising weights."""
+    d2cfg = d2cfg.clone()
+    d2cfg.defrost()
+    d2cfg.MODEL.DEVICE = "meta"
+    with torch.device("meta"):
+        return build_model(d2cfg)
+
+
 def _level_params(wrapper: TransferBackbone) -> list[list[nn.Parameter]]:
     """Parameters of each level's own module (the stem's modules sit before the first stage)."""
     model = wrapper.body.model
@@ -62,7 +78,7 @@ def test_features_have_the_declared_channels_and_strides(rs50):
 
 @pytest.mark.parametrize("freeze_at", [0, 1, 2, 5])
 def test_freeze_at_fixes_exactly_the_first_levels(freeze_at):
-    wrapper = _wrap(freeze_at=freeze_at, norm="BN")
+    wrapper = _wrap_on_meta(freeze_at=freeze_at, norm="BN")
     for level, params in enumerate(_level_params(wrapper)):
         assert params
         assert all(p.requires_grad == (level >= freeze_at) for p in params), level
@@ -97,7 +113,7 @@ def test_syncbn_replaces_the_norms_of_trained_levels():
 ])
 def test_impossible_options_raise(kw, match):
     with pytest.raises(ConfigError, match=match):
-        _wrap(**kw)
+        _wrap_on_meta(**kw)
 
 
 def _d2cfg(tmp_path, *overrides):
@@ -105,21 +121,39 @@ def _d2cfg(tmp_path, *overrides):
     return build_detectron2_config(cfg, tmp_path / "out", register_data(cfg.task))
 
 
+def _network(name: str) -> tuple[str, str]:
+    """Entries with equal keys build the same network (rs152, rs152_i192, ...: one network, other weights)."""
+    spec = BACKBONES.get(name)
+    return spec.arch, repr(sorted(spec.arch_kwargs.items()))
+
+
+@pytest.fixture(scope="module")
+def built_mask_rcnns() -> dict:
+    """What the Mask R-CNN of each distinct network showed, kept by the first of its entries to build it."""
+    return {}
+
+
 @pytest.mark.parametrize("name", RESNET_RS)
-def test_mask_rcnn_builds_from_every_resnet_rs_entry(name, coco_root, tmp_path):
-    # On the meta device: the full structure and every shape, without allocating or initialising weights.
+def test_mask_rcnn_builds_from_every_resnet_rs_entry(name, coco_root, tmp_path, built_mask_rcnns):
     d2cfg = _d2cfg(tmp_path, "task=coco_instance_seg", f"backbone.name={name}", f"task.data_dir={coco_root}",
                    "task.opts=[MODEL.DEVICE,meta]")
-    with torch.device("meta"):
-        model = build_model(d2cfg)
-        pyramid = model.backbone(torch.empty(1, 3, 64, 96))
-    bottom_up = model.backbone.bottom_up
-    assert bottom_up.body.spec.name == name
-    channels = BACKBONES.get(name).feature_channels
-    assert [s.channels for s in bottom_up.output_shape().values()] == list(channels[1:])
-    assert {k: tuple(v.shape) for k, v in pyramid.items()} == {
-        f"p{i}": (1, 256, 64 // 2 ** i, -(-96 // 2 ** i)) for i in range(2, 7)}
-    assert model.roi_heads.box_predictor.num_classes == 2
+    assert backbone_section(d2cfg).name == name and d2cfg.MODEL.ROI_HEADS.NUM_CLASSES == 2
+    # Built once per distinct network (7 for 25 entries), by the first of its entries (that entry's own name is
+    # checked on the built body); every entry's declared channels are checked against it. On the meta device: the
+    # full structure and every shape, without allocating or initialising weights.
+    if _network(name) not in built_mask_rcnns:
+        with torch.device("meta"):
+            model = build_model(d2cfg)
+            pyramid = model.backbone(torch.empty(1, 3, 64, 96))
+        bottom_up = model.backbone.bottom_up
+        assert bottom_up.body.spec.name == name
+        built_mask_rcnns[_network(name)] = ([s.channels for s in bottom_up.output_shape().values()],
+                                            {k: tuple(v.shape) for k, v in pyramid.items()},
+                                            model.roi_heads.box_predictor.num_classes)
+    channels, pyramid, num_classes = built_mask_rcnns[_network(name)]
+    assert channels == list(BACKBONES.get(name).feature_channels[1:])
+    assert pyramid == {f"p{i}": (1, 256, 64 // 2 ** i, -(-96 // 2 ** i)) for i in range(2, 7)}
+    assert num_classes == 2
 
 
 def test_config_uses_the_backbone_normalisation_and_the_local_data(voc_root, tmp_path):
@@ -140,7 +174,8 @@ def test_the_whole_backbone_section_reaches_the_registry_body(voc_root, tmp_path
                    "backbone.drop_path_rate=0.1")
     assert backbone_section(d2cfg) == BackboneConfig(name="rs50", weights="random", strict=False,
                                                      min_loaded_fraction=0.5, drop_path_rate=0.1)
-    body = build_registry_body(d2cfg)  # what every detectron2 builder of tasks/detection/backbone.py wraps
+    with torch.device("meta"):  # module settings only
+        body = build_registry_body(d2cfg)  # what every detectron2 builder of tasks/detection/backbone.py wraps
     assert body.model.layer4[-1].drop_path.drop_prob == pytest.approx(0.1)
 
 
@@ -156,7 +191,7 @@ def test_freeze_backbone_on_finetune_freezes_every_level(voc_root, tmp_path):
     d2cfg = _d2cfg(tmp_path, "task=voc_detection", f"task.data_dir={voc_root}", "task.class_names=[red,blue]",
                    "protocol=finetune", "protocol.freeze_backbone=true")
     assert d2cfg.MODEL.BACKBONE.FREEZE_AT == len(BACKBONES.get("rs50").feature_strides)
-    model = build_model(d2cfg)
+    model = _build_on_meta(d2cfg)
     assert not any(p.requires_grad for p in model.backbone.bottom_up.parameters())
     assert any(p.requires_grad for p in model.backbone.parameters())  # the FPN trains
 
@@ -168,7 +203,7 @@ def test_ssl_transfer_frozen_protocol_trains_res5(voc_root, tmp_path):
     assert d2cfg.MODEL.BACKBONE.FREEZE_AT == 4
     assert (d2cfg.SOLVER.IMS_PER_BATCH, d2cfg.SOLVER.BASE_LR, d2cfg.SOLVER.MAX_ITER) == (2, 0.0025, 144000)
     assert tuple(d2cfg.SOLVER.STEPS) == (96000, 128000) and d2cfg.SOLVER.WARMUP_ITERS == 100
-    model = build_model(d2cfg)
+    model = _build_on_meta(d2cfg)
     body = model.backbone.bottom_up.body.model
     assert not any(p.requires_grad for p in body.layer3.parameters())
     assert all(p.requires_grad for p in body.layer4.parameters())
@@ -219,14 +254,14 @@ def test_head_norm_reaches_fpn_and_heads(coco_root, tmp_path):
     d2cfg = _d2cfg(tmp_path, "task=coco_instance_seg", f"task.data_dir={coco_root}", "task.head_norm=GN")
     assert d2cfg.MODEL.FPN.NORM == d2cfg.MODEL.ROI_BOX_HEAD.NORM == d2cfg.MODEL.ROI_MASK_HEAD.NORM == "GN"
     assert d2cfg.MODEL.ROI_BOX_HEAD.NUM_CONV == 4
-    model = build_model(d2cfg)
+    model = _build_on_meta(d2cfg)
     assert any(isinstance(m, nn.GroupNorm) for m in model.roi_heads.box_head.modules())
 
 
 def test_retinanet_gets_p3_to_p7(coco_root, tmp_path):
     d2cfg = _d2cfg(tmp_path, "task=coco_retinanet", f"task.data_dir={coco_root}")
     assert d2cfg.MODEL.BACKBONE.NAME == "build_transfer_retinanet_fpn_backbone"
-    model = build_model(d2cfg)
+    model = _build_on_meta(d2cfg)
     assert list(model.backbone.output_shape()) == ["p3", "p4", "p5", "p6", "p7"]
 
 
@@ -315,7 +350,7 @@ def test_c4_follows_mocos_protocol(voc_root, tmp_path):
     assert tuple(d2cfg.SOLVER.STEPS) == (18000, 22000) and d2cfg.SOLVER.WARMUP_ITERS == 100
     assert d2cfg.TEST.PRECISE_BN.ENABLED and d2cfg.INPUT.MIN_SIZE_TEST == 800
     assert (d2cfg.MODEL.RPN.PRE_NMS_TOPK_TEST, d2cfg.MODEL.RPN.POST_NMS_TOPK_TEST) == (6000, 1000)
-    model = build_model(d2cfg)
+    model = _build_on_meta(d2cfg)
     assert all(p.requires_grad for p in model.backbone.parameters())
     extra = model.roi_heads.res5[-1]
     assert isinstance(extra, NaiveSyncBatchNorm) and extra.num_features == 2048
@@ -324,7 +359,7 @@ def test_c4_follows_mocos_protocol(voc_root, tmp_path):
 
 
 def test_c4_frozen_protocol_fixes_trunk_and_head(voc_root, tmp_path):
-    model = build_model(_c4(tmp_path, voc_root, "protocol=frozen", "task.res5_extra_norm=false"))
+    model = _build_on_meta(_c4(tmp_path, voc_root, "protocol=frozen", "task.res5_extra_norm=false"))
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert not any(p.requires_grad for p in model.roi_heads.res5.parameters())
     assert any(p.requires_grad for p in model.roi_heads.box_predictor.parameters())

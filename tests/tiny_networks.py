@@ -4,8 +4,9 @@
   and ``resnet50`` architectures, so the same modules and state-dict key layout as the rs* and resnet* entries,
   at one block per stage and 1/8 of the widths (~0.4 M values instead of 25-36 M). For the tests of finding,
   reading and loading weights files and of the builder's plumbing, whose subject is not the network's size.
-  They are in the registry only during a test that asks for the fixture ``tiny_entries`` (tests/conftest.py), so
-  no test enumerating the registry ever sees them.
+  They are in the registry only during a test that asks for the fixture ``tiny_entries`` (tests/conftest.py) or
+  calls :func:`register_tiny_entries`, so no test enumerating the registry ever sees them. A test that composes a
+  config registers them after its composes: a compose stores a config node for every registered entry.
 * :func:`meta_state_shapes`, :func:`meta_parameter_count`: a timm architecture's state-dict shapes and parameter
   count, with its classifier, from one build per session on the meta device (no memory, no initialisation),
   shared by the tests of the registry, the backbone sheet and the ResNet-RS converter.

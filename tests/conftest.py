@@ -55,9 +55,8 @@ def pytest_xdist_auto_num_workers(config) -> int | None:
     return max(1, min(_cpus(), MAX_WORKERS, int(memory_gib // GIB_PER_WORKER)))
 
 # Tests marked `detectron2` anywhere: skipped with the reason where it is missing, failures under
-# TRANSFER_REQUIRE_DETECTRON2=1 (tests/needs_detectron2.py). Tiny registry entries for the weights and builder
-# tests, and meta-device shapes built once per session (tests/tiny_networks.py).
-pytest_plugins = ["needs_detectron2", "tiny_networks"]
+# TRANSFER_REQUIRE_DETECTRON2=1 (tests/needs_detectron2.py).
+pytest_plugins = ["needs_detectron2"]
 
 CHECKOUT_RUNS = Path(__file__).resolve().parent.parent / "runs"  # run.root's default, seen from the checkout
 
@@ -94,3 +93,12 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     # run.root (and the caches under it) default to ./runs: a test that names neither run.root nor run.cache_dir
     # writes into a folder of its own, never into the checkout it was started from.
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+@pytest.fixture
+def tiny_entries(monkeypatch):
+    """The tiny registry entries of tests/tiny_networks.py (``tiny_rs``, ``tiny_resnet``), registered for this test
+    only: for tests of the weights loader and the builder's plumbing, whose subject is not the network's size."""
+    from tiny_networks import register_tiny_entries  # imported on use: torch and timm are not needed to collect
+
+    return register_tiny_entries(monkeypatch)

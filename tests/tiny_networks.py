@@ -1,11 +1,12 @@
-"""Networks for tests at a fraction of the real ones' cost (a pytest plugin: tests/conftest.py loads it).
+"""Networks for tests at a fraction of the real ones' cost.
 
 * Tiny registry entries (:data:`TINY_RS`, :data:`TINY_RESNET`; fixture ``tiny_entries``): timm's ``resnetrs50``
   and ``resnet50`` architectures, so the same modules and state-dict key layout as the rs* and resnet* entries,
   at one block per stage and 1/8 of the widths (~0.4 M values instead of 25-36 M). For the tests of finding,
   reading and loading weights files and of the builder's plumbing, whose subject is not the network's size.
-  They are in the registry only during a test that asks for ``tiny_entries``, so no test enumerating the
-  registry ever sees them.
+  They are in the registry only during a test that asks for the fixture ``tiny_entries`` (tests/conftest.py) or
+  calls :func:`register_tiny_entries`, so no test enumerating the registry ever sees them. A test that composes a
+  config registers them after its composes: a compose stores a config node for every registered entry.
 * :func:`meta_state_shapes`, :func:`meta_parameter_count`: a timm architecture's state-dict shapes and parameter
   count, with its classifier, from one build per session on the meta device (no memory, no initialisation),
   shared by the tests of the registry, the backbone sheet and the ResNet-RS converter.
@@ -32,11 +33,11 @@ TINY_RESNET = BackboneSpec(
 TINY = {spec.name: spec for spec in (TINY_RS, TINY_RESNET)}
 
 
-@pytest.fixture
-def tiny_entries(monkeypatch) -> dict[str, BackboneSpec]:
-    """:data:`TINY` registered in :data:`transfer.backbones.BACKBONES` for this test only."""
+def register_tiny_entries(monkeypatch: pytest.MonkeyPatch) -> dict[str, BackboneSpec]:
+    """:data:`TINY` registered in :data:`transfer.backbones.BACKBONES` until ``monkeypatch`` is undone (the end of
+    the test: fixture ``tiny_entries`` of tests/conftest.py)."""
     for name, spec in TINY.items():
-        monkeypatch.setitem(BACKBONES._items, name, spec)  # removed again when the test ends
+        monkeypatch.setitem(BACKBONES._items, name, spec)
     return TINY
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from local_copies import CLASSES, image, png_bytes
-from tiny_networks import TINY_RS
+from tiny_networks import TINY_RS, register_tiny_entries
 
 from tasks.classification.config import ClassificationTaskConfig
 from tasks.classification.datasets import DATASETS
@@ -42,9 +42,10 @@ def _other(name: str, value, annotation: str):
     return f"{value}_other" if value else "other"
 
 
-def test_every_task_value_that_can_change_what_is_read_is_in_the_key(tmp_path, saved_to_disk, tiny_entries):
+def test_every_task_value_that_can_change_what_is_read_is_in_the_key(tmp_path, saved_to_disk, monkeypatch):
     cfg = validate(compose(["task=cifar100", f"task.data_dir={saved_to_disk}", "protocol=linear", *COMMON]))
     splits = DATASETS.get("cifar100")(cfg.task)
+    register_tiny_entries(monkeypatch)  # after the compose: the config recipes never see the test entries
     backbone = build_backbone(TINY_RS.name, weights="random")  # a ResNet-RS at one block per stage: its key parts
 
     def key(task) -> str:
@@ -118,16 +119,17 @@ def test_a_cached_run_does_not_let_an_image_above_the_limit_in(tmp_path, image_f
     assert "big.png is too large" in err and "the limit is 1,000 pixels" in err
 
 
-def test_a_partial_load_keys_on_the_seed_and_what_was_loaded(tmp_path, saved_to_disk, tiny_entries):
+def test_a_partial_load_keys_on_the_seed_and_what_was_loaded(tmp_path, saved_to_disk, monkeypatch):
     # backbone.strict=false with half the tensors in the file: the other half is random, drawn from trainer.seed.
     # On a ResNet-RS at one block per stage (tests/tiny_networks.py): the key's logic, not rs50's size, is tested.
+    cfg0 = validate(compose(["task=cifar100", f"task.data_dir={saved_to_disk}", "protocol=linear", *COMMON]))
+    register_tiny_entries(monkeypatch)  # after the compose: the config recipes never see the test entries
     full = build_backbone(TINY_RS.name, weights="random").model.state_dict()
     keys = list(full)
     half = tmp_path / "half.pth"
     torch.save({k: full[k] for k in keys[: len(keys) // 2]}, half)
     whole = tmp_path / "whole.pth"
     torch.save(full, whole)
-    cfg0 = validate(compose(["task=cifar100", f"task.data_dir={saved_to_disk}", "protocol=linear", *COMMON]))
 
     def wid(path, seed: int) -> dict:
         torch.manual_seed(seed)

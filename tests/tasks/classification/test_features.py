@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_networks import TINY_RS
+from tiny_networks import TINY_RS, register_tiny_entries
 
 from tasks.classification.datasets import DATASETS, Transformed
 from tasks.classification.features import (
@@ -106,13 +106,14 @@ def cifar_ctx(tmp_path, saved_to_disk):
     return make
 
 
-def test_preprocessing_and_precision_change_the_cache_key(cifar_ctx, tiny_entries):
+def test_preprocessing_and_precision_change_the_cache_key(cifar_ctx, monkeypatch):
     ctx = cifar_ctx("protocol=linear")
     assert preprocess_of(ctx.cfg) == "paper"  # compared with the SimCLR/BYOL/ssl-transfer linear rows
     assert preprocess_of(cifar_ctx("protocol=knn").cfg) == "paper"
     assert preprocess_of(cifar_ctx("protocol=finetune").cfg) == "checkpoint"
     assert preprocess_of(cifar_ctx("protocol=linear", "task.preprocess=checkpoint").cfg) == "checkpoint"
     splits = DATASETS.get("cifar100")(ctx.cfg.task)
+    register_tiny_entries(monkeypatch)  # after the composes: the config recipes never see the test entries
     backbone = build_backbone(TINY_RS.name, weights="random")  # rs50's network at one block per stage
 
     def key(preprocess: str, dtype) -> dict:

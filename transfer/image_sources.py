@@ -330,8 +330,9 @@ def _load_hub(hub_id: str, layouts: str):
     """``datasets.load_dataset(hub_id)``; any failure is a :class:`DataError` naming ``hub_id`` and ``layouts``.
 
     An unreachable Hub fails at once, like :func:`transfer.weights.download_hub`: the Hub client would retry
-    five times with back-off (about 23 s, printing two lines each time) before its own error. A data set whose
-    card is already in the Hub cache goes to ``datasets`` anyway, which falls back to its cached copy.
+    five times with back-off (about 23 s, printing two lines each time) before its own error. A data set loaded
+    before (its card in the Hub cache, or its prepared copy in the ``datasets`` cache) goes to ``datasets``
+    anyway, which falls back to its cached copy.
     """
     import datasets
     from huggingface_hub import try_to_load_from_cache
@@ -339,8 +340,9 @@ def _load_hub(hub_id: str, layouts: str):
     from transfer.weights import check_reachable
 
     try:
-        if not datasets.config.HF_HUB_OFFLINE and not isinstance(
-                try_to_load_from_cache(hub_id, "README.md", repo_type="dataset"), str):
+        if not (datasets.config.HF_HUB_OFFLINE
+                or isinstance(try_to_load_from_cache(hub_id, "README.md", repo_type="dataset"), str)
+                or _in_datasets_cache(hub_id)):
             check_reachable(datasets.config.HF_ENDPOINT)
         return datasets.load_dataset(hub_id)
     except Exception as e:  # noqa: BLE001 - offline, unknown id, loading-script repos: one actionable message
@@ -349,6 +351,16 @@ def _load_hub(hub_id: str, layouts: str):
                         f"Without network access, or if the id is wrong, download a copy and pass "
                         f"task.data_dir=PATH (or another id as task.hub_id=ID); a copy already in the Hugging "
                         f"Face cache loads with HF_HUB_OFFLINE=1. Accepted layouts:\n{layouts}") from None
+
+
+def _in_datasets_cache(hub_id: str) -> bool:
+    """Whether ``datasets`` holds a prepared copy of ``hub_id``: its cache keeps one folder per data set,
+    ``<owner>___<name>`` under ``datasets.config.HF_DATASETS_CACHE``."""
+    import datasets
+
+    folder = hub_id.replace("/", "___")
+    root = Path(datasets.config.HF_DATASETS_CACHE)
+    return any((root / name).is_dir() for name in {folder, folder.lower()})
 
 
 def _column(ds, wanted: str, kind: str, origin: str) -> str:

@@ -216,3 +216,23 @@ def test_damage_check_warns_once_per_new_count_naming_the_files(image_folder, ca
     (warning,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert "skipped 2 unreadable or undecodable image(s)" in warning
     assert "late.png" in warning and "broken.jpg" in warning and "[]" not in warning
+
+
+def test_a_data_set_in_the_datasets_cache_goes_to_datasets_with_the_hub_unreachable(unreachable_hub, tmp_path,
+                                                                                    monkeypatch):
+    """A copy ``datasets`` prepared before (``<owner>___<name>`` in its cache) with no card in the Hub cache (that
+    cache cleaned, or HF_HUB_CACHE pointing elsewhere): ``datasets`` falls back to it, so it is asked, not refused."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    (tmp_path / "datasets" / HUB_ID.replace("/", "___") / "default" / "0.0.0").mkdir(parents=True)
+    asked = []
+
+    def load_dataset(path, *a, **k):
+        asked.append(path)
+        raise ConnectionError("no usable copy")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError, match="no usable copy"):
+        DATASETS.get("cifar100")(hub_config())
+    assert asked == [HUB_ID]

@@ -76,6 +76,15 @@ BAD_VALUES = [
      "protocol's: set protocol.<key>"),
     (["task=nyu_depth", "task.data_dir={tmp}", "protocol=frozen", "protocol.freeze_backbone=true"],
      "Valid keys of protocol: name, lr, lr_reference_batch, weight_decay, momentum, nesterov, steps, warmup_fraction."),
+    # Nesterov without momentum: the optimiser turned Nesterov off quietly and results.json's recipe said it ran
+    (["task=nyu_depth", "task.data_dir={tmp}", "protocol=frozen", "protocol.nesterov=true", "protocol.momentum=0"],
+     "protocol.nesterov=true needs protocol.momentum > 0 (got protocol.momentum=0.0); set protocol.momentum"),
+    (["task=nyu_depth", "task.data_dir={tmp}", "protocol.nesterov=true", "protocol.momentum=0"],
+     "protocol.nesterov=true needs protocol.momentum > 0"),
+    (["task=kinetics400", "task.data_dir={tmp}", "protocol.momentum=0"],  # the recipe's nesterov=true
+     "protocol.nesterov=true needs protocol.momentum > 0"),
+    (["protocol=finetune", "protocol.momentum=0"], "protocol.nesterov=true needs protocol.momentum > 0"),
+    (["protocol=finetune_strong", "protocol.momentum=0"], "protocol.nesterov=true needs protocol.momentum > 0"),
 ]
 
 

@@ -36,9 +36,10 @@ def epoch_schedule(trainer: L.Trainer, warmup_epochs: float) -> tuple[int, int]:
 def sgd_warmup_cosine(module: nn.Module, *, lr: float, weight_decay: float, momentum: float, nesterov: bool,
                       total_steps: int, warmup_steps: int) -> dict:
     """Lightning's ``configure_optimizers`` answer for ``module``: SGD over :func:`param_groups`, the learning rate
-    warmed up over ``warmup_steps`` (at most ``total_steps - 1``) then cosine-decayed to 0 at ``total_steps``."""
-    opt = torch.optim.SGD(param_groups(module, weight_decay), lr=lr, momentum=momentum,
-                          nesterov=nesterov and momentum > 0)
+    warmed up over ``warmup_steps`` (at most ``total_steps - 1``) then cosine-decayed to 0 at ``total_steps``.
+    ``nesterov`` is used as given (the recipe results.json records): ``nesterov=True`` with ``momentum=0`` is refused
+    by the protocol schemas (:func:`transfer.protocols.check_sgd_momentum`) and by ``torch.optim.SGD`` (ValueError)."""
+    opt = torch.optim.SGD(param_groups(module, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov)
     total = max(1, total_steps)
     warmup = min(total - 1, warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warmup=warmup, total=total))

@@ -24,6 +24,15 @@ from typing import ClassVar
 from transfer.errors import ConfigError
 
 
+def check_sgd_momentum(momentum: float, nesterov: bool) -> None:
+    """:class:`ConfigError` for ``protocol.nesterov=true`` with ``protocol.momentum=0``: Nesterov's update needs a
+    momentum (``torch.optim.SGD`` refuses the pair), so a run would either fail late or, turned off quietly, record
+    a Nesterov recipe in results.json that never ran. Called by every protocol schema with both fields."""
+    if nesterov and momentum == 0:
+        raise ConfigError(f"protocol.nesterov=true needs protocol.momentum > 0 (got protocol.momentum={momentum}); "
+                          "set protocol.momentum (e.g. 0.9) or protocol.nesterov=false for plain SGD.")
+
+
 @dataclass
 class FrozenProtocolConfig:
     """Frozen-backbone transfer: only the task's head trains on the backbone's features.

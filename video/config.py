@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from transfer.data_settings import check_data_settings
 from transfer.errors import ConfigError
+from transfer.protocols import check_sgd_momentum
 from video.data import LAYOUTS
 from video.inflate import InflationConfig
 
@@ -81,6 +82,7 @@ class VideoFinetuneProtocolConfig:
         if not 0 <= self.momentum < 1 or self.warmup_epochs < 0:
             raise ConfigError(f"protocol.momentum={self.momentum} must be in [0, 1) and protocol.warmup_epochs="
                               f"{self.warmup_epochs} >= 0.")
+        check_sgd_momentum(self.momentum, self.nesterov)
         if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
             raise ConfigError(f"protocol.bn_momentum={self.bn_momentum} must be in (0, 1] (PyTorch convention: "
                               "the weight of the current batch; TF's norm_momentum m is 1 - m here) or null.")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from transfer.errors import ConfigError
+from transfer.protocols import check_sgd_momentum
 
 
 def _check_memory_keys(cfg) -> None:
@@ -195,6 +196,7 @@ class FinetuneProtocolConfig:
         for key in ("dropout", "label_smoothing", "momentum"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"protocol.{key}={getattr(self, key)} must be in [0, 1).")
+        check_sgd_momentum(self.momentum, self.nesterov)
         if self.color_jitter < 0 or self.warmup_epochs < 0:
             raise ConfigError(f"protocol.color_jitter={self.color_jitter} and protocol.warmup_epochs="
                               f"{self.warmup_epochs} must be 0 or more.")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from transfer.data_settings import check_data_settings, local_data_dir
 from transfer.errors import ConfigError
+from transfer.protocols import check_sgd_momentum
 
 if TYPE_CHECKING:
     from transfer.config import RunConfig
@@ -67,6 +68,7 @@ class DepthTrainingValues:
         for key, ok, rule in rules:
             if not ok:
                 raise ConfigError(f"protocol.{key}={getattr(self, key)} must be {rule}.")
+        check_sgd_momentum(self.momentum, self.nesterov)
 
 
 _STEPS_CHECKED_ELSEWHERE = ("the steps trained (protocol.steps or trainer.max_steps) are checked with the global "

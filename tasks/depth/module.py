@@ -49,7 +49,8 @@ class DepthModule(FreezesBackbone, CountsTrainFailures, L.LightningModule):
         self.failures = TrainFailures(train_frames, skipped_key="train/skipped_frames",
                                       failed_key="train/frames_failed_decode", check=check_train)
         # Batches that reached the loss, this rank's and (after training) all ranks' in this process; Lightning
-        # advances global_step even when every batch of a step was empty.
+        # advances global_step even when every batch of a step was empty. start_step: the global step this process
+        # started from (the checkpoint's when resumed), so global_step - start_step steps were trained here.
         self.trained_batches, self.trained_total, self.start_step = 0, 0, 0
         self.table: torch.Tensor | None = None
         self.test_metrics: dict[str, float] = {}
@@ -69,6 +70,12 @@ class DepthModule(FreezesBackbone, CountsTrainFailures, L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
                  batch_size=len(gt))
         return loss
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # The step this process starts from. Set here, not only in on_train_start: a resumed run whose training had
+        # finished (stopped during its test) skips the fit loop, and on_train_start never runs.
+        self.start_step = int(checkpoint.get("global_step", 0))
 
     def on_train_start(self) -> None:
         self.start_step = self.trainer.global_step  # > 0 when resumed

@@ -274,6 +274,30 @@ def test_nyu_depth_png_end_to_end_then_resume(tmp_path, nyu):
 
 
 @pytest.mark.e2e
+def test_resuming_a_run_killed_during_its_test_goes_straight_to_the_test(tmp_path, png_root, nyu):
+    # A run whose training had finished but whose test never wrote results.json (killed during the test pass):
+    # resume=true skips Lightning's fit loop (on_train_start never runs), and the zero-data check read that as
+    # "every step of this run was empty" and failed the run (exit 2). It must test the last checkpoint instead, with
+    # the scores of the run that was never interrupted.
+    import shutil
+
+    args = ["task=nyu_depth", f"task.data_dir={png_root}", "protocol=frozen", "protocol.steps=2", *nyu.FAST]
+    run_dir, copy = tmp_path / "run", tmp_path / "copy"
+    assert main([*args, f"run.dir={run_dir}"]) == 0
+    done = json.loads((run_dir / "results.json").read_text())
+    shutil.copytree(run_dir, copy)
+    (copy / "results.json").unlink()
+    assert main([*args, f"run.dir={copy}", "resume=true"]) == 0
+    resumed = json.loads((copy / "results.json").read_text())
+    assert resumed["status"] == "complete" and resumed["extra"]["global_step"] == 2
+    assert resumed["extra"]["resumed_from"] == str(copy / "checkpoints" / "last.ckpt")
+    assert resumed["metrics"].keys() == done["metrics"].keys()
+    for key, value in done["metrics"].items():
+        assert resumed["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert resumed["counts"] == done["counts"]
+
+
+@pytest.mark.e2e
 def test_a_frozen_run_trains_the_decoder_only_and_says_so(tmp_path, png_root, nyu):
     # protocol.freeze_backbone=true is protocol=frozen; the final weights show which batch norms saw training
     # batches (a fresh BN counts 0, one in train mode counts every forward).

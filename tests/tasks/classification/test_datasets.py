@@ -122,27 +122,33 @@ def test_offline_mode_names_the_id_and_the_layouts(unreachable_hub, monkeypatch)
     assert HUB_ID in text and "task.data_dir" in text and "ImageFolder" in text
 
 
+def assert_datasets_is_asked(monkeypatch) -> None:
+    """The loader hands HUB_ID to ``datasets.load_dataset`` (a stand-in here, with no copy) instead of refusing it
+    before: the stand-in's own error reaches the DataError."""
+    import datasets
+
+    asked = []
+
+    def load_dataset(path, *a, **k):
+        asked.append(path)
+        raise ConnectionError("no usable copy")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError, match="no usable copy"):
+        DATASETS.get("cifar100")(hub_config())
+    assert asked == [HUB_ID]
+
+
 def test_a_data_set_in_the_hub_cache_goes_to_datasets_with_the_hub_unreachable(unreachable_hub, tmp_path,
                                                                                monkeypatch):
     """``datasets`` falls back to its cached copy when the Hub is unreachable: the quick refusal must not
     stand in its way for a data set loaded before (its card is in the Hub cache)."""
-    import datasets
-
     snapshot = tmp_path / "hub" / f"datasets--{HUB_ID.replace('/', '--')}"
     (snapshot / "refs").mkdir(parents=True)
     (snapshot / "refs" / "main").write_text("0" * 40)
     (snapshot / "snapshots" / ("0" * 40)).mkdir(parents=True)
     (snapshot / "snapshots" / ("0" * 40) / "README.md").write_text("---\n---\n")
-    asked = []
-
-    def load_dataset(path, *a, **k):
-        asked.append(path)
-        raise ConnectionError("no cached copy either")
-
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    with pytest.raises(DataError, match="no cached copy either"):
-        DATASETS.get("cifar100")(hub_config())
-    assert asked == [HUB_ID]
+    assert_datasets_is_asked(monkeypatch)
 
 
 def test_data_set_without_a_hub_copy_asks_for_data_dir():
@@ -226,13 +232,4 @@ def test_a_data_set_in_the_datasets_cache_goes_to_datasets_with_the_hub_unreacha
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
     (tmp_path / "datasets" / HUB_ID.replace("/", "___") / "default" / "0.0.0").mkdir(parents=True)
-    asked = []
-
-    def load_dataset(path, *a, **k):
-        asked.append(path)
-        raise ConnectionError("no usable copy")
-
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    with pytest.raises(DataError, match="no usable copy"):
-        DATASETS.get("cifar100")(hub_config())
-    assert asked == [HUB_ID]
+    assert_datasets_is_asked(monkeypatch)

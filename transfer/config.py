@@ -213,7 +213,7 @@ def _schema_defaults(schema: type) -> dict:
     """``schema``'s fields and defaults as plain data (a required field is ``???``): a ConfigStore node. Untyped on
     purpose: :func:`validate` checks the composed config against the schema and names a bad key with the closest
     valid one."""
-    return OmegaConf.to_container(OmegaConf.structured(schema), resolve=False)
+    return OmegaConf.to_container(_structured(schema), resolve=False)
 
 
 _REGISTERED: tuple | None = None  # what register_recipes last stored: the registries' entries
